@@ -1,0 +1,999 @@
+"""Shared pieces of the six method files: frozen backbones with per-layer access, preprocessing and the
+dummy inputs for a missing modality, metrics, and the run helpers (CLI, seeding, optimiser and schedule,
+training loop with accumulation / DDP / resume, evaluation, results and checkpoints).
+
+Nothing here is described by any of the papers; everything a paper describes lives in its method file.
+
+Shape glossary (used in every file):
+    B    batch                     L_t  text tokens          L_v  image tokens (incl. [CLS])
+    D    width of a stream         P    prompt length        N    prompted layers          C  outputs
+
+Backbones (both frozen; `freeze` asserts it and prints the trainable count):
+    clip       open_clip ViT-B-16, OpenAI weights (QuickGELU as the tag requires), dual stream.
+    vilt       HF ViltModel dandelin/vilt-b32-mlm, single stream.
+    tiny-clip  / tiny-vilt: the same classes and code paths with tiny random-initialised configurations.
+
+Per-layer interface. Prompts are always *prepended* to a sequence, so the pooled position moves by the
+number of prompt tokens in front of it:
+    CLIP image tower  x = bb.image_embed(img); x = bb.image_block(i, x); f = bb.image_pool(x, n_prompt)
+    CLIP text tower   x = bb.text_embed(ids);  x = bb.text_block(i, x);  f = bb.text_pool(x, ids, n_prompt)
+                      (the causal mask is built for the current length, cached; text tokens see all prompts)
+    ViLT              x, mask = bb.embed(batch); bias = bb.attention_bias(mask); x = bb.block(i, x, bias)
+                      f = pooler(bb.final_norm(x)[:, cls_index])
+With no prompts these reproduce open_clip's encode_image / encode_text and HF ViltModel's pooler_output
+(tests/test_backbones.py).
+
+Dummy inputs for a missing modality (one place, `Collate`): text -> "" (tokenises to start/end tokens and
+padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for ViLT, DCP
+for CLIP). Methods whose paper says so (SyP, DCP) also zero the missing feature themselves.
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import random
+import string
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TASK, TEXT_MISSING, DataError,
+                  load_split, table_counts)
+
+# Paper max text lengths for ViLT (MAP config; MemPrompt Sec. 4.2). CLIP always uses its 77 tokens.
+VILT_MAX_TEXT_LEN = {"food101": 512, "mmimdb": 1024, "hatememes": 128}
+TOY_MAX_TEXT_LEN = 40
+CLIP_DEFAULT, CLIP_PRETRAINED_DEFAULT, VILT_DEFAULT = "ViT-B-16", "openai", "dandelin/vilt-b32-mlm"
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backbones
+# ---------------------------------------------------------------------------------------------------------
+def freeze(module):
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    assert not any(p.requires_grad for p in module.parameters())
+    return module
+
+
+class FrozenCLIP(nn.Module):
+    """open_clip CLIP, frozen, cut into embed / block / pool pieces for each tower."""
+    kind = "clip"
+
+    def __init__(self, model, tokenizer, preprocess, info):
+        super().__init__()
+        self.model = freeze(model)
+        self.tokenizer, self.preprocess, self.info = tokenizer, preprocess, info
+        visual = model.visual
+        self.num_layers = len(visual.transformer.resblocks)
+        assert self.num_layers == len(model.transformer.resblocks), "towers of different depth"
+        self.width_image = visual.transformer.width
+        self.width_text = model.transformer.width
+        self.embed_dim = model.text_projection.shape[1]
+        self.image_size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
+        self._masks = {}
+
+    def train(self, mode=True):  # the backbone stays in eval mode whatever the method does
+        return super().train(False)
+
+    # image tower
+    def image_embed(self, image):                                   # (B, 3, H, W) -> (B, L_v, D_v)
+        return self.model.visual._embeds(image)
+
+    def image_block(self, i, x):
+        return self.model.visual.transformer.resblocks[i](x)
+
+    def image_pool(self, x, n_prompt=0):                            # -> (B, E)
+        pooled, _ = self.model.visual._pool(x[:, n_prompt:])
+        return pooled @ self.model.visual.proj
+
+    # text tower
+    def text_embed(self, ids):                                      # (B, 77) -> (B, 77, D_t)
+        return self.model.token_embedding(ids) + self.model.positional_embedding
+
+    def causal_mask(self, length, device, dtype):
+        key = (length, device, dtype)
+        if key not in self._masks:
+            self._masks[key] = torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
+        return self._masks[key]
+
+    def text_block(self, i, x):
+        return self.model.transformer.resblocks[i](x, attn_mask=self.causal_mask(x.shape[1], x.device, x.dtype))
+
+    def text_pool(self, x, ids, n_prompt=0):                        # -> (B, E): ln_final, EOT token, projection
+        x = self.model.ln_final(x[:, n_prompt:])
+        return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ self.model.text_projection
+
+    def encode(self, batch):
+        """Prompt-free pooled features (image, text), each (B, E)."""
+        x, t = self.image_embed(batch["image"]), self.text_embed(batch["text"])
+        for i in range(self.num_layers):
+            x, t = self.image_block(i, x), self.text_block(i, t)
+        return self.image_pool(x), self.text_pool(t, batch["text"])
+
+
+class FrozenViLT(nn.Module):
+    """HF ViltModel, frozen, cut into embed / block / final_norm pieces over one joint sequence."""
+    kind = "vilt"
+
+    def __init__(self, model, tokenizer, info):
+        super().__init__()
+        self.vilt = freeze(model)
+        self.tokenizer, self.info = tokenizer, info
+        cfg = model.config
+        self.num_layers, self.width = cfg.num_hidden_layers, cfg.hidden_size
+        # ViLT's pixelbert resize (MAP): shorter side S, longer <= 1333/800 * S, multiples of the patch size.
+        self.shorter, self.longer, self.patch = cfg.image_size, int(1333 / 800 * cfg.image_size), cfg.patch_size
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def embed(self, batch):
+        """-> x (B, L_t + L_v, D) with text first, and the key mask (B, L_t + L_v); L_t = input_ids.shape[1]."""
+        return self.vilt.embeddings(batch["input_ids"], batch["text_mask"], None, batch["image"],
+                                    batch["pixel_mask"], None, None)
+
+    @staticmethod
+    def attention_bias(mask, dtype):                                # (B, L) -> additive (B, 1, 1, L)
+        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def block(self, i, x, bias):
+        return self.vilt.encoder.layer[i](x, bias)[0]
+
+    def final_norm(self, x):
+        return self.vilt.layernorm(x)
+
+    def pooler_copy(self):
+        """A trainable copy of ViLT's pooler (MAP, MemPrompt and AOEPT train it; the backbone stays frozen)."""
+        pooler = copy.deepcopy(self.vilt.pooler)
+        for p in pooler.parameters():
+            p.requires_grad_(True)
+        return pooler
+
+    def encode(self, batch):
+        """Prompt-free forward -> (hidden states after the final norm (B, L, D), key mask (B, L))."""
+        x, mask = self.embed(batch)
+        bias = self.attention_bias(mask, x.dtype)
+        for i in range(self.num_layers):
+            x = self.block(i, x, bias)
+        return self.final_norm(x), mask
+
+
+def tiny_clip_config():
+    return {"embed_dim": 32, "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 4}}
+
+
+def _register_tiny_clip():
+    import open_clip
+    if "tiny-clip" not in open_clip.list_models():
+        folder = tempfile.mkdtemp(prefix="tiny-clip-")
+        with open(os.path.join(folder, "tiny-clip.json"), "w") as f:
+            json.dump(tiny_clip_config(), f)
+        open_clip.add_model_config(folder)
+
+
+def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick_gelu="auto"):
+    """Frozen open_clip model. `pretrained`: a tag ('openai'), a local file, or '' for random init.
+    QuickGELU: the tag's own setting (OpenAI weights were trained with it); for a local file 'auto' means on,
+    since the papers' weights are OpenAI's. Recorded in every checkpoint."""
+    import open_clip
+    if model_name == "tiny-clip":
+        _register_tiny_clip()
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    if quick_gelu == "auto":
+        quick = tag_cfg.get("quick_gelu", False) if tag_cfg else bool(pretrained)
+    else:
+        quick = quick_gelu == "on"
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, force_quick_gelu=quick)
+    except RuntimeError as e:
+        if pretrained and not os.path.isfile(pretrained):
+            raise WeightsError(
+                f"CLIP weights {model_name}/{pretrained} are not cached and cannot be downloaded here ({e}). "
+                f"On a machine with internet run: python -c \"import open_clip; open_clip.create_model_and_transforms"
+                f"('{model_name}', pretrained='{pretrained}')\" (cache: $HF_HOME/hub, default ~/.cache/huggingface/hub), "
+                f"copy that cache to this machine, or pass --clip-pretrained /path/to/open_clip_pytorch_model.bin") from e
+        raise
+    quick_used = model.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
+    info = {"backbone": "clip", "model": model_name, "pretrained": pretrained, "quick_gelu": quick_used}
+    return FrozenCLIP(model, open_clip.get_tokenizer("ViT-B-16"), preprocess, info)
+
+
+def tiny_vilt_tokenizer():
+    """A BERT WordPiece tokenizer built locally (the real one lives on the hub): lowercase letters as pieces
+    plus the toy words, so any ascii text tokenises."""
+    from transformers import BertTokenizer
+    from data import TOY_FILLERS, TOY_WORDS
+    letters = list(string.ascii_lowercase + string.digits)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
+    words += sorted({w for group in TOY_WORDS for w in group} | set(TOY_FILLERS) - set(words))
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+
+
+def load_vilt(path=VILT_DEFAULT):
+    """Frozen HF ViltModel + its BERT tokenizer, from the hub name or a local folder (save_pretrained layout);
+    path 'tiny-vilt' builds the tiny random-initialised configuration."""
+    from transformers import BertTokenizer, ViltConfig, ViltModel
+    if path == "tiny-vilt":
+        tokenizer = tiny_vilt_tokenizer()
+        config = ViltConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
+                            image_size=32, patch_size=8, max_position_embeddings=40, vocab_size=len(tokenizer))
+        torch.manual_seed(0)
+        model = ViltModel(config)
+    else:
+        try:
+            model = ViltModel.from_pretrained(path)
+            tokenizer = BertTokenizer.from_pretrained(path)
+        except OSError as e:
+            raise WeightsError(
+                f"ViLT weights '{path}' are not cached and cannot be downloaded here. On a machine with internet run: "
+                f"python -c \"from transformers import ViltModel, BertTokenizer; ViltModel.from_pretrained('{path}')"
+                f".save_pretrained('vilt'); BertTokenizer.from_pretrained('{path}').save_pretrained('vilt')\" and pass "
+                f"--vilt-path vilt (or copy the HF cache, $HF_HOME/hub)") from e
+    info = {"backbone": "vilt", "model": path}
+    return FrozenViLT(model, tokenizer, info)
+
+
+def extend_text_positions(bb, max_len):
+    """ViLT's text position table stops at 40 (max_position_embeddings); extend it to max_len by linear
+    interpolation along the position axis, as MAP and AOEPT do. The backbone stays frozen."""
+    emb = bb.vilt.embeddings.text_embeddings
+    old = emb.position_embeddings.weight.data                       # (40, D)
+    if max_len == old.shape[0]:
+        return
+    new = F.interpolate(old.T[None], size=max_len, mode="linear", align_corners=True)[0].T.contiguous()
+    emb.position_embeddings = freeze(nn.Embedding.from_pretrained(new, freeze=True))
+    emb.position_ids = torch.arange(max_len, device=old.device)[None]
+    emb.token_type_ids = torch.zeros(1, max_len, dtype=torch.long, device=old.device)
+    bb.info["max_text_len"] = max_len
+
+
+def load_backbone(args):
+    if args.backbone in ("clip", "tiny-clip"):
+        name = "tiny-clip" if args.backbone == "tiny-clip" else args.clip_model
+        pretrained = "" if args.backbone == "tiny-clip" else args.clip_pretrained
+        return load_clip(name, pretrained, args.clip_quick_gelu)
+    bb = load_vilt("tiny-vilt" if args.backbone == "tiny-vilt" else args.vilt_path)
+    extend_text_positions(bb, args.max_text_len)
+    return bb
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing and the dummy inputs (in DataLoader workers)
+# ---------------------------------------------------------------------------------------------------------
+def vilt_transform(img, bb):
+    """MAP's pixelbert transform: shorter side to S, longer <= 1333/800 S, floored to patch multiples, bicubic,
+    then normalised with mean = std = 0.5. -> (3, H, W)."""
+    w, h = img.size
+    scale = bb.shorter / min(w, h)
+    if max(w, h) * scale > bb.longer:
+        scale = bb.longer / max(w, h)
+    nw, nh = int(w * scale + 0.5), int(h * scale + 0.5)             # round, then floor to patch multiples
+    nw, nh = max(bb.patch, nw // bb.patch * bb.patch), max(bb.patch, nh // bb.patch * bb.patch)
+    arr = np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255.0
+    return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
+
+
+class Collate:
+    """list of dataset items -> batch dict. Applies the dummy input of a missing modality (module docstring).
+    CLIP batch: image (B,3,S,S), text (B,77). ViLT batch: image (B,3,H,W) zero-padded, pixel_mask (B,H,W),
+    input_ids / text_mask (B, L_t) padded to the longest in the batch, truncated at max_text_len.
+    Both: label, missing (B,) codes, ids (list)."""
+
+    def __init__(self, bb, max_text_len):
+        self.bb, self.max_text_len = bb, max_text_len
+
+    def image(self, item):
+        pixels = self.bb.preprocess(item["image"]) if self.bb.kind == "clip" else vilt_transform(item["image"], self.bb)
+        return torch.ones_like(pixels) if item["missing"] == IMAGE_MISSING else pixels
+
+    def __call__(self, items):
+        texts = ["" if it["missing"] == TEXT_MISSING else it["text"] for it in items]
+        images = [it["image"] if torch.is_tensor(it["image"]) else self.image(it) for it in items]
+        batch = {"ids": [it["id"] for it in items],
+                 "missing": torch.tensor([it["missing"] for it in items], dtype=torch.long),
+                 "label": torch.as_tensor(np.stack([np.asarray(it["label"]) for it in items]))}
+        if self.bb.kind == "clip":
+            batch["text"] = self.bb.tokenizer(texts)
+            batch["image"] = torch.stack(images)
+            return batch
+        tok = self.bb.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
+                                return_tensors="pt")
+        batch["input_ids"], batch["text_mask"] = tok["input_ids"], tok["attention_mask"]
+        H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+        batch["image"] = torch.zeros(len(images), 3, H, W)
+        batch["pixel_mask"] = torch.zeros(len(images), H, W, dtype=torch.long)
+        for k, img in enumerate(images):
+            batch["image"][k, :, :img.shape[1], :img.shape[2]] = img
+            batch["pixel_mask"][k, :img.shape[1], :img.shape[2]] = 1
+        return batch
+
+
+def to_device(batch, device):
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics (numpy). Scores: multiclass (N, C) logits/probs; multilabel (N, C) probabilities; binary (N,) p(1).
+# ---------------------------------------------------------------------------------------------------------
+def accuracy(labels, scores):
+    return float(np.mean(np.asarray(scores).argmax(1) == np.asarray(labels)))
+
+
+def f1_scores(labels, probs, threshold=0.5):
+    """Multi-label F1 with predictions probs > threshold. Macro averages over every class, and a class with no
+    positives and no predictions scores 0 (scikit-learn's zero_division=0, torchmetrics>=1). Samples: a row
+    with no true and no predicted label scores 0 (as AOEPT and scikit-learn)."""
+    y, p = np.asarray(labels).astype(bool), np.asarray(probs) > threshold
+    tp, fp, fn = (y & p).sum(0), (~y & p).sum(0), (y & ~p).sum(0)
+    per_class = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
+    micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
+    row_tp, row_den = (y & p).sum(1), y.sum(1) + p.sum(1)
+    samples = np.divide(2 * row_tp, row_den, out=np.zeros(len(row_tp)), where=row_den > 0)
+    support = y.sum(0)
+    return {"f1_macro": float(per_class.mean()),
+            "f1_micro": float(2 * tp.sum() / micro_den) if micro_den > 0 else 0.0,
+            "f1_weighted": float((per_class * support).sum() / support.sum()) if support.sum() > 0 else 0.0,
+            "f1_samples": float(samples.mean())}
+
+
+def auroc(labels, scores):
+    """Binary AUROC = P(score_pos > score_neg) + 0.5 P(tie), via average ranks (ties as scikit-learn).
+    A split with a single class has no AUROC: returns NaN (scikit-learn raises)."""
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends):                                   # average rank within each tie group
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def compute_metrics(task, labels, scores):
+    if task == "multiclass":
+        return {"accuracy": accuracy(labels, scores)}
+    if task == "multilabel":
+        return f1_scores(labels, scores)
+    return {"auroc": auroc(labels, scores), "accuracy": float(np.mean((np.asarray(scores) > 0.5) == np.asarray(labels)))}
+
+
+def num_outputs(task, num_classes):
+    """Binary uses 2 logits with softmax cross-entropy (MAP, Hateful Memes)."""
+    return 2 if task == "binary" else num_classes
+
+
+def task_loss(logits, labels, task):
+    """Cross-entropy (Food-101, Hateful Memes: 2 logits), BCE-with-logits over genres (MM-IMDb)."""
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels.long())
+
+
+def scores_from_logits(logits, task):
+    if task == "multiclass":
+        return logits.float().softmax(-1)
+    if task == "multilabel":
+        return logits.float().sigmoid()
+    return logits.float().softmax(-1)[:, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line (the contract every method file uses)
+# ---------------------------------------------------------------------------------------------------------
+def build_parser(method, doc, backbone):
+    """The shared CLI. Each method adds its `# Method-specific` flags and sets its paper's defaults."""
+    p = argparse.ArgumentParser(prog=f"{method}.py", description=doc.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="toy", choices=DATASETS)
+    p.add_argument("--data-root", default=None, help="default: data/<dataset>")
+    p.add_argument("--backbone", default=None, choices=["clip", "vilt", "tiny-clip", "tiny-vilt"],
+                   help=f"default: {backbone} (the paper's)")
+    p.add_argument("--missing", default="both", choices=["none", "text", "image", "both"],
+                   help="missing type of train and validation")
+    p.add_argument("--rate", type=float, default=0.7, help="missing rate eta of train and validation")
+    p.add_argument("--test-missing", default=None, choices=["none", "text", "image", "both"], help="default: --missing")
+    p.add_argument("--test-rate", type=float, default=None, help="default: --rate")
+    p.add_argument("--hm-test", default="seen", choices=["seen", "unseen"], help="Hateful Memes dev/test split")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256, help="effective (global) batch per optimiser step")
+    p.add_argument("--micro-batch", type=int, default=32, help="per-process forward batch; accumulation fills the rest")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--weight-decay", type=float, default=2e-2)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
+                   help="after a linear warm-up")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all optimiser steps")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off")
+    p.add_argument("--max-text-len", type=int, default=None,
+                   help="ViLT text tokens (default: the papers' 512/1024/128 for Food-101/MM-IMDb/Hateful Memes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run once per seed and summarise mean/std")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA")
+    p.add_argument("--num-workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<method>-<dataset>-<backbone>-...)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint.safetensors written by this method")
+    p.add_argument("--eval-grid", action="store_true", help="evaluate on every test missing type x rate")
+    p.add_argument("--grid-rates", type=float, nargs="+", default=[round(0.1 * k, 1) for k in range(11)])
+    p.add_argument("--clip-model", default=CLIP_DEFAULT, help="open_clip model name")
+    p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED_DEFAULT, help="open_clip tag or a local weights file")
+    p.add_argument("--clip-quick-gelu", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--vilt-path", default=VILT_DEFAULT, help="HF hub name or local folder")
+    p.set_defaults(method=method, paper_backbone=backbone)
+    return p
+
+
+# Arguments that may differ between a run and its resumption / evaluation.
+RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "eval_grid", "grid_rates",
+                "seeds", "data_root", "test_missing", "test_rate", "micro_batch"}
+
+
+def finalize_args(args):
+    args.backbone = args.backbone or args.paper_backbone
+    args.data_root = args.data_root or os.path.join("data", args.dataset)
+    args.test_missing = args.test_missing or args.missing
+    args.test_rate = args.rate if args.test_rate is None else args.test_rate
+    if args.max_text_len is None:
+        args.max_text_len = 77 if "clip" in args.backbone else VILT_MAX_TEXT_LEN.get(args.dataset, TOY_MAX_TEXT_LEN)
+    if args.num_workers is None:
+        args.num_workers = 4 if str(args.device).startswith("cuda") else 0
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.method}-{args.dataset}-{args.backbone}-{args.missing}{args.rate}"
+                                        f"-seed{args.seed}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def atomic_write(path, write):
+    """write(tmp_path) then rename: a crash never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=float)
+    atomic_write(path, write)
+
+
+def method_state(model):
+    """Everything the method owns: the model's state minus the frozen backbone (kept under `model.bb`)."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("bb.")}
+
+
+def save_tensors(path, tensors, meta):
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata={k: json.dumps(v) for k, v in meta.items()}))
+
+
+def read_checkpoint(path):
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint not found: {path} (pass the checkpoint.safetensors of a finished run)")
+    with safe_open(path, "pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return load_file(path), meta
+
+
+def checkpoint_meta(run):
+    return {"method": run.args.method, "config": config_of(run.args), "backbone": run.bb.info}
+
+
+def config_of(args):
+    return {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run setup: seeding, device, distributed, data
+# ---------------------------------------------------------------------------------------------------------
+class Run:
+    """What a method's main needs: args, device, rank/world, the backbone and the three splits."""
+
+    def __init__(self, args):
+        self.args = args
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+            dist.init_process_group(backend)
+        if str(args.device).startswith("cuda") and self.world > 1:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if args.batch_size % self.world:
+            raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {self.world} processes; "
+                             f"choose a global batch that is")
+        self.main = self.rank == 0
+        self.stage_index = 0
+        self.history = []
+        self.started = time.time()
+
+    def log(self, *msg):
+        if self.main:
+            print(*msg, flush=True)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(args, split, missing_type=None, rate=None):
+    if split == "test":
+        missing_type, rate = missing_type or args.test_missing, args.test_rate if rate is None else rate
+    else:
+        missing_type, rate = args.missing, args.rate
+    return load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
+                      hm_test=args.hm_test)
+
+
+def setup(args):
+    """Seed, device, backbone, datasets, run folder. Everything a method needs before building its model."""
+    run = Run(args)
+    seed_everything(args.seed)
+    run.bb = load_backbone(args).to(run.device)
+    run.train_set, run.val_set, run.test_set = (load_data(args, s) for s in ("train", "val", "test"))
+    run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
+    run.num_outputs = num_outputs(run.task, run.num_classes)
+    run.metric = METRIC[run.task]
+    run.collate = Collate(run.bb, args.max_text_len)
+    if run.main:
+        os.makedirs(args.out, exist_ok=True)
+    run.log(f"{args.method}: {args.dataset} ({run.task}, {len(run.train_set)}/{len(run.val_set)}/{len(run.test_set)}) "
+            f"on {args.backbone}, train/val missing {args.missing} {args.rate}, test {args.test_missing} "
+            f"{args.test_rate}, out {args.out}")
+    return run
+
+
+def count_trainable(model):
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("bb."))
+
+
+def check_frozen(model):
+    """Only the method's own modules train; the backbone is frozen (asserted) and the count is printed."""
+    assert not any(p.requires_grad for p in model.bb.parameters()), "backbone parameters must be frozen"
+    return count_trainable(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching: the global batch is the same whatever the number of processes
+# ---------------------------------------------------------------------------------------------------------
+def global_batches(n, batch_size, seed, epoch):
+    """Seeded permutation of the training set cut into global batches; an incomplete last batch is dropped
+    (unless the split is smaller than one batch). Identical on every rank."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    steps = max(1, n // batch_size)
+    size = min(batch_size, n)
+    return [order[k * size:(k + 1) * size] for k in range(steps)]
+
+
+def rank_micro_batches(batch, rank, world, micro):
+    """This rank's contiguous share of a global batch, cut into micro-batches."""
+    share = len(batch) // world
+    mine = batch[rank * share:(rank + 1) * share] if rank < world - 1 else batch[(world - 1) * share:]
+    return [mine[k:k + micro] for k in range(0, len(mine), micro)]
+
+
+def make_loader(run, dataset, batches):
+    workers = run.args.num_workers
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=run.collate, num_workers=workers,
+                                       pin_memory=run.device.type == "cuda", persistent_workers=False)
+
+
+def autocast(run):
+    if run.device.type == "cuda" and run.args.precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(params, args):
+    """AdamW with MAP's betas (0.9, 0.98), eps 1e-8; or Adam (PROMISE)."""
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay)
+
+
+def make_schedule(optimizer, total_steps, args):
+    """Linear warm-up over `--warmup` of the steps, then linear decay to 0 (MAP), cosine (AOEPT) or constant."""
+    warmup = int(args.warmup * total_steps)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0 if args.schedule == "constant" else max(0.0, 1.0 - progress)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training loop. A method supplies `model(batch) -> dict(logits=(B, C), ...)` and `loss_fn(out, batch)`.
+# ---------------------------------------------------------------------------------------------------------
+def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
+    """One epoch of optimiser steps over global batches, each accumulated from micro-batches; the loss of a
+    micro-batch is weighted by its share of the global batch, so the step equals one big-batch step."""
+    args = run.args
+    net.train()
+    batches = global_batches(len(run.train_set), args.batch_size, args.seed, epoch)
+    micro = [rank_micro_batches(b, run.rank, run.world, args.micro_batch) for b in batches]
+    loader = iter(make_loader(run, run.train_set, [m for ms in micro for m in ms]))
+    total = torch.zeros((), device=run.device)
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"epoch {epoch}", disable=not run.main, leave=False)
+    for batch_ids, micro_ids in zip(batches, micro):
+        for k, ids in enumerate(micro_ids):
+            batch = to_device(next(loader), run.device)
+            last = k == len(micro_ids) - 1
+            sync = contextlib.nullcontext() if last or run.world == 1 else net.no_sync()
+            with sync:
+                with autocast(run):
+                    loss = loss_fn(net(batch), batch)
+                (loss * (len(ids) * run.world / len(batch_ids))).backward()
+            total += loss.detach() * len(ids)
+            bar.update(len(ids) * run.world)
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    bar.close()
+    if run.world > 1:
+        dist.all_reduce(total)
+    return float(total) / sum(len(b) for b in batches)
+
+
+def fit(run, model, loss_fn, epochs=None, stage="train"):
+    """Train the trainable (requires_grad) parameters, validate each epoch with the training missing setting,
+    keep the best state on the validation metric (MAP, AOEPT), write OUT/last.safetensors for --resume.
+    Called once per stage (MuAP calls it three times); each call restarts the optimiser and schedule."""
+    args = run.args
+    run.stage_index += 1
+    if args.eval_only:
+        return
+    epochs = args.epochs if epochs is None else epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    run.trainable_params = check_frozen(model)
+    run.log(f"[{stage}] trainable parameters: {run.trainable_params:,} (backbone frozen)")
+    optimizer = make_optimizer(params, args)
+    steps = len(global_batches(len(run.train_set), args.batch_size, 0, 0))
+    schedule = make_schedule(optimizer, epochs * steps, args)
+    net = model
+    if run.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    best = {"metric": -math.inf, "epoch": -1, "state": method_state(model)}
+    start = resume(run, model, optimizer, schedule, best) if args.resume else 0
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        train_loss = train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch)
+        seconds = time.time() - t0
+        val = evaluate(run, model, run.val_set)
+        score = val[run.metric] if not math.isnan(val[run.metric]) else -math.inf
+        if score > best["metric"] or best["epoch"] < 0:
+            best.update(metric=score, epoch=epoch, state=method_state(model))
+        run.history.append({"stage": stage, "epoch": epoch, "train_loss": train_loss, "seconds": seconds,
+                            "samples_per_s": len(run.train_set) / seconds, "val": val})
+        run.log(f"[{stage}] epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {run.metric} "
+                f"{val[run.metric]:.4f}  best {best['metric']:.4f} (epoch {best['epoch'] + 1})  {seconds:.1f}s")
+        save_last(run, model, optimizer, schedule, best, epoch)
+    model.load_state_dict(best["state"], strict=False)
+    run.best_val = {"epoch": best["epoch"], run.metric: best["metric"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume: OUT/last.safetensors holds the method state, the best state, optimiser/schedule state, RNG states
+# ---------------------------------------------------------------------------------------------------------
+def save_last(run, model, optimizer, schedule, best, epoch):
+    if not run.main:
+        return
+    tensors = {f"model.{k}": v for k, v in method_state(model).items()}
+    tensors.update({f"best.{k}": v for k, v in best["state"].items()})
+    opt = optimizer.state_dict()
+    scalars = {}
+    for i, state in opt["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{i}.{k}"] = v
+            else:
+                scalars[f"{i}.{k}"] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"config": config_of(run.args), "stage_index": run.stage_index, "epoch": epoch,
+            "best": {"metric": best["metric"], "epoch": best["epoch"]}, "param_groups": opt["param_groups"],
+            "optim_scalars": scalars, "schedule": schedule.state_dict(), "history": run.history}
+    save_tensors(os.path.join(run.args.out, "last.safetensors"), tensors, meta)
+
+
+def resume(run, model, optimizer, schedule, best):
+    """Restore from OUT/last.safetensors; returns the epoch to start at. A different config is refused."""
+    path = os.path.join(run.args.out, "last.safetensors")
+    if not os.path.isfile(path):
+        raise DataError(f"--resume: {path} does not exist; run without --resume first (same --out)")
+    tensors, meta = read_checkpoint(path)
+    current = json.loads(json.dumps(config_of(run.args)))
+    if meta["config"] != current:
+        diff = sorted(k for k in set(current) | set(meta["config"]) if current.get(k) != meta["config"].get(k))
+        raise DataError(f"--resume: {path} was written by a different configuration (differs in: {', '.join(diff)}); "
+                        f"use the same arguments or another --out")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    if meta["stage_index"] > run.stage_index:          # this stage finished before the interruption
+        return 10 ** 9
+    if meta["stage_index"] < run.stage_index:
+        return 0
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    for k, v in meta["optim_scalars"].items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    schedule.load_state_dict(meta["schedule"])
+    best.update(metric=meta["best"]["metric"], epoch=meta["best"]["epoch"],
+                state={k[5:]: v.to(run.device) for k, v in tensors.items() if k.startswith("best.")})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    run.history = meta["history"]
+    run.log(f"resumed from {path} after epoch {meta['epoch'] + 1}")
+    return meta["epoch"] + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: every sample exactly once across processes, gathered to all ranks before any metric
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(run, model, dataset):
+    model.eval()
+    mine = list(range(run.rank, len(dataset), run.world))
+    batches = [mine[k:k + run.args.micro_batch] for k in range(0, len(mine), run.args.micro_batch)]
+    scores = []
+    for batch in make_loader(run, dataset, batches):
+        batch = to_device(batch, run.device)
+        with autocast(run):
+            logits = model(batch)["logits"]
+        scores.append(scores_from_logits(logits, run.task).cpu())
+    scores = torch.cat(scores).numpy() if scores else np.zeros((0,))
+    if run.world > 1:
+        parts = [None] * run.world
+        dist.all_gather_object(parts, (mine, scores))
+        order = np.concatenate([np.asarray(p[0]) for p in parts])
+        scores = np.concatenate([p[1] for p in parts])[np.argsort(order)]
+    return scores
+
+
+def evaluate(run, model, dataset, scores=None):
+    scores = predict(run, model, dataset) if scores is None else scores
+    return compute_metrics(run.task, dataset.labels(), scores)
+
+
+def write_predictions(path, dataset, scores, task, class_names):
+    labels = dataset.labels()
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            if task == "multilabel":
+                w.writerow(["id", "missing"] + [f"label_{c}" for c in class_names] + [f"score_{c}" for c in class_names])
+                for i, sid in enumerate(dataset.ids):
+                    w.writerow([sid, MISSING_NAMES[int(dataset.missing[i])]] + [int(v) for v in labels[i]]
+                               + [f"{v:.6f}" for v in scores[i]])
+            elif task == "binary":
+                w.writerow(["id", "missing", "label", "score"])
+                for i, sid in enumerate(dataset.ids):
+                    w.writerow([sid, MISSING_NAMES[int(dataset.missing[i])], int(labels[i]), f"{scores[i]:.6f}"])
+            else:
+                w.writerow(["id", "missing", "label", "prediction", "score"])
+                for i, sid in enumerate(dataset.ids):
+                    k = int(scores[i].argmax())
+                    w.writerow([sid, MISSING_NAMES[int(dataset.missing[i])], int(labels[i]), k, f"{scores[i, k]:.6f}"])
+    atomic_write(path, write)
+
+
+def protocol(run):
+    args = run.args
+    splits = {}
+    for name, ds in (("train", run.train_set), ("val", run.val_set), ("test", run.test_set)):
+        splits[name] = {"size": len(ds), "missing": ds.missing_type, "rate": ds.rate,
+                        "counts": table_counts(ds.missing), "table_hash": ds.table_hash}
+    return {"missing": args.missing, "rate": args.rate, "test_missing": args.test_missing,
+            "test_rate": args.test_rate, "seed": args.seed, "splits": splits,
+            "dummy_inputs": "missing text -> ''; missing image -> all-ones normalised tensor"}
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def finish(run, model, extra=None):
+    """Evaluate the selected state on test, write predictions_test.csv, checkpoint.safetensors, results.json
+    (and the robustness grid with --eval-grid). Returns the results dict."""
+    args = run.args
+    if args.eval_only:
+        load_checkpoint_into(model, args.checkpoint, run.device)
+    run.trainable_params = getattr(run, "trainable_params", None) or count_trainable(model)
+    val = evaluate(run, model, run.val_set)
+    scores = predict(run, model, run.test_set)
+    test = evaluate(run, model, run.test_set, scores)
+    run.log(f"test {run.metric} {test[run.metric]:.4f}  ({args.test_missing} {args.test_rate})")
+    epochs = [h for h in run.history if "samples_per_s" in h]
+    results = {"method": args.method, "backbone": run.bb.info, "dataset": args.dataset, "task": run.task,
+               "metric": run.metric, "protocol": protocol(run), "metrics": {"val": val, "test": test},
+               "trainable_params": run.trainable_params, "eval_only": args.eval_only,
+               "train_samples_per_s": float(np.mean([h["samples_per_s"] for h in epochs])) if epochs else None,
+               "wall_time_s": time.time() - run.started, "peak_memory_mb": peak_memory_mb(run.device),
+               "history": run.history, "config": config_of(args), **(extra or {})}
+    if run.main:
+        write_predictions(os.path.join(args.out, "predictions_test.csv"), run.test_set, scores, run.task,
+                          run.test_set.class_names)
+        if not args.eval_only:
+            save_tensors(os.path.join(args.out, "checkpoint.safetensors"), method_state(model), checkpoint_meta(run))
+    if args.eval_grid:
+        results["grid"] = eval_grid(run, model)
+    if run.main:
+        write_json(os.path.join(args.out, "results.json"), results)
+    return results
+
+
+def load_checkpoint_into(model, path, device):
+    tensors, meta = read_checkpoint(path)
+    missing = set(method_state(model)) - set(tensors)
+    if missing:
+        raise DataError(f"{path} lacks tensors {sorted(missing)[:3]}...: it was written by another method or config")
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
+
+
+def apply_checkpoint_config(args, argv):
+    """--eval-only: the checkpoint's own config (method, backbone, method options) is used; runtime arguments
+    (data root, test setting, device, out) come from the command line. A mismatch is an error."""
+    if not args.checkpoint:
+        raise DataError("--eval-only needs --checkpoint PATH (the checkpoint.safetensors of a training run)")
+    _, meta = read_checkpoint(args.checkpoint)
+    config = meta.get("config", {})
+    if meta.get("method") != args.method:
+        raise DataError(f"{args.checkpoint} was trained by {meta.get('method')}.py, not {args.method}.py: "
+                        f"evaluate it with {meta.get('method')}.py")
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if "--backbone" in given and args.backbone != config.get("backbone"):
+        raise DataError(f"{args.checkpoint} was trained on backbone {config.get('backbone')}, not {args.backbone}; "
+                        f"drop --backbone or pass --backbone {config.get('backbone')}")
+    for k, v in config.items():
+        if k not in RUNTIME_ARGS and not (k in ("test_missing", "test_rate")):
+            setattr(args, k, v)
+    if "--test-missing" not in given:
+        args.test_missing = config.get("test_missing")
+    if "--test-rate" not in given:
+        args.test_rate = config.get("test_rate")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Robustness grid, seeds, and the summary table
+# ---------------------------------------------------------------------------------------------------------
+def eval_grid(run, model):
+    """Test metric for every test missing type and rate (none once, at rate 0): OUT/grid.json, grid.csv and,
+    when matplotlib is installed, robustness.png."""
+    args, rows = run.args, []
+    for missing_type in ("none", "text", "image", "both"):
+        for rate in ([0.0] if missing_type == "none" else args.grid_rates):
+            ds = load_data(args, "test", missing_type, rate)
+            metrics = evaluate(run, model, ds)
+            rows.append({"missing": missing_type, "rate": rate, **table_counts(ds.missing), **metrics})
+            run.log(f"grid {missing_type:5s} {rate:.2f}  {run.metric} {metrics[run.metric]:.4f}")
+    if run.main:
+        write_json(os.path.join(args.out, "grid.json"), rows)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        atomic_write(os.path.join(args.out, "grid.csv"), write)
+        plot_grid(rows, run.metric, os.path.join(args.out, "robustness.png"))
+    return rows
+
+
+def plot_grid(rows, metric, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for missing_type in ("text", "image", "both"):
+        sel = [r for r in rows if r["missing"] == missing_type]
+        ax.plot([r["rate"] for r in sel], [r[metric] for r in sel], marker="o", label=f"{missing_type} missing")
+    ax.set_xlabel("test missing rate")
+    ax.set_ylabel(metric)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def summarize_seeds(results):
+    """mean and sample standard deviation (ddof=1; 0 for one seed) of every val/test metric."""
+    out = {}
+    for split in ("val", "test"):
+        for name in results[0]["metrics"][split]:
+            values = np.array([r["metrics"][split][name] for r in results], dtype=float)
+            out[f"{split}/{name}"] = {"mean": float(values.mean()),
+                                      "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                                      "values": values.tolist()}
+    return out
+
+
+def run_seeds(args, main):
+    base = args.out
+    results = []
+    for seed in args.seeds:
+        a = copy.deepcopy(args)
+        a.seed, a.seeds = seed, None
+        a.out = os.path.join(base, f"seed{seed}") if base else None
+        results.append(main(finalize_args(a)))
+    folder = base or os.path.dirname(results[-1].get("out", "runs"))
+    summary = {"seeds": args.seeds, "metric": results[0]["metric"], "summary": summarize_seeds(results)}
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(os.path.join(base or "runs", "summary.json"), summary)
+    return summary
+
+
+def cli(parser, main, argv=None):
+    """Entry point of every method file: parse, apply --eval-only's checkpoint config, --seeds, run."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    try:
+        if args.eval_only:
+            apply_checkpoint_config(args, argv)
+        if args.seeds:
+            return run_seeds(args, main)
+        args = finalize_args(args)
+        return main(args)
+    except (DataError, WeightsError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,373 @@
+"""Datasets and the missing-modality protocol shared by all six methods.
+
+Readers for the raw layouts users download (UPMC Food-101, MM-IMDb, Hateful Memes), three synthetic
+`toy` datasets that run in seconds, and the missing table: which sample lacks its text or its image.
+
+Missing codes follow MAP: 0 = complete, 1 = text missing, 2 = image missing. No sample lacks both.
+`MMDataset` always returns the real image and text; the dummy input for a missing modality is applied
+by the backbone's collate in common.py.
+
+Decisions (one line each):
+- Missing table: a pure function of (dataset, split, type, rate, seed); each split is drawn independently.
+- Rounding: total = floor(n * rate), computed exactly with Fraction(str(rate)) (0.7 * 10 -> 7).
+- "both": total // 2 samples image-missing, the rest text-missing (MAP's rule), disjoint.
+- Food-101: rows with an empty title are dropped (MAP skips text-less samples too); one line is printed.
+- Food-101 val: carved from the official train rows with a fixed seed 0 (not the run seed), stratified:
+  floor(n_c / 10) rows of each class c go to val, so |val| = sum_c floor(n_c / 10); train is the rest.
+- MM-IMDb: one text per movie, plot[0], falling back to "plot outline" (movie-level metrics, as AOEPT).
+- MM-IMDb: files are looked for in ROOT/dataset/ first (the archive's folder), then in ROOT.
+- Hateful Memes: val = dev_seen.jsonl, test = test_seen.jsonl (hm_test="unseen": the *_unseen files).
+- Toy data depend only on (dataset, split), never on the run seed.
+"""
+import csv
+import hashlib
+import json
+import os
+from fractions import Fraction
+
+import numpy as np
+import torch
+from PIL import Image
+
+COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
+MISSING_NAMES = {COMPLETE: "complete", TEXT_MISSING: "text", IMAGE_MISSING: "image"}
+MISSING_TYPES = ("none", "text", "image", "both")
+SPLITS = ("train", "val", "test")
+DATASETS = ("food101", "mmimdb", "hatememes", "toy", "toy-multilabel", "toy-binary")
+TASK = {"food101": "multiclass", "mmimdb": "multilabel", "hatememes": "binary",
+        "toy": "multiclass", "toy-multilabel": "multilabel", "toy-binary": "binary"}
+METRIC = {"multiclass": "accuracy", "multilabel": "f1_macro", "binary": "auroc"}
+
+# MAP's genre order; Adult, News, Reality-TV and Talk-Show are ignored.
+MMIMDB_GENRES = ["Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
+                 "Documentary", "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History",
+                 "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir"]
+FOOD101_VAL_SEED = 0
+FOOD101_VAL_FRACTION = Fraction(1, 10)
+
+
+class DataError(Exception):
+    """A dataset file or field is missing or malformed; the message names it and the fix."""
+
+
+def dataset_layout(dataset):
+    """The folder layout `load_split` expects for `dataset`, for error messages."""
+    layouts = {
+        "food101": ("ROOT/images/{train,test}/<class>/<file>.jpg\n"
+                    "ROOT/texts/{train,test}_titles.csv   (no header: filename,text,class)"),
+        "mmimdb": ("ROOT/split.json   (keys train/dev/test)\n"
+                   "ROOT/dataset/<id>.jpeg, ROOT/dataset/<id>.json   (or directly in ROOT)"),
+        "hatememes": ("ROOT/img/<id>.png\n"
+                      "ROOT/{train,dev_seen,test_seen}.jsonl   (fields id, img, label, text)\n"
+                      "ROOT/{dev_unseen,test_unseen}.jsonl   (only for --hm-test unseen)"),
+    }
+    return layouts.get(dataset, "synthetic: generated in memory, no root needed")
+
+
+def _stable_seed(key):
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Missing tables
+# ----------------------------------------------------------------------------------------------------
+
+def missing_table(n, missing_type, rate, *, dataset, split, seed):
+    """int8 missing codes of shape (n,), a pure function of (dataset, split, type, rate, seed).
+
+    total = floor(n * rate), exact (Fraction(str(rate))). text: total text-missing; image: total
+    image-missing; both: total // 2 image-missing and total - total // 2 text-missing, disjoint;
+    none: all complete (rate ignored). Which samples: a permutation from a generator seeded by
+    sha256(f"{dataset}/{split}/{missing_type}/{rate}/{seed}").
+    """
+    if missing_type not in MISSING_TYPES:
+        raise DataError(f"unknown missing type {missing_type!r}; use one of {MISSING_TYPES}")
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise DataError(f"missing rate {rate} is outside [0, 1]; pass e.g. --rate 0.7")
+    table = np.full(n, COMPLETE, dtype=np.int8)
+    if missing_type == "none":
+        return table
+    exact_rate = Fraction(str(rate))
+    total = n * exact_rate.numerator // exact_rate.denominator
+    rng = np.random.default_rng(_stable_seed(f"{dataset}/{split}/{missing_type}/{rate}/{seed}"))
+    order = rng.permutation(n)
+    if missing_type == "text":
+        table[order[:total]] = TEXT_MISSING
+    elif missing_type == "image":
+        table[order[:total]] = IMAGE_MISSING
+    else:
+        n_image = total // 2
+        table[order[:n_image]] = IMAGE_MISSING
+        table[order[n_image:total]] = TEXT_MISSING
+    return table
+
+
+def table_hash(table):
+    """Short sha256 (16 hex chars) of the table's int8 bytes, recorded with every run."""
+    return hashlib.sha256(np.asarray(table, dtype=np.int8).tobytes()).hexdigest()[:16]
+
+
+def table_counts(table):
+    """{"complete": n0, "text": n_text_missing, "image": n_image_missing}."""
+    table = np.asarray(table)
+    return {name: int((table == code).sum()) for code, name in MISSING_NAMES.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------------
+
+class MMDataset(torch.utils.data.Dataset):
+    """Image-text samples of one split with their missing codes.
+
+    `images[i]` is a file path (loaded lazily) or a uint8 (H, W, 3) array (toy data).
+    """
+
+    def __init__(self, name, split, class_names, ids, images, texts, labels, *, missing_type, rate, seed):
+        self.name, self.split = name, split
+        self.task = TASK[name]
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.ids, self.images, self.texts, self._labels = list(ids), images, list(texts), labels
+        self.missing_type, self.rate = missing_type, rate
+        self.missing = missing_table(len(self.ids), missing_type, rate, dataset=name, split=split, seed=seed)
+        self.table_hash = table_hash(self.missing)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        label = self._labels[i]
+        label = np.asarray(label, dtype=np.float32) if self.task == "multilabel" else int(label)
+        return dict(id=self.ids[i], image=self.load_image(i), text=self.texts[i], label=label,
+                    missing=int(self.missing[i]))
+
+    def load_image(self, i):
+        image = self.images[i]
+        if isinstance(image, np.ndarray):
+            return Image.fromarray(image)
+        try:
+            with Image.open(image) as f:
+                return f.convert("RGB")
+        except OSError as e:
+            raise DataError(f"cannot read image {image} ({e}); re-download or remove this sample") from e
+
+    def labels(self):
+        """All labels without loading images: int64 (N,) or float32 multi-hot (N, C)."""
+        if self.task == "multilabel":
+            return np.asarray(self._labels, dtype=np.float32).reshape(len(self), self.num_classes)
+        return np.asarray(self._labels, dtype=np.int64)
+
+
+def load_split(dataset, root, split, *, missing_type, rate, seed, hm_test="seen"):
+    """Read one split ("train", "val" or "test") and attach its missing table."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; use one of {DATASETS}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
+    if dataset.startswith("toy"):
+        class_names, ids, images, texts, labels = make_toy(dataset, split)
+    else:
+        if root is None or not os.path.isdir(root):
+            raise DataError(f"data root not found: {root}\nexpected layout:\n{dataset_layout(dataset)}")
+        reader = {"food101": read_food101, "mmimdb": read_mmimdb, "hatememes": read_hatememes}[dataset]
+        extra = {"hm_test": hm_test} if dataset == "hatememes" else {}
+        class_names, ids, images, texts, labels = reader(root, split, **extra)
+    return MMDataset(dataset, split, class_names, ids, images, texts, labels,
+                     missing_type=missing_type, rate=rate, seed=seed)
+
+
+def _require_file(path, dataset):
+    if not os.path.isfile(path):
+        raise DataError(f"file not found: {path}\nexpected layout:\n{dataset_layout(dataset)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# UPMC Food-101
+# ----------------------------------------------------------------------------------------------------
+
+def _read_food101_csv(root, official_split, class_names):
+    """Rows (filename, text, class index) of texts/<split>_titles.csv whose image exists."""
+    csv_path = os.path.join(root, "texts", f"{official_split}_titles.csv")
+    _require_file(csv_path, "food101")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if rows and rows[0] and rows[0][0] == "filename":
+        rows = rows[1:]
+    class_index = {name: k for k, name in enumerate(class_names)}
+    samples, n_empty, seen_classes = [], 0, set()
+    for line, row in enumerate(rows, start=1):
+        if len(row) != 3:
+            raise DataError(f"{csv_path} row {line}: expected 3 columns (filename,text,class), got {len(row)}")
+        filename, text, class_name = row
+        if class_name not in class_index:
+            raise DataError(f"{csv_path} row {line}: class {class_name!r} has no folder images/train/{class_name}")
+        image = os.path.join(root, "images", official_split, class_name, filename)
+        if not os.path.isfile(image):
+            raise DataError(f"{csv_path} row {line}: image file not found: {image}")
+        seen_classes.add(class_name)
+        if not text.strip():
+            n_empty += 1
+            continue
+        samples.append((filename, image, text, class_index[class_name]))
+    if official_split == "train" and seen_classes != set(class_names):
+        missing = sorted(set(class_names) - seen_classes)
+        raise DataError(f"{csv_path}: no rows for class folders {missing[:5]}; the CSV and images/train disagree")
+    if n_empty:
+        print(f"food101 {official_split}: dropped {n_empty} rows with an empty title")
+    return samples
+
+
+def _food101_val_rows(labels):
+    """Indices of the val rows: floor(n_c / 10) rows per class c, drawn with the fixed seed 0."""
+    rng = np.random.default_rng(FOOD101_VAL_SEED)
+    labels = np.asarray(labels)
+    val = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n_val = len(rows) * FOOD101_VAL_FRACTION.numerator // FOOD101_VAL_FRACTION.denominator
+        val.extend(rng.permutation(rows)[:n_val].tolist())
+    return sorted(val)
+
+
+def read_food101(root, split):
+    """Food-101: class names = sorted folders of images/train; val carved from official train."""
+    train_dir = os.path.join(root, "images", "train")
+    if not os.path.isdir(train_dir):
+        raise DataError(f"folder not found: {train_dir}\nexpected layout:\n{dataset_layout('food101')}")
+    class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    samples = _read_food101_csv(root, "test" if split == "test" else "train", class_names)
+    if split != "test":
+        val = set(_food101_val_rows([s[3] for s in samples]))
+        samples = [s for k, s in enumerate(samples) if (k in val) == (split == "val")]
+    ids, images, texts, labels = (list(column) for column in zip(*samples)) if samples else ([], [], [], [])
+    ids = [os.path.splitext(name)[0] for name in ids]
+    return class_names, ids, images, texts, np.asarray(labels, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MM-IMDb
+# ----------------------------------------------------------------------------------------------------
+
+def _mmimdb_text(meta, json_path):
+    plots = meta.get("plot")
+    if isinstance(plots, list) and plots and plots[0].strip():
+        return plots[0]
+    outline = meta.get("plot outline")
+    if isinstance(outline, str) and outline.strip():
+        return outline
+    raise DataError(f"{json_path}: no 'plot' or 'plot outline' field; this movie has no text to read")
+
+
+def read_mmimdb(root, split):
+    """MM-IMDb: ids from split.json (val = "dev"); 23 genres in MAP's order; text = plot[0]."""
+    split_path = os.path.join(root, "split.json")
+    _require_file(split_path, "mmimdb")
+    with open(split_path) as f:
+        ids = [str(i) for i in json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]]]
+    folder = os.path.join(root, "dataset") if os.path.isdir(os.path.join(root, "dataset")) else root
+    genre_index = {g: k for k, g in enumerate(MMIMDB_GENRES)}
+    images, texts, labels = [], [], np.zeros((len(ids), len(MMIMDB_GENRES)), dtype=np.float32)
+    for row, movie in enumerate(ids):
+        json_path, image = os.path.join(folder, f"{movie}.json"), os.path.join(folder, f"{movie}.jpeg")
+        _require_file(json_path, "mmimdb")
+        _require_file(image, "mmimdb")
+        with open(json_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if "genres" not in meta:
+            raise DataError(f"{json_path}: no 'genres' field; MM-IMDb labels come from it")
+        for genre in meta["genres"]:
+            if genre in genre_index:
+                labels[row, genre_index[genre]] = 1.0
+        images.append(image)
+        texts.append(_mmimdb_text(meta, json_path))
+    return MMIMDB_GENRES, ids, images, texts, labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hateful Memes
+# ----------------------------------------------------------------------------------------------------
+
+def read_hatememes(root, split, hm_test="seen"):
+    """Hateful Memes: train.jsonl, dev_<hm_test>.jsonl, test_<hm_test>.jsonl; images via the `img` field."""
+    if hm_test not in ("seen", "unseen"):
+        raise DataError(f"unknown hm_test {hm_test!r}; use 'seen' or 'unseen'")
+    jsonl = {"train": "train.jsonl", "val": f"dev_{hm_test}.jsonl", "test": f"test_{hm_test}.jsonl"}[split]
+    path = os.path.join(root, jsonl)
+    _require_file(path, "hatememes")
+    ids, images, texts, labels = [], [], [], []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for line, row in enumerate(rows, start=1):
+        if "label" not in row:
+            raise DataError(f"{path} row {line}: no 'label'; this split has no labels (like Kaggle's test.jsonl); "
+                            f"use test_seen.jsonl (Kaggle williamberrios/hateful-memes)")
+        if row["label"] not in (0, 1):
+            raise DataError(f"{path} row {line}: label {row['label']!r} is not 0 or 1")
+        image = os.path.join(root, row["img"])
+        _require_file(image, "hatememes")
+        ids.append(str(row["id"]).zfill(5))
+        images.append(image)
+        texts.append(row["text"])
+        labels.append(row["label"])
+    return ["not_hateful", "hateful"], ids, images, texts, np.asarray(labels, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Toy data: image latent a and text latent b, each in {0,1,2,3}; labels need both
+# ----------------------------------------------------------------------------------------------------
+
+TOY_SIZES = {"train": 512, "val": 128, "test": 128}
+TOY_IMAGE_SIZE = 64
+TOY_COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=np.float32)
+TOY_WORDS = [["apple", "pear", "plum"], ["river", "lake", "ocean"],
+             ["train", "truck", "bus"], ["violin", "drum", "flute"]]
+TOY_FILLERS = ["the", "a", "some", "this", "photo", "shows", "of", "with", "near", "very", "small", "today"]
+TOY_FLIP = 0.05
+
+
+def _toy_images(rng, a):
+    """(N, 64, 64, 3) uint8: background colour by a, per-pixel noise, a random square as nuisance."""
+    n, s = len(a), TOY_IMAGE_SIZE
+    images = TOY_COLOURS[a][:, None, None, :] + rng.normal(0.0, 25.0, size=(n, s, s, 3))
+    for i in range(n):
+        side = rng.integers(8, 21)
+        top, left = rng.integers(0, s - side, size=2)
+        images[i, top:top + side, left:left + side] = rng.integers(0, 256, size=3)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def _toy_text(rng, b):
+    words = list(rng.choice(TOY_FILLERS, size=rng.integers(4, 7)))
+    words.insert(rng.integers(0, len(words) + 1), rng.choice(TOY_WORDS[b]))
+    return " ".join(words)
+
+
+def _toy_labels(rng, dataset, a, b):
+    if dataset == "toy":  # y = 2 (a mod 2) + (b mod 2): each modality alone fixes one bit
+        y = 2 * (a % 2) + b % 2
+        flip = rng.random(len(y)) < TOY_FLIP
+        return np.where(flip, (y + rng.integers(1, 4, size=len(y))) % 4, y).astype(np.int64)
+    if dataset == "toy-multilabel":  # [a mod 2, a div 2, b mod 2, b div 2]
+        y = np.stack([a % 2, a // 2, b % 2, b // 2], axis=1).astype(np.float32)
+        flip = rng.random(y.shape) < TOY_FLIP
+        return np.where(flip, 1.0 - y, y).astype(np.float32)
+    y = (a + b >= 4).astype(np.int64)  # toy-binary: positive rate 6/16
+    flip = rng.random(len(y)) < TOY_FLIP
+    return np.where(flip, 1 - y, y)
+
+
+def make_toy(dataset, split):
+    """Deterministic synthetic split; the generator depends only on (dataset, split)."""
+    rng = np.random.default_rng(_stable_seed(f"toy-data/{dataset}/{split}"))
+    n = TOY_SIZES[split]
+    a, b = rng.integers(0, 4, size=n), rng.integers(0, 4, size=n)
+    images = _toy_images(rng, a)
+    texts = [_toy_text(rng, int(b_i)) for b_i in b]
+    labels = _toy_labels(rng, dataset, a, b)
+    class_names = {"toy": ["class0", "class1", "class2", "class3"],
+                   "toy-multilabel": ["a_odd", "a_high", "b_odd", "b_high"],
+                   "toy-binary": ["negative", "positive"]}[dataset]
+    ids = [f"{split}-{i:04d}" for i in range(n)]
+    return class_names, ids, list(images), texts, labels

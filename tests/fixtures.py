@@ -1,0 +1,102 @@
+"""Tiny dataset trees in the real download layouts, generated on the fly (never real data).
+
+Each writer fills `root` and returns it as a string. Counts are small so tests stay fast.
+"""
+import csv
+import json
+import os
+import random
+
+from PIL import Image
+
+WORDS = ["tasty", "fresh", "recipe", "home", "easy", "best", "quick", "classic", "spicy", "sweet",
+         "movie", "story", "family", "night", "city", "love", "war", "dark", "funny", "old"]
+
+
+def _write_image(path, rng, size=(24, 24)):
+    colour = tuple(rng.randrange(256) for _ in range(3))
+    Image.new("RGB", size, colour).save(path)
+
+
+def _sentence(rng, n_words=5):
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def make_food101(root, classes=("apple_pie", "baby_back_ribs", "bibimbap"), n_train=12, n_test=4):
+    """images/{train,test}/<class>/<class>_<n>.jpg and texts/{train,test}_titles.csv (no header).
+
+    n_train and n_test are per class; rows are written class by class.
+    """
+    rng = random.Random(0)
+    os.makedirs(os.path.join(root, "texts"), exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for name in classes:
+            folder = os.path.join(root, "images", split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                filename = f"{name}_{split}{i}.jpg"
+                _write_image(os.path.join(folder, filename), rng)
+                rows.append([filename, _sentence(rng), name])
+        with open(os.path.join(root, "texts", f"{split}_titles.csv"), "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    return str(root)
+
+
+# Genres cycled through the fixture's movies; News and Reality-TV are outside the 23 and must be ignored.
+MMIMDB_FIXTURE_GENRES = [["Drama"], ["Comedy", "Romance"], ["Film-Noir", "News"], ["Sci-Fi", "Action", "Drama"],
+                         ["Reality-TV"], ["Documentary", "Short"]]
+
+
+def make_mmimdb(root, n=(12, 4, 4)):
+    """split.json (train/dev/test, 7-char ids) and dataset/<id>.jpeg + dataset/<id>.json.
+
+    Movie k gets genres MMIMDB_FIXTURE_GENRES[k % 6]; every third movie has only "plot outline".
+    """
+    rng = random.Random(1)
+    folder = os.path.join(root, "dataset")
+    os.makedirs(folder, exist_ok=True)
+    split, k = {}, 0
+    for key, count in zip(("train", "dev", "test"), n):
+        split[key] = []
+        for _ in range(count):
+            movie = f"{1000 + 7 * k:07d}"
+            meta = {"genres": MMIMDB_FIXTURE_GENRES[k % len(MMIMDB_FIXTURE_GENRES)], "title": f"movie {k}"}
+            if k % 3 == 2:
+                meta["plot outline"] = f"outline {k} " + _sentence(rng)
+            else:
+                meta["plot"] = [f"plot {k} " + _sentence(rng), "second plot " + _sentence(rng)]
+            with open(os.path.join(folder, f"{movie}.json"), "w") as f:
+                json.dump(meta, f)
+            _write_image(os.path.join(folder, f"{movie}.jpeg"), rng)
+            split[key].append(movie)
+            k += 1
+    with open(os.path.join(root, "split.json"), "w") as f:
+        json.dump(split, f)
+    return str(root)
+
+
+def make_hatememes(root, n=(12, 4, 4)):
+    """img/<5-digit id>.png and train/dev_seen/test_seen/dev_unseen/test_unseen.jsonl, plus Kaggle's
+    unlabeled test.jsonl. Ids start below 10000 (zero-padded file names, integer ids in the JSONL).
+    Row k has label k % 2.
+    """
+    rng = random.Random(2)
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    files = {"train.jsonl": n[0], "dev_seen.jsonl": n[1], "test_seen.jsonl": n[2],
+             "dev_unseen.jsonl": n[1], "test_unseen.jsonl": n[2]}
+    k = 0
+    for name, count in files.items():
+        rows = []
+        for _ in range(count):
+            meme = 1235 + 997 * k
+            img = f"img/{meme:05d}.png"
+            _write_image(os.path.join(root, img), rng)
+            rows.append({"id": meme, "img": img, "label": k % 2, "text": _sentence(rng)})
+            k += 1
+        with open(os.path.join(root, name), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        if name == "test_seen.jsonl":
+            with open(os.path.join(root, "test.jsonl"), "w") as f:
+                f.writelines(json.dumps({key: row[key] for key in ("id", "img", "text")}) + "\n" for row in rows)
+    return str(root)

@@ -1,0 +1,135 @@
+"""The per-layer interface with no prompts reproduces the libraries' own outputs (open_clip encode_image /
+encode_text, HF ViltModel pooler_output), on the tiny configs and once on a real-size random-init architecture;
+local weights load through the functions users call; offline absence gives a clear error."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import Collate, load_clip, load_vilt
+from data import load_split
+
+TOL = 1e-5
+
+
+def toy_batch(bb, n=6, max_text_len=40):
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.5, seed=0)
+    return Collate(bb, max_text_len)([ds[i] for i in range(n)])
+
+
+def test_tiny_clip_matches_open_clip():
+    bb = load_clip("tiny-clip", "")
+    batch = toy_batch(bb)
+    img, txt = bb.encode(batch)
+    with torch.no_grad():
+        ref_img = bb.model.encode_image(batch["image"])
+        ref_txt = bb.model.encode_text(batch["text"])
+    assert (img - ref_img).abs().max() <= TOL
+    assert (txt - ref_txt).abs().max() <= TOL
+    assert bb.info["quick_gelu"] is True
+
+
+def test_clip_prompts_shift_pool_and_mask():
+    """Prepended text prompts: the EOT position follows them and the causal mask covers them, so appending
+    prompts that are then stripped at pooling changes the output (text attends to prompts), but zero-length
+    prompts do not."""
+    bb = load_clip("tiny-clip", "")
+    batch = toy_batch(bb, 3)
+    t = bb.text_embed(batch["text"])
+    p = torch.randn(3, 5, bb.width_text)
+    x = torch.cat([p, t], 1)
+    for i in range(bb.num_layers):
+        x = bb.text_block(i, x)
+    prompted = bb.text_pool(x, batch["text"], n_prompt=5)
+    assert prompted.shape == (3, bb.embed_dim)
+    assert not torch.allclose(prompted, bb.model.encode_text(batch["text"]), atol=1e-4)
+    # The prompt tokens themselves never see the text: they sit before it under the causal mask.
+    y = torch.cat([p, t.flip(0)], 1)
+    for i in range(bb.num_layers):
+        y = bb.text_block(i, y)
+    assert torch.allclose(x[:, :5], y[:, :5], atol=1e-6)
+
+
+def test_tiny_vilt_matches_hf():
+    bb = load_vilt("tiny-vilt")
+    batch = toy_batch(bb)
+    torch.manual_seed(0)
+    hidden, mask = bb.encode(batch)
+    ours = bb.vilt.pooler(hidden)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = bb.vilt(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
+                      pixel_values=batch["image"], pixel_mask=batch["pixel_mask"]).pooler_output
+    assert (ours - ref).abs().max() <= TOL
+
+
+def test_real_size_random_init_matches_libraries():
+    """ViT-B-16 CLIP and ViLT-B/32 architectures (random init: equality does not depend on the weights)."""
+    import open_clip
+    from transformers import ViltConfig, ViltModel
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None, force_quick_gelu=True)
+    bb = common.FrozenCLIP(model, open_clip.get_tokenizer("ViT-B-16"), preprocess, {"backbone": "clip"})
+    batch = toy_batch(bb, 2)
+    img, txt = bb.encode(batch)
+    assert (img - model.encode_image(batch["image"])).abs().max() <= TOL
+    assert (txt - model.encode_text(batch["text"])).abs().max() <= TOL
+    vilt = common.FrozenViLT(ViltModel(ViltConfig()), common.tiny_vilt_tokenizer(), {"backbone": "vilt"})
+    vilt.shorter, vilt.longer = 96, 160                             # small images keep the test fast
+    batch = toy_batch(vilt, 2)
+    batch["input_ids"] = batch["input_ids"] % 30522
+    torch.manual_seed(0)
+    ours = vilt.vilt.pooler(vilt.encode(batch)[0])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = vilt.vilt(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
+                        pixel_values=batch["image"], pixel_mask=batch["pixel_mask"]).pooler_output
+    assert (ours - ref).abs().max() <= TOL
+
+
+def test_local_weights_roundtrip(tmp_path):
+    """Save tiny weights, load them back through the very functions the CLI calls."""
+    bb = load_clip("tiny-clip", "")
+    path = tmp_path / "tiny_clip.bin"
+    torch.save(bb.model.state_dict(), path)
+    again = load_clip("tiny-clip", str(path))
+    for (k, a), b in zip(bb.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert again.info["pretrained"] == str(path) and again.info["quick_gelu"] is True
+    vilt = load_vilt("tiny-vilt")
+    vilt.vilt.save_pretrained(tmp_path / "vilt")
+    vilt.tokenizer.save_pretrained(tmp_path / "vilt")
+    again = load_vilt(str(tmp_path / "vilt"))
+    for (k, a), b in zip(vilt.vilt.state_dict().items(), again.vilt.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert again.tokenizer("apple river")["input_ids"] == vilt.tokenizer("apple river")["input_ids"]
+
+
+def test_offline_weights_error_names_the_command(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(common.WeightsError, match="ViltModel.from_pretrained"):
+        load_vilt("someone/not-cached-vilt")
+    with pytest.raises(common.WeightsError, match="create_model_and_transforms"):
+        load_clip("ViT-B-16", "laion400m_e31")
+
+
+def test_vilt_text_positions_extended_by_interpolation():
+    bb = load_vilt("tiny-vilt")
+    old = bb.vilt.embeddings.text_embeddings.position_embeddings.weight.clone()
+    common.extend_text_positions(bb, 128)
+    new = bb.vilt.embeddings.text_embeddings.position_embeddings.weight
+    assert new.shape == (128, old.shape[1]) and not new.requires_grad
+    assert torch.allclose(new[0], old[0]) and torch.allclose(new[-1], old[-1])
+
+
+def test_dummy_inputs_and_vilt_resize():
+    bb = load_vilt("tiny-vilt")
+    item = {"id": "x", "image": Image.new("RGB", (100, 60)), "text": "apple", "label": 0, "missing": 2}
+    batch = Collate(bb, 40)([item, dict(item, missing=1, image=Image.new("RGB", (60, 100)))])
+    # shorter side 32 -> (53, 32) for 100x60, floored to multiples of the patch 8 -> (48, 32)
+    assert batch["image"].shape == (2, 3, 48, 48)
+    assert torch.all(batch["image"][0, :, :32, :48] == 1) and batch["pixel_mask"][0].sum() == 32 * 48
+    assert batch["input_ids"][1].tolist()[:2] == [bb.tokenizer.cls_token_id, bb.tokenizer.sep_token_id]
