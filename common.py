@@ -215,7 +215,7 @@ def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick
                 f"copy that cache to this machine, or pass --clip-pretrained /path/to/open_clip_pytorch_model.bin") from e
         raise
     quick_used = model.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
-    info = {"backbone": "clip", "model": model_name, "pretrained": pretrained, "quick_gelu": quick_used}
+    info = {"backbone": "tiny-clip" if model_name == "tiny-clip" else "clip", "model": model_name, "pretrained": pretrained, "quick_gelu": quick_used}
     return FrozenCLIP(model, open_clip.get_tokenizer("ViT-B-16"), preprocess, info)
 
 
@@ -237,8 +237,8 @@ def load_vilt(path=VILT_DEFAULT):
     if path == "tiny-vilt":
         tokenizer = tiny_vilt_tokenizer()
         config = ViltConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
-                            image_size=32, patch_size=8, max_position_embeddings=40, vocab_size=len(tokenizer))
-        torch.manual_seed(0)
+                            image_size=32, patch_size=8, max_position_embeddings=40, vocab_size=len(tokenizer), initializer_range=0.1)
+        torch.manual_seed(0)                                      # init std 0.1: random features that carry the input
         model = ViltModel(config)
     else:
         try:
@@ -250,7 +250,7 @@ def load_vilt(path=VILT_DEFAULT):
                 f"python -c \"from transformers import ViltModel, BertTokenizer; ViltModel.from_pretrained('{path}')"
                 f".save_pretrained('vilt'); BertTokenizer.from_pretrained('{path}').save_pretrained('vilt')\" and pass "
                 f"--vilt-path vilt (or copy the HF cache, $HF_HOME/hub)") from e
-    info = {"backbone": "vilt", "model": path}
+    info = {"backbone": "tiny-vilt" if path == "tiny-vilt" else "vilt", "model": path}
     return FrozenViLT(model, tokenizer, info)
 
 
@@ -304,12 +304,17 @@ class Collate:
         self.bb, self.max_text_len = bb, max_text_len
 
     def image(self, item):
-        pixels = self.bb.preprocess(item["image"]) if self.bb.kind == "clip" else vilt_transform(item["image"], self.bb)
+        if torch.is_tensor(item["image"]):                          # already preprocessed (an image cache)
+            pixels = item["image"]
+        elif self.bb.kind == "clip":
+            pixels = self.bb.preprocess(item["image"])
+        else:
+            pixels = vilt_transform(item["image"], self.bb)
         return torch.ones_like(pixels) if item["missing"] == IMAGE_MISSING else pixels
 
     def __call__(self, items):
         texts = ["" if it["missing"] == TEXT_MISSING else it["text"] for it in items]
-        images = [it["image"] if torch.is_tensor(it["image"]) else self.image(it) for it in items]
+        images = [self.image(it) for it in items]
         batch = {"ids": [it["id"] for it in items],
                  "missing": torch.tensor([it["missing"] for it in items], dtype=torch.long),
                  "label": torch.as_tensor(np.stack([np.asarray(it["label"]) for it in items]))}
@@ -360,7 +365,7 @@ def f1_scores(labels, probs, threshold=0.5):
 
 def auroc(labels, scores):
     """Binary AUROC = P(score_pos > score_neg) + 0.5 P(tie), via average ranks (ties as scikit-learn).
-    A split with a single class has no AUROC: returns NaN (scikit-learn raises)."""
+    A split with a single class has no AUROC: returns NaN (as scikit-learn, which also warns)."""
     y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
@@ -661,7 +666,8 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
     micro = [rank_micro_batches(b, run.rank, run.world, args.micro_batch) for b in batches]
     loader = iter(make_loader(run, run.train_set, [m for ms in micro for m in ms]))
     total = torch.zeros((), device=run.device)
-    bar = tqdm(total=sum(len(b) for b in batches), desc=f"epoch {epoch}", disable=not run.main, leave=False)
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"epoch {epoch}", leave=False,
+               disable=not run.main or not sys.stderr.isatty())
     for batch_ids, micro_ids in zip(batches, micro):
         for k, ids in enumerate(micro_ids):
             batch = to_device(next(loader), run.device)
@@ -984,6 +990,75 @@ def run_seeds(args, main):
     return summary
 
 
+# The papers' numbers, from ../shared/METHODS.md (train setting = test setting unless a 5th key is given).
+# (method, dataset, missing, rate[, test_missing]) -> metric in percent. MAP: as re-reported by MemPrompt, ViLT.
+PAPER_NUMBERS = {
+    ("map", "mmimdb", "text", 0.7): 36.03, ("map", "mmimdb", "image", 0.7): 44.64, ("map", "mmimdb", "both", 0.7): 41.48,
+    ("map", "food101", "text", 0.7): 74.25, ("map", "food101", "image", 0.7): 86.30, ("map", "food101", "both", 0.7): 79.11,
+    ("map", "hatememes", "text", 0.7): 59.13, ("map", "hatememes", "image", 0.7): 65.27,
+    ("map", "hatememes", "both", 0.7): 60.35,
+    ("muap", "hatememes", "both", 0.7): 65.09,
+    ("memprompt", "mmimdb", "text", 0.7): 38.47, ("memprompt", "mmimdb", "image", 0.7): 48.59,
+    ("memprompt", "mmimdb", "both", 0.7): 42.47, ("memprompt", "mmimdb", "text", 0.7, "image"): 35.06,
+    ("memprompt", "food101", "text", 0.7): 75.15, ("memprompt", "food101", "image", 0.7): 86.52,
+    ("memprompt", "food101", "both", 0.7): 79.76, ("memprompt", "food101", "text", 0.7, "image"): 80.81,
+    ("memprompt", "food101", "image", 0.7, "text"): 60.63,
+    ("memprompt", "hatememes", "text", 0.7): 60.26, ("memprompt", "hatememes", "image", 0.7): 65.63,
+    ("memprompt", "hatememes", "both", 0.7): 65.74,
+    ("syp", "mmimdb", "both", 0.5): 55.02, ("syp", "mmimdb", "both", 0.7): 52.90, ("syp", "mmimdb", "both", 0.9): 49.63,
+    ("syp", "food101", "both", 0.5): 86.17, ("syp", "food101", "both", 0.7): 82.45, ("syp", "food101", "both", 0.9): 81.03,
+    ("syp", "hatememes", "both", 0.5): 68.16, ("syp", "hatememes", "both", 0.7): 68.42,
+    ("syp", "hatememes", "both", 0.9): 68.93,
+    ("aoept", "mmimdb", "text", 0.7): 51.50, ("aoept", "mmimdb", "image", 0.7): 54.86, ("aoept", "mmimdb", "both", 0.7): 53.31,
+    ("aoept", "hatememes", "text", 0.7): 71.12, ("aoept", "hatememes", "image", 0.7): 67.96,
+    ("aoept", "hatememes", "both", 0.7): 69.80,
+    ("aoept", "food101", "text", 0.7): 80.77, ("aoept", "food101", "image", 0.7): 88.86, ("aoept", "food101", "both", 0.7): 83.24,
+    ("promise", "hatememes", "both", 0.7): 67.17, ("promise", "food101", "both", 0.7): 88.10,
+}
+
+
+def paper_number(method, dataset, missing, rate, test_missing, test_rate):
+    if test_rate != rate:
+        return None
+    key = (method, dataset, missing, round(rate, 2))
+    return PAPER_NUMBERS.get(key if test_missing == missing else key + (test_missing,))
+
+
+def summary_rows(folders):
+    """One row per setting over run folders (results.json directly inside, or in seed*/ below): mean +- std of the
+    headline test metric in percent, the paper's number for that setting, and the difference."""
+    groups = {}
+    for folder in folders:
+        for root, _, files in sorted(os.walk(folder)):
+            if "results.json" in files:
+                with open(os.path.join(root, "results.json")) as f:
+                    r = json.load(f)
+                p = r["protocol"]
+                key = (r["method"], r["backbone"]["backbone"], r["dataset"], p["missing"], p["rate"],
+                       p["test_missing"], p["test_rate"], r["metric"])
+                groups.setdefault(key, []).append(100 * r["metrics"]["test"][r["metric"]])
+    rows = []
+    for (method, backbone, dataset, missing, rate, test_missing, test_rate, metric), values in sorted(groups.items()):
+        paper = paper_number(method, dataset, missing, rate, test_missing, test_rate)
+        mean = float(np.mean(values))
+        rows.append({"method": method, "backbone": backbone, "dataset": dataset, "train": f"{missing} {rate}",
+                     "test": f"{test_missing} {test_rate}", "metric": metric, "runs": len(values), "mean": round(mean, 2),
+                     "std": round(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, 2),
+                     "paper": paper, "diff": None if paper is None else round(mean - paper, 2)})
+    return rows
+
+
+def summary_markdown(rows):
+    lines = ["| method | backbone | dataset | train | test | metric | mean +- std (n) | paper | diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = "-" if r["paper"] is None else f"{r['paper']:.2f}"
+        diff = "-" if r["diff"] is None else f"{r['diff']:+.2f}"
+        lines.append(f"| {r['method']} | {r['backbone']} | {r['dataset']} | {r['train']} | {r['test']} | {r['metric']} | "
+                     f"{r['mean']:.2f} +- {r['std']:.2f} ({r['runs']}) | {paper} | {diff} |")
+    return "\n".join(lines)
+
+
 def cli(parser, main, argv=None):
     """Entry point of every method file: parse, apply --eval-only's checkpoint config, --seeds, run."""
     argv = sys.argv[1:] if argv is None else argv
@@ -997,3 +1072,21 @@ def cli(parser, main, argv=None):
         return main(args)
     except (DataError, WeightsError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    # python common.py summarize RUN_FOLDER... [--csv FILE]: one table of every run below the folders.
+    cmd = argparse.ArgumentParser(prog="common.py", description="Summarise run folders next to the papers' numbers")
+    cmd.add_argument("command", choices=["summarize"])
+    cmd.add_argument("folders", nargs="+")
+    cmd.add_argument("--csv", default=None, help="also write the table as CSV")
+    opts = cmd.parse_args()
+    table = summary_rows(opts.folders)
+    print(summary_markdown(table))
+    if opts.csv and table:
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(table[0]))
+                w.writeheader()
+                w.writerows(table)
+        atomic_write(opts.csv, write_csv)
