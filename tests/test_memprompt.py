@@ -1,0 +1,262 @@
+"""MemPrompt: retrieval equals a brute-force Eq. 5-6, shared prompts follow the missing case (Eq. 7), the layer
+input follows Eq. 2 (distributed) or puts the prompts first (pre-append), only the method trains, the CLI writes
+the standard outputs on both tiny backbones and on a fixture tree, toy training beats the majority class, and a
+text-missing run tested on image-missing records both settings."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import memprompt as M
+from common import Collate, cli, finalize_args, finish, fit, load_clip, load_vilt, setup, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+
+FAST = ["--batch-size", "32", "--micro-batch", "32", "--prompt-length", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread avoids oversubscription when the 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_batch(bb, n=4, max_text_len=40):
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.5, seed=0)
+    batch = Collate(bb, max_text_len)([ds[i] for i in range(n)])
+    batch["missing"] = torch.tensor([COMPLETE, TEXT_MISSING, IMAGE_MISSING, COMPLETE][:n])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eq. (5)-(6): retrieval, against explicit loops
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("softmax_over", ["selected", "all"])
+def test_retrieval_matches_brute_force(softmax_over):
+    torch.manual_seed(0)
+    K, P, D, N, B = 16, 3, 8, 5, 6
+    mem = M.PromptMemory(K, P, D, N, softmax_over).double()
+    f = torch.randn(B, D, dtype=torch.float64)
+    idx, w = mem.weights(f)
+    dense = torch.zeros(B, K, dtype=torch.float64).scatter(1, idx, w)
+    out = mem(f)
+    q, p = mem.q.detach(), mem.p.detach()
+    for b in range(B):
+        cos = []
+        for k in range(K):
+            dot = sum(float(f[b, d]) * float(q[k, d]) for d in range(D))
+            norm_f = math.sqrt(sum(float(f[b, d]) ** 2 for d in range(D)))
+            norm_q = math.sqrt(sum(float(q[k, d]) ** 2 for d in range(D)))
+            cos.append(dot / (norm_f * norm_q))
+        top = sorted(range(K), key=lambda k: -cos[k])[:N]
+        pool = top if softmax_over == "selected" else range(K)
+        z = sum(math.exp(cos[k]) for k in pool)
+        expected = [math.exp(cos[k]) / z if k in top else 0.0 for k in range(K)]
+        assert np.allclose(dense[b].tolist(), expected, atol=1e-12)
+        p_g = sum(expected[k] * p[k] for k in top)
+        assert torch.allclose(out[b], p_g, atol=1e-12)
+    assert ((dense > 0).sum(1) == N).all()
+
+
+def test_shared_prompt_follows_missing_case():
+    torch.manual_seed(0)
+    layer = M.MemPromptLayer(P=3, K=4, N=2, D_t=48, D_v=64)
+    missing = torch.tensor([COMPLETE, TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING])
+    s_t, s_v = layer.shared(missing)
+    assert s_t.shape == (4, 3, 48) and s_v.shape == (4, 3, 64)
+    t, v = layer.shared_missing_t, layer.shared_missing_v
+    chosen = {COMPLETE: t + v, TEXT_MISSING: t, IMAGE_MISSING: v}
+    for b, m in enumerate(missing.tolist()):
+        assert torch.allclose(s_t[b], layer.G_t(chosen[m]), atol=1e-6)
+        assert torch.allclose(s_v[b], layer.G_v(chosen[m]), atol=1e-6)
+    assert layer.G_t[0].out_features == 64 // 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eq. (2): token order of the layer input
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("placement", ["distributed", "pre-append"])
+def test_insert_prompts_order(placement):
+    """Markers: text 1, image 2; layer-j prompts p_s,t = 10j+3, p_g,t = 10j+4, p_s,v = 10j+5, p_g,v = 10j+6."""
+    B, P, L_t, L_v = 2, 2, 3, 4
+    x = torch.tensor([1.0] * L_t + [2.0] * L_v).expand(B, -1)[..., None]       # (B, L, 1)
+    mask = torch.tensor([[1, 1, 0] + [1] * L_v] * B)                             # a text PAD at position 2
+    t0 = 0
+    for j in (1, 2):
+        prompts = [torch.full((B, P, 1), 10.0 * j + c) for c in (3, 4, 5, 6)]
+        x, mask, t0 = M.insert_prompts(x, mask, t0, L_t, prompts, placement)
+    s_t2, g_t2, s_v2, g_v2, s_t1, g_t1, s_v1, g_v1 = ([v] * P for v in (23, 24, 25, 26, 13, 14, 15, 16))
+    if placement == "distributed":
+        order = s_t2 + g_t2 + s_t1 + g_t1 + [1] * L_t + s_v2 + g_v2 + s_v1 + g_v1 + [2] * L_v
+        assert t0 == 4 * P
+    else:
+        order = s_t2 + g_t2 + s_v2 + g_v2 + s_t1 + g_t1 + s_v1 + g_v1 + [1] * L_t + [2] * L_v
+        assert t0 == 8 * P
+    assert x[0, :, 0].tolist() == order and x[1, :, 0].tolist() == order
+    expected_mask = [0 if (k - t0) == 2 else 1 for k in range(len(order))]      # the PAD moved with the text
+    assert mask[0].tolist() == expected_mask
+
+
+@pytest.mark.parametrize("placement", ["distributed", "pre-append"])
+def test_vilt_forward_builds_eq2_sequence(placement, monkeypatch):
+    """Constant memories and bottleneck outputs mark the prompts; the inputs the forward hands to the frozen blocks
+    are recorded, and the pooled token is the text [CLS] behind all accumulated prompts."""
+    bb = load_vilt("tiny-vilt")
+    P, depth = 2, 2
+    model = M.MemPrompt(bb, 4, length=P, depth=depth, placement=placement)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mem_t.p.fill_(7.0)
+            layer.mem_v.p.fill_(8.0)
+            for g, marker in ((layer.G_t, 5.0), (layer.G_v, 6.0)):
+                g[2].weight.zero_()
+                g[2].bias.fill_(marker)
+    batch = toy_batch(bb)
+    torch.manual_seed(0)
+    x0, _ = bb.embed(batch)
+    L_t, L = batch["input_ids"].shape[1], x0.shape[1]
+    seen, finals = {}, []
+    block, final_norm = bb.block, bb.final_norm
+
+    def record_block(i, x, bias):
+        seen[i] = (x.clone(), bias)
+        return block(i, x, bias)
+
+    def record_final(x):
+        finals.append(final_norm(x))
+        return finals[-1]
+    monkeypatch.setattr(bb, "block", record_block)
+    monkeypatch.setattr(bb, "final_norm", record_final)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = model(batch)["logits"]
+
+    def rows(x, start, n, value):
+        return torch.allclose(x[:, start:start + n], torch.full_like(x[:, start:start + n], value), atol=1e-5)
+
+    x, bias = seen[0]
+    assert x.shape[1] == L + 4 * P
+    assert bias.shape[-1] == x.shape[1] and (bias[..., :2 * P] == 0).all()
+    if placement == "distributed":
+        assert rows(x, 0, P, 5.0) and rows(x, P, P, 7.0)
+        assert torch.equal(x[:, 2 * P:2 * P + L_t], x0[:, :L_t])
+        assert rows(x, 2 * P + L_t, P, 6.0) and rows(x, 3 * P + L_t, P, 8.0)
+        assert torch.equal(x[:, 4 * P + L_t:], x0[:, L_t:])
+    else:
+        for k, value in enumerate((5.0, 7.0, 6.0, 8.0)):
+            assert rows(x, k * P, P, value)
+        assert torch.equal(x[:, 4 * P:], x0)
+    x1, _ = seen[1]
+    assert x1.shape[1] == L + 8 * P
+    cut = 2 * P + (2 * P + L_t) if placement == "distributed" else 2 * P
+    assert rows(x1, 0, P, 5.0) and rows(x1, P, P, 7.0) and rows(x1, cut, P, 6.0) and rows(x1, cut + P, P, 8.0)
+    assert seen[depth][0].shape[1] == L + 8 * P                                  # unprompted layers add nothing
+    cls = depth * 2 * P if placement == "distributed" else depth * 4 * P
+    with torch.no_grad():
+        assert torch.allclose(logits, model.head(model.pooler(finals[0][:, cls:cls + 1])), atol=1e-6)
+
+
+def test_clip_prompts_per_tower_and_placement_collapses():
+    bb = load_clip("tiny-clip", "")
+    batch = toy_batch(bb)
+    out = {}
+    for placement in ("distributed", "pre-append"):
+        torch.manual_seed(0)
+        model = M.MemPrompt(bb, 4, length=2, depth=2, placement=placement)
+        with torch.no_grad():
+            out[placement] = model(batch)["logits"]
+    assert out["distributed"].shape == (4, 4)
+    assert torch.equal(out["distributed"], out["pre-append"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Defaults, trainable set, CLI runs
+# ---------------------------------------------------------------------------------------------------------
+def test_paper_defaults_per_dataset():
+    for dataset, length, lr in (("food101", 16, 5e-3), ("mmimdb", 16, 5e-3), ("hatememes", 4, 1e-3)):
+        args = M.resolve_defaults(M.parser().parse_args(["--dataset", dataset]))
+        recipe = (args.prompt_length, args.lr, args.weight_decay, args.batch_size, args.epochs)
+        assert recipe == (length, lr, 2e-2, 256, 20)
+        assert (args.memory_size, args.top_n, args.prompt_depth, args.placement) == (16, 5, 6, "distributed")
+    argv = ["--dataset", "hatememes", "--prompt-length", "8", "--lr", "0.1"]
+    args = M.resolve_defaults(M.parser().parse_args(argv))
+    assert (args.prompt_length, args.lr) == (8, 0.1)
+
+
+def test_only_method_trains_and_beats_majority(tmp_path):
+    """Trainable = memories, keys, shared prompts, bottlenecks, head (exact count); the backbone gets no gradient
+    and is bit-identical after training; toy accuracy clearly above the majority class."""
+    argv = ["--backbone", "tiny-clip", "--missing", "none", "--epochs", "3", "--seed", "0",
+            "--out", str(tmp_path)] + FAST
+    args = M.resolve_defaults(finalize_args(M.parser().parse_args(argv)))
+    run = setup(args)
+    model = M.build_model(run, args)
+    bb = run.bb
+    K, P, N_layers, E, C = 16, 2, 4, bb.embed_dim, 4
+    D_t, D_v = bb.width_text, bb.width_image
+    r = D_v // 16                                                                # bottleneck width
+    memories = (K * P * D_t + K * D_t) + (K * P * D_v + K * D_v)
+    bottlenecks = (D_v * r + r + r * D_t + D_t) + (D_v * r + r + r * D_v + D_v)
+    per_layer = memories + 2 * P * D_v + bottlenecks
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == N_layers * per_layer + 2 * E * C + C
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    batch = next(iter(torch.utils.data.DataLoader(run.train_set, batch_size=8, collate_fn=run.collate)))
+    task_loss(model(batch)["logits"], batch["label"], run.task).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == name.startswith("bb."), name
+    model.zero_grad(set_to_none=True)
+    fit(run, model, lambda out, b: task_loss(out["logits"], b["label"], run.task))
+    results = finish(run, model)
+    assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
+    majority = np.bincount(run.test_set.labels()).max() / len(run.test_set)
+    assert results["metrics"]["test"]["accuracy"] >= majority + 0.2, (results["metrics"]["test"], majority)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_cli_writes_outputs(backbone, tmp_path):
+    results = cli(M.parser(), M.main, ["--backbone", backbone, "--epochs", "1", "--out", str(tmp_path)] + FAST)
+    for name in ("results.json", "predictions_test.csv", "checkpoint.safetensors"):
+        assert os.path.isfile(tmp_path / name), name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["method"] == "memprompt" and saved["memprompt"]["prompt_depth"] == 4       # clamped to 4 layers
+    assert saved["trainable_params"] == results["trainable_params"] > 0
+    assert 0.0 <= saved["metrics"]["test"]["accuracy"] <= 1.0
+
+
+def test_fixture_tree_food101(food101_root, tmp_path):
+    argv = ["--dataset", "food101", "--data-root", food101_root, "--backbone", "tiny-vilt", "--epochs", "1",
+            "--out", str(tmp_path), "--batch-size", "8", "--micro-batch", "8", "--prompt-length", "2"]
+    results = cli(M.parser(), M.main, argv)
+    assert results["dataset"] == "food101" and results["config"]["lr"] == 5e-3
+    assert os.path.isfile(tmp_path / "predictions_test.csv")
+
+
+def test_train_text_missing_test_image_missing(tmp_path):
+    """Table 1's cross case: trained with text missing, tested with image missing; both settings recorded."""
+    results = cli(M.parser(), M.main, ["--backbone", "tiny-clip", "--missing", "text", "--rate", "0.7",
+                                      "--test-missing", "image", "--epochs", "1", "--out", str(tmp_path)] + FAST)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for r in (results, saved):
+        proto = r["protocol"]
+        settings = (proto["missing"], proto["test_missing"], proto["rate"], proto["test_rate"])
+        assert settings == ("text", "image", 0.7, 0.7)
+        assert proto["splits"]["train"]["missing"] == "text" and proto["splits"]["test"]["missing"] == "image"
+        assert proto["splits"]["train"]["counts"]["text"] == int(512 * 0.7)
+        n_missing = int(128 * 0.7)
+        assert proto["splits"]["test"]["counts"] == {"complete": 128 - n_missing, "text": 0, "image": n_missing}
+    with open(tmp_path / "predictions_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["missing"] == "image" for r in rows) == int(128 * 0.7) and len(rows) == 128
+
+
+def test_copied_head_matches_map():
+    import inspect
+
+    import map as MAP
+    assert inspect.getsource(M.mlp_head) == inspect.getsource(MAP.mlp_head)
