@@ -281,17 +281,109 @@ def load_backbone(args):
 # ---------------------------------------------------------------------------------------------------------
 # Preprocessing and the dummy inputs (in DataLoader workers)
 # ---------------------------------------------------------------------------------------------------------
-def vilt_transform(img, bb):
-    """MAP's pixelbert transform: shorter side to S, longer <= 1333/800 S, floored to patch multiples, bicubic,
-    then normalised with mean = std = 0.5. -> (3, H, W)."""
+def vilt_resize(img, bb):
+    """MAP's pixelbert resize: shorter side to S, longer <= 1333/800 S, floored to patch multiples, bicubic."""
     w, h = img.size
     scale = bb.shorter / min(w, h)
     if max(w, h) * scale > bb.longer:
         scale = bb.longer / max(w, h)
     nw, nh = int(w * scale + 0.5), int(h * scale + 0.5)             # round, then floor to patch multiples
     nw, nh = max(bb.patch, nw // bb.patch * bb.patch), max(bb.patch, nh // bb.patch * bb.patch)
-    arr = np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255.0
-    return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
+    return img.resize((nw, nh), Image.BICUBIC)
+
+
+def resize_image(img, bb):
+    """The geometric part of the backbone's preprocessing -> uint8 (H, W, 3). CLIP: its own Resize + CenterCrop."""
+    if bb.kind == "clip":
+        for t in bb.preprocess.transforms[:-2]:                     # all but ToTensor and Normalize
+            img = t(img)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.asarray(vilt_resize(img, bb), dtype=np.uint8)
+
+
+def normalise_image(arr, bb):
+    """uint8 (H, W, 3) -> normalised (3, H, W): CLIP's mean/std, ViLT's 0.5/0.5."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+    if bb.kind == "clip":
+        norm = bb.preprocess.transforms[-1]
+        return (x - torch.tensor(norm.mean)[:, None, None]) / torch.tensor(norm.std)[:, None, None]
+    return (x - 0.5) / 0.5
+
+
+def vilt_transform(img, bb):
+    return normalise_image(resize_image(img, bb), bb)
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """--cache-images: a split whose images are decoded and resized once into a uint8 memory-mapped array for this
+    backbone's preprocessing (rebuilt when the files or the preprocessing change). Items carry the normalised
+    tensor; everything else (labels, missing table, ids) is the wrapped split's."""
+
+    def __init__(self, dataset, bb, folder, workers=0):
+        self.dataset, self.bb = dataset, bb
+        key = image_cache_key(dataset, bb)
+        base = os.path.join(folder, f"{dataset.name}-{dataset.split}-{key}")
+        if not os.path.isfile(base + ".json"):
+            build_image_cache(dataset, bb, base, workers)
+        with open(base + ".json") as f:
+            self.index = json.load(f)
+        self.array = np.memmap(base + ".u8", dtype=np.uint8, mode="r")
+        self._labels = dataset.labels()
+
+    def __getattr__(self, name):                                     # labels(), ids, missing, task, ...
+        return getattr(self.__dict__["dataset"], name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        offset, h, w = self.index[i]
+        arr = self.array[offset:offset + h * w * 3].reshape(h, w, 3)
+        label = self._labels[i] if self.dataset.task == "multilabel" else int(self._labels[i])
+        return dict(id=self.dataset.ids[i], image=normalise_image(arr, self.bb), text=self.dataset.texts[i],
+                    label=label, missing=int(self.dataset.missing[i]))
+
+
+def image_cache_key(dataset, bb):
+    import hashlib
+    h = hashlib.sha256(json.dumps([bb.info, getattr(bb, "image_size", None), getattr(bb, "shorter", None),
+                                   str(getattr(bb, "preprocess", ""))]).encode())
+    for i, image in enumerate(dataset.images):
+        if isinstance(image, np.ndarray):
+            h.update(image.tobytes())
+        else:
+            st = os.stat(image)
+            h.update(f"{image}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class _Resized(torch.utils.data.Dataset):
+    def __init__(self, dataset, bb):
+        self.dataset, self.bb = dataset, bb
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return resize_image(self.dataset.load_image(i), self.bb)
+
+
+def build_image_cache(dataset, bb, base, workers):
+    """Decode + resize every image once (in DataLoader workers), append to a flat uint8 file, then write the index;
+    the index appears last and atomically, so a half-built cache is never used."""
+    loader = torch.utils.data.DataLoader(_Resized(dataset, bb), batch_size=None, num_workers=workers)
+    index, offset = [], 0
+
+    def write(tmp):
+        nonlocal offset
+        with open(tmp, "wb") as f:
+            for arr in tqdm(loader, total=len(dataset), desc=f"caching {dataset.name}/{dataset.split} images"):
+                arr = np.asarray(arr, dtype=np.uint8)
+                f.write(arr.tobytes())
+                index.append([offset, arr.shape[0], arr.shape[1]])
+                offset += arr.size
+    atomic_write(base + ".u8", write)
+    write_json(base + ".json", index)
 
 
 class Collate:
@@ -448,6 +540,9 @@ def build_parser(method, doc, backbone):
     p.add_argument("--checkpoint", default=None, help="a checkpoint.safetensors written by this method")
     p.add_argument("--eval-grid", action="store_true", help="evaluate on every test missing type x rate")
     p.add_argument("--grid-rates", type=float, nargs="+", default=[round(0.1 * k, 1) for k in range(11)])
+    p.add_argument("--cache-images", action="store_true",
+                   help="decode and resize each split once into a uint8 memory map (per backbone preprocessing)")
+    p.add_argument("--image-cache-dir", default=os.path.join("runs", "cache", "images"))
     p.add_argument("--clip-model", default=CLIP_DEFAULT, help="open_clip model name")
     p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED_DEFAULT, help="open_clip tag or a local weights file")
     p.add_argument("--clip-quick-gelu", default="auto", choices=["auto", "on", "off"])
@@ -458,7 +553,7 @@ def build_parser(method, doc, backbone):
 
 # Arguments that may differ between a run and its resumption / evaluation.
 RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "eval_grid", "grid_rates",
-                "seeds", "data_root", "test_missing", "test_rate", "micro_batch"}
+                "seeds", "data_root", "test_missing", "test_rate", "micro_batch", "cache_images", "image_cache_dir"}
 
 
 def finalize_args(args):
@@ -564,13 +659,17 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def load_data(args, split, missing_type=None, rate=None):
+def load_data(run, split, missing_type=None, rate=None):
+    args = run.args
     if split == "test":
         missing_type, rate = missing_type or args.test_missing, args.test_rate if rate is None else rate
     else:
         missing_type, rate = args.missing, args.rate
-    return load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
-                      hm_test=args.hm_test)
+    ds = load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
+                    hm_test=args.hm_test)
+    if args.cache_images:
+        ds = CachedImages(ds, run.bb, args.image_cache_dir, args.num_workers)
+    return ds
 
 
 def setup(args):
@@ -578,7 +677,7 @@ def setup(args):
     run = Run(args)
     seed_everything(args.seed)
     run.bb = load_backbone(args).to(run.device)
-    run.train_set, run.val_set, run.test_set = (load_data(args, s) for s in ("train", "val", "test"))
+    run.train_set, run.val_set, run.test_set = (load_data(run, s) for s in ("train", "val", "test"))
     run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
     run.num_outputs = num_outputs(run.task, run.num_classes)
     run.metric = METRIC[run.task]
@@ -927,7 +1026,7 @@ def eval_grid(run, model):
     args, rows = run.args, []
     for missing_type in ("none", "text", "image", "both"):
         for rate in ([0.0] if missing_type == "none" else args.grid_rates):
-            ds = load_data(args, "test", missing_type, rate)
+            ds = load_data(run, "test", missing_type, rate)
             metrics = evaluate(run, model, ds)
             rows.append({"missing": missing_type, "rate": rate, **table_counts(ds.missing), **metrics})
             run.log(f"grid {missing_type:5s} {rate:.2f}  {run.metric} {metrics[run.metric]:.4f}")

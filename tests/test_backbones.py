@@ -133,3 +133,20 @@ def test_dummy_inputs_and_vilt_resize():
     assert batch["image"].shape == (2, 3, 48, 48)
     assert torch.all(batch["image"][0, :, :32, :48] == 1) and batch["pixel_mask"][0].sum() == 32 * 48
     assert batch["input_ids"][1].tolist()[:2] == [bb.tokenizer.cls_token_id, bb.tokenizer.sep_token_id]
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-vilt"])
+def test_image_cache_gives_the_same_pixels(tmp_path, food101_root, name):
+    """--cache-images: pre-decoded uint8 images normalised in the loader equal on-the-fly preprocessing, and a
+    second opening reuses the cache files."""
+    bb = load_clip("tiny-clip", "") if name == "tiny-clip" else load_vilt("tiny-vilt")
+    ds = load_split("food101", food101_root, "val", missing_type="none", rate=0, seed=0)
+    cached = common.CachedImages(ds, bb, str(tmp_path))
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and len(cached) == len(ds) and cached.labels().tolist() == ds.labels().tolist()
+    collate = Collate(bb, 40)
+    a, b = collate([ds[i] for i in range(len(ds))]), collate([cached[i] for i in range(len(ds))])
+    assert torch.allclose(a["image"], b["image"], atol=1e-6) and a["ids"] == b["ids"]
+    mtime = os.path.getmtime(tmp_path / files[0])
+    common.CachedImages(ds, bb, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == files and os.path.getmtime(tmp_path / files[0]) == mtime
