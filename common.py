@@ -303,7 +303,7 @@ def resize_image(img, bb):
 
 def normalise_image(arr, bb):
     """uint8 (H, W, 3) -> normalised (3, H, W): CLIP's mean/std, ViLT's 0.5/0.5."""
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 255.0          # copy: memmaps are read-only
     if bb.kind == "clip":
         norm = bb.preprocess.transforms[-1]
         return (x - torch.tensor(norm.mean)[:, None, None]) / torch.tensor(norm.std)[:, None, None]
@@ -553,7 +553,8 @@ def build_parser(method, doc, backbone):
 
 # Arguments that may differ between a run and its resumption / evaluation.
 RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "eval_grid", "grid_rates",
-                "seeds", "data_root", "test_missing", "test_rate", "micro_batch", "cache_images", "image_cache_dir"}
+                "seeds", "data_root", "test_missing", "test_rate", "micro_batch", "cache_images", "image_cache_dir",
+                "cache_dir", "cache_features", "nm2i"}     # the last three: AOEPT's and PROMISE's run-time flags
 
 
 def finalize_args(args):
