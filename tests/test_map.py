@@ -88,6 +88,7 @@ def test_prompts_change_the_output(backbone):
 def test_toy_training_beats_majority(tmp_path):
     res = cli(map_method.parser(), map_method.main,
               ["--backbone", "tiny-clip", "--missing", "both", "--rate", "0.3", "--epochs", "12", "--batch-size", "32",
+               "--prompt-length", "4",
                "--out", str(tmp_path / "run")])
     labels = load_split("toy", None, "test", missing_type="none", rate=0, seed=0).labels()
     majority = np.bincount(labels).max() / len(labels)
