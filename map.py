@@ -100,7 +100,8 @@ class MAP(nn.Module):
         x, mask = bb.embed(batch)                                # (B, L_t + L_v, D)
         ones = mask.new_ones(mask.shape[0], self.length)
         bias = bb.attention_bias(mask, x.dtype)
-        prefix_bias = bb.attention_bias(torch.cat([ones, mask], dim=1), x.dtype)
+        if self.prompt_type == "attention":                      # the prefix length is constant: one mask per batch
+            prefix_bias = bb.attention_bias(torch.cat([ones, mask], dim=1), x.dtype)
         for i in range(bb.num_layers):
             if i < self.depth and self.prompt_type == "input":  # Sec. 3.3: prepend, earlier prompts kept
                 x = torch.cat([self.prompts(m, i).to(x.dtype), x], dim=1)          # (B, P + L, D)
