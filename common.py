@@ -810,6 +810,8 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     best = {"metric": -math.inf, "epoch": -1, "state": method_state(model)}
     start = resume(run, model, optimizer, schedule, best) if args.resume else 0
+    if start >= epochs:                                    # resumed past this stage: keep the restored state
+        return
     for epoch in range(start, epochs):
         t0 = time.time()
         train_loss = train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch)

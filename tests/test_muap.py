@@ -1,0 +1,431 @@
+"""MuAP (muap.py): CLI runs on toy and fixture trees, crosswise prompt generation, per-sample routing, the
+freezing of each multi-step stage, the alignment loss against a brute-force KL, and where the fusions put
+the prompts in the sequence."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import muap
+from common import Collate, cli, load_clip, load_vilt, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+
+FAST = ["--batch-size", "64", "--micro-batch", "64", "--prompt-length", "2"]
+
+
+def toy_batch(bb, codes, max_text_len=40):
+    """A toy batch whose samples have the given missing codes (dummies applied by the shared Collate)."""
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.7, seed=0)
+    rows, used = [], set()
+    for code in codes:
+        i = next(k for k in range(len(ds)) if ds.missing[k] == code and k not in used)
+        used.add(i)
+        rows.append(ds[i])
+    return Collate(bb, max_text_len)(rows)
+
+
+MIXED = [COMPLETE, TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING, COMPLETE, IMAGE_MISSING]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a small shared VM two OpenMP threads made this file
+    about 5x slower (126 s vs 22 s measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return load_clip("tiny-clip", "")
+
+
+@pytest.fixture(scope="module")
+def tiny_vilt():
+    return load_vilt("tiny-vilt")
+
+
+def model_for(bb, fusion, length=3, depth=6, seed=0):
+    torch.manual_seed(seed)
+    return muap.MuAP(bb, 4, fusion, length, depth)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One real training run, shared: tiny-clip, head-fusion, with a spy on every `fit` call (= stage)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("muap-clip")
+    stages, backbone = [], {}
+    real_fit = muap.fit
+
+    def spy_fit(run, model, loss_fn, epochs=None, stage="train"):
+        if not backbone:
+            backbone.update({k: v.clone() for k, v in model.bb.state_dict().items()})
+            backbone["model"] = model
+        groups = {"text": model.generator.text, "image": model.generator.image}
+        before = {g: {n: p.detach().clone() for n, p in m.named_parameters()} for g, m in groups.items()}
+        trains = {g: [p.requires_grad for p in m.parameters()] for g, m in groups.items()}
+        teachers = len(model.teachers)
+        real_fit(run, model, loss_fn, epochs, stage)
+        after = {g: {n: p.detach().clone() for n, p in m.named_parameters()} for g, m in groups.items()}
+        stages.append({"stage": stage, "epochs": epochs, "before": before, "after": after, "trains": trains,
+                       "teachers": teachers})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(muap, "fit", spy_fit)
+        results = cli(muap.parser(), muap.main,
+                      ["--dataset", "toy", "--backbone", "tiny-clip", "--fusion", "head", "--missing", "both",
+                       "--rate", "0.3", "--stage-epochs", "1", "1", "2", "--batch-size", "16", "--micro-batch", "64",
+                       "--prompt-length", "2", "--out", str(out)])
+    return {"results": results, "out": out, "stages": stages, "backbone": backbone}
+
+
+def test_clip_head_on_toy_writes_standard_outputs(clip_run):
+    out, results = clip_run["out"], clip_run["results"]
+    for name in ("results.json", "predictions_test.csv", "checkpoint.safetensors"):
+        assert os.path.isfile(out / name), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["method"] == "muap" and saved["metric"] == "accuracy"
+    assert saved["stage_epochs"] == {"text-step": 1, "image-step": 1, "alignment": 2}
+    assert [h["stage"] for h in saved["history"]] == ["text-step", "image-step", "alignment", "alignment"]
+    for stage in ("text-step", "image-step"):
+        assert os.path.isfile(out / f"teacher-{stage}.safetensors")
+    with open(out / "predictions_test.csv") as f:
+        assert len(list(csv.DictReader(f))) == 128
+    from safetensors.torch import load_file
+    tensors = load_file(out / "checkpoint.safetensors")
+    assert not any(k.startswith(("bb.", "teachers")) for k in tensors)       # no backbone, no teacher copies
+    assert set(tensors) == set(clip_run["backbone"]["model"].state_dict()) - {
+        k for k in clip_run["backbone"]["model"].state_dict() if k.startswith("bb.")}
+    assert results["trainable_params"] == sum(t.numel() for t in tensors.values())
+
+
+def test_stages_freeze_the_other_modality_and_alignment_trains_both(clip_run):
+    stages = {s["stage"]: s for s in clip_run["stages"]}
+    assert list(stages) == ["text-step", "image-step", "alignment"]
+    assert [s["epochs"] for s in clip_run["stages"]] == [1, 1, 2]
+    expect = {"text-step": (True, False), "image-step": (False, True), "alignment": (True, True)}
+    for name, (text, image) in expect.items():
+        s = stages[name]
+        assert all(f == text for f in s["trains"]["text"]) and all(f == image for f in s["trains"]["image"])
+        for group, trained in (("text", text), ("image", image)):
+            changed = [n for n in s["before"][group] if not torch.equal(s["before"][group][n], s["after"][group][n])]
+            if trained:
+                assert "complete" in changed and len(changed) == len(s["before"][group]), (name, group, changed)
+            else:
+                assert changed == [], (name, group, changed)
+    assert [s["teachers"] for s in clip_run["stages"]] == [0, 0, 2]
+
+
+def test_backbone_bit_identical_after_training(clip_run):
+    saved = clip_run["backbone"]
+    model = saved["model"]
+    now = model.bb.state_dict()
+    assert set(now) == set(saved) - {"model"}
+    assert all(torch.equal(now[k], saved[k]) for k in now)
+    assert not any(p.requires_grad for p in model.bb.parameters())
+    assert model.teachers == []
+
+
+def test_toy_training_beats_majority(clip_run):
+    labels = load_split("toy", None, "test", missing_type="both", rate=0.3, seed=0).labels()
+    majority = np.bincount(labels).max() / len(labels)
+    accuracy = clip_run["results"]["metrics"]["test"]["accuracy"]
+    assert accuracy >= majority + 0.2, (accuracy, majority)           # measured: 0.555 vs 0.281
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The other CLI runs: ViLT on toy, both fusions on both backbones, fixture trees in the real layouts
+# ---------------------------------------------------------------------------------------------------------
+def check_outputs(out, results, n_test, stages=("text-step", "image-step", "alignment")):
+    for name in ("results.json", "predictions_test.csv", "checkpoint.safetensors"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "predictions_test.csv")) as f:
+        assert len(list(csv.DictReader(f))) == n_test
+    assert [h["stage"] for h in results["history"]] == list(stages)
+    assert not math.isnan(results["metrics"]["test"][results["metric"]])
+
+
+def test_vilt_head_on_toy(tmp_path):
+    results = cli(muap.parser(), muap.main, ["--dataset", "toy", "--backbone", "tiny-vilt", "--fusion", "head",
+                                             "--stage-epochs", "1", "1", "1", "--out", str(tmp_path)] + FAST)
+    check_outputs(tmp_path, results, 128)
+
+
+def test_clip_cross_on_food101_tree_skipping_the_image_step(tmp_path, food101_root):
+    """--stage-epochs with a 0 skips that stage (its snapshot is the model as it stands)."""
+    results = cli(muap.parser(), muap.main, ["--dataset", "food101", "--data-root", food101_root, "--backbone",
+                                             "tiny-clip", "--fusion", "cross", "--stage-epochs", "1", "0", "1",
+                                             "--out", str(tmp_path)] + FAST)
+    check_outputs(tmp_path, results, 12, stages=["text-step", "alignment"])
+
+
+def test_vilt_cross_on_mmimdb_tree(tmp_path, mmimdb_root):
+    """Multi-label: the alignment stage runs the Bernoulli KL."""
+    results = cli(muap.parser(), muap.main, ["--dataset", "mmimdb", "--data-root", mmimdb_root, "--backbone",
+                                             "tiny-vilt", "--fusion", "cross", "--max-text-len", "40",
+                                             "--stage-epochs", "1", "1", "1", "--out", str(tmp_path)] + FAST)
+    check_outputs(tmp_path, results, 4)
+    assert results["metric"] == "f1_macro"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_restores_the_teachers(tmp_path, food101_root, monkeypatch):
+    """Interrupted in the second alignment epoch, --resume continues the alignment stage with the same
+    text-step and image-step teachers (read back from OUT/teacher-*.safetensors) and finishes."""
+    argv = ["--dataset", "food101", "--data-root", food101_root, "--backbone", "tiny-vilt", "--fusion", "cross",
+            "--stage-epochs", "1", "1", "2", "--out", str(tmp_path)] + FAST
+    teachers = {"first": [], "resumed": []}
+    real_snapshot, real_epoch = muap.snapshot, common.train_one_epoch
+
+    def record(name):
+        def spy(model):
+            teachers[name].append({k: v.clone() for k, v in model.state_dict().items() if not k.startswith("bb.")})
+            return real_snapshot(model)
+        return spy
+
+    def epoch_or_interrupt(run, net, loss_fn, optimizer, schedule, params, epoch):
+        if epoch == 1:                                         # only the alignment stage has a second epoch
+            raise Interrupted
+        return real_epoch(run, net, loss_fn, optimizer, schedule, params, epoch)
+
+    monkeypatch.setattr(muap, "snapshot", record("first"))
+    monkeypatch.setattr(common, "train_one_epoch", epoch_or_interrupt)
+    with pytest.raises(Interrupted):
+        cli(muap.parser(), muap.main, argv)
+    monkeypatch.setattr(common, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(muap, "snapshot", record("resumed"))
+    results = cli(muap.parser(), muap.main, argv + ["--resume"])
+    check_outputs(tmp_path, results, 12, stages=["text-step", "image-step", "alignment", "alignment"])
+    assert len(teachers["first"]) == len(teachers["resumed"]) == 2
+    for first, resumed in zip(teachers["first"], teachers["resumed"]):
+        assert set(first) == set(resumed) and all(torch.equal(first[k], resumed[k]) for k in first)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mechanisms: crosswise generation, routing, stage gradients, teachers, loss, token layout
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["tiny_clip", "tiny_vilt"])
+def test_missing_prompts_come_from_the_other_modality(backbone, request):
+    model = model_for(request.getfixturevalue(backbone), "cross")
+    gen = model.generator
+    missing = torch.tensor([TEXT_MISSING, IMAGE_MISSING])
+    with torch.no_grad():
+        P_t, P_v = gen(missing)
+        gen.image.complete.add_(0.5 * torch.randn_like(gen.image.complete))        # perturb P_v^c
+        P_t2, P_v2 = gen(missing)
+        gen.text.complete.add_(0.5 * torch.randn_like(gen.text.complete))          # perturb P_t^c
+        P_t3, P_v3 = gen(missing)
+    assert not torch.allclose(P_t[0], P_t2[0])       # P_t^miss = f_missing(P_v^c) follows P_v^c ...
+    assert torch.equal(P_v[1], P_v2[1])              # ... and P_v^miss does not depend on it
+    assert not torch.allclose(P_v2[1], P_v3[1])      # P_v^miss = f_missing(P_t^c) follows P_t^c ...
+    assert torch.equal(P_t2[0], P_t3[0])             # ... and P_t^miss does not depend on it
+    assert P_t.shape[1:] == gen.text.complete.shape and P_v.shape[1:] == gen.image.complete.shape
+
+
+@pytest.mark.parametrize("backbone", ["tiny_clip", "tiny_vilt"])
+def test_each_sample_gets_the_prompts_of_its_case(backbone, request):
+    gen = model_for(request.getfixturevalue(backbone), "head").generator
+    codes = torch.tensor(MIXED)
+    with torch.no_grad():
+        P_t, P_v = gen(codes)
+        for b, code in enumerate(MIXED):                                           # brute force, per sample
+            P_v_c, P_t_c = gen.image.complete, gen.text.complete
+            want_t = (torch.stack([f(P_v_c[i]) for i, f in enumerate(gen.text.f_missing)])
+                      if code == TEXT_MISSING else P_t_c)
+            want_v = (torch.stack([f(P_t_c[i]) for i, f in enumerate(gen.image.f_missing)])
+                      if code == IMAGE_MISSING else P_v_c)
+            assert torch.allclose(P_t[b], want_t, atol=1e-6) and torch.allclose(P_v[b], want_v, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone,fusion", [("tiny_clip", "head"), ("tiny_vilt", "cross")])
+def test_single_stages_give_no_gradient_to_the_frozen_modality(backbone, fusion, request):
+    bb = request.getfixturevalue(backbone)
+    model = model_for(bb, fusion).train()
+    batch = toy_batch(bb, MIXED)
+    for text, image in ((True, False), (False, True), (True, True)):
+        muap.set_stage(model, text=text, image=image)
+        model.zero_grad(set_to_none=True)
+        task_loss(model(batch)["logits"], batch["label"], "multiclass").backward()
+        for group, trained in (("text", text), ("image", image)):
+            for name, p in getattr(model.generator, group).named_parameters():
+                if trained:
+                    assert p.grad is not None and p.grad.abs().sum() > 0, (text, image, group, name)
+                else:
+                    assert p.grad is None, (text, image, group, name)
+        assert all(p.grad is not None for p in model.head.parameters())
+        assert all(p.grad is None for p in model.bb.parameters())
+
+
+def test_alignment_teachers_are_frozen_snapshots(tiny_clip):
+    model = model_for(tiny_clip, "head")
+    batch = toy_batch(tiny_clip, MIXED)
+    teacher = muap.snapshot(model)
+    assert teacher.bb is model.bb and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        model.generator.text.complete.add_(1.0)                                    # the student moves on
+    model.teachers = [teacher, teacher]
+    out = model.train()(batch)
+    with torch.no_grad():
+        want = teacher(batch)["logits"]
+    assert torch.allclose(out["logits_t"], want, atol=1e-6) and not out["logits_t"].requires_grad
+    assert not torch.allclose(out["logits"], want, atol=1e-3)
+    assert not any(k.startswith("teachers") for k in model.state_dict())
+    assert "logits_t" not in model.eval()(batch)                                   # evaluation: student only
+
+
+def brute_kl(p_logits, q_logits, task):
+    """KL(p || q) averaged over samples (and over classes for Bernoulli), one number at a time."""
+    total, count = 0.0, 0
+    for p_row, q_row in zip(p_logits.tolist(), q_logits.tolist()):
+        if task == "multilabel":
+            for a, b in zip(p_row, q_row):
+                p, q = 1 / (1 + math.exp(-a)), 1 / (1 + math.exp(-b))
+                total += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+                count += 1
+        else:
+            zp, zq = sum(math.exp(a) for a in p_row), sum(math.exp(b) for b in q_row)
+            total += sum(math.exp(a) / zp * math.log((math.exp(a) / zp) / (math.exp(b) / zq))
+                         for a, b in zip(p_row, q_row))
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+def test_alignment_loss_matches_brute_force(task):
+    g = torch.Generator().manual_seed(0)
+    C = 2 if task == "binary" else 5
+    y, y_t, y_v = (torch.randn(7, C, generator=g) * 2 for _ in range(3))
+    labels = (torch.rand(7, C, generator=g) > 0.5).float() if task == "multilabel" else torch.randint(0, C, (7,))
+    assert abs(float(muap.kl(y_t, y, task)) - brute_kl(y_t, y, task)) < 1e-5
+    assert abs(float(muap.kl(y, y, task))) < 1e-6
+    loss = muap.alignment_loss({"logits": y, "logits_t": y_t, "logits_v": y_v}, labels, task, 0.3, 2.0)
+    want = float(task_loss(y, labels, task)) + 0.3 * brute_kl(y_t, y, task) + 2.0 * brute_kl(y_v, y, task)
+    assert abs(float(loss) - want) < 1e-5
+
+
+@pytest.mark.parametrize("fusion", ["head", "cross"])
+def test_vilt_token_layout_and_mask(fusion, tiny_vilt):
+    """At the input of prompted layer i the newest prompts sit where the fusion says, the text and image
+    tokens behind the accumulated prompts, with the text padding still masked; unprompted layers add nothing."""
+    P, depth = 3, 2
+    model = model_for(tiny_vilt, fusion, length=P, depth=depth).eval()
+    batch = toy_batch(tiny_vilt, MIXED)
+    L_t = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        P_t, P_v = model.generator(batch["missing"])
+        torch.manual_seed(0)                                   # HF ViLT draws its image patches in a random order
+        x0, mask0 = tiny_vilt.embed(batch)
+    seen, last = [], []
+    real_block = tiny_vilt.block
+
+    def spy_block(i, x, bias):
+        seen.append((x.clone(), bias.clone()))
+        last[:] = [real_block(i, x, bias)]
+        return last[0]
+
+    tiny_vilt.block = spy_block
+    try:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            pooled = model.forward_vilt(batch, P_t, P_v)
+    finally:
+        del tiny_vilt.block
+    assert len(seen) == tiny_vilt.num_layers
+    cls = depth * P * (2 if fusion == "head" else 1)           # the text [CLS] behind all prompts in front of it
+    with torch.no_grad():
+        assert torch.allclose(pooled, model.pooler(tiny_vilt.final_norm(last[0])[:, cls:cls + 1]))
+    for i, (x, bias) in enumerate(seen):
+        n = min(i + 1, depth) * P                              # prompt tokens of each modality so far
+        assert x.shape[1] == x0.shape[1] + 2 * n
+        visible = bias[:, 0, 0] == 0
+        if fusion == "head":                                   # [P_t^i, P_v^i, ..., text, image]
+            new_t, new_v, text_at, image_at = x[:, :P], x[:, P:2 * P], 2 * n, 2 * n + L_t
+        else:                                                  # [P_t^i, ..., text, P_v^i, ..., image]
+            new_t, new_v, text_at, image_at = x[:, :P], x[:, n + L_t:n + L_t + P], n, 2 * n + L_t
+        if i < depth:
+            assert torch.allclose(new_t, P_t[:, i]) and torch.allclose(new_v, P_v[:, i])
+        assert torch.equal(visible[:, text_at:text_at + L_t], mask0[:, :L_t].bool())
+        assert torch.equal(visible[:, image_at:], mask0[:, L_t:].bool())
+        assert visible.sum() == mask0.sum() + 2 * n * len(MIXED)
+        if i == 0:                                             # before any block ran, the tokens are the embedding's
+            assert torch.allclose(x[:, text_at:text_at + L_t], x0[:, :L_t])
+            assert torch.allclose(x[:, image_at:], x0[:, L_t:])
+    assert (batch["text_mask"] == 0).any()                     # the batch does have text padding to mask
+
+
+@pytest.mark.parametrize("backbone", ["tiny_clip", "tiny_vilt"])
+@pytest.mark.parametrize("fusion", ["head", "cross"])
+def test_zero_length_prompts_reproduce_the_backbone(backbone, fusion, request):
+    """With P = 0 the prompted forward is the backbone's own prompt-free forward (which tests/test_backbones.py
+    checks against open_clip and HF ViltModel): the pooled positions and masks are right when nothing is added."""
+    bb = request.getfixturevalue(backbone)
+    model = model_for(bb, fusion, length=0).eval()
+    batch = toy_batch(bb, MIXED)
+    with torch.no_grad():
+        P_t, P_v = model.generator(batch["missing"])
+        if bb.kind == "vilt":
+            got, want = model.forward_vilt(batch, P_t, P_v), model.pooler(bb.encode(batch)[0][:, :1])
+        else:
+            got, want = model.forward_clip(batch, P_t, P_v), torch.cat(bb.encode(batch), dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_vilt_fusions_are_the_same_function(tiny_vilt):
+    """ViLT's self-attention is permutation-equivariant and the prompts carry no position embedding, so
+    moving P_v from the sequence start (head) to before the image tokens (cross) leaves every output unchanged
+    once the text [CLS] is pooled at its new position. On CLIP the two fusions differ (each tower sees one
+    prompt vs both)."""
+    batch = toy_batch(tiny_vilt, MIXED)
+    head, cross = model_for(tiny_vilt, "head").eval(), model_for(tiny_vilt, "cross").eval()
+    cross.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(head(batch)["logits"], cross(batch)["logits"], atol=1e-5)
+
+
+def test_clip_fusions_differ(tiny_clip):
+    batch = toy_batch(tiny_clip, MIXED)
+    head, cross = model_for(tiny_clip, "head").eval(), model_for(tiny_clip, "cross").eval()
+    cross.load_state_dict(head.state_dict(), strict=False)                      # cross has no to_other maps
+    with torch.no_grad():
+        assert not torch.allclose(head(batch)["logits"], cross(batch)["logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone,fusion", [("tiny_vilt", "cross"), ("tiny_clip", "head")])
+def test_a_sample_alone_equals_the_sample_in_a_mixed_batch(backbone, fusion, request):
+    """Routing by index and the masks of the padded text: no sample's output depends on its batch."""
+    bb = request.getfixturevalue(backbone)
+    model = model_for(bb, fusion).eval()
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.7, seed=0)
+    collate = Collate(bb, 40)
+    rows = [ds[k] for k in range(8)]
+    with torch.no_grad():
+        together = model(collate(rows))["logits"]
+        alone = torch.cat([model(collate([r]))["logits"] for r in rows])
+    assert len({r["missing"] for r in rows}) == 3
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_prompt_depth_is_clamped_and_stage_epochs_default(tiny_vilt):
+    assert model_for(tiny_vilt, "head", depth=6).depth == tiny_vilt.num_layers
+    args = muap.parser().parse_args([])
+    assert (args.fusion, args.prompt_length, args.prompt_depth) == ("head", 16, 6)
+    assert (args.lambda_t, args.lambda_v) == (1.0, 1.0)
+    assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-2, 2e-2, 256, 20)
+    assert muap.stage_epochs(args) == [5, 5, 10]
+    args.epochs = 2
+    assert muap.stage_epochs(args) == [1, 1, 1]
+    args.stage_epochs = [3, 0, 4]
+    assert muap.stage_epochs(args) == [3, 0, 4]
+
