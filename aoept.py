@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, build_parser, cli, finish, fit, load_checkpoint_into, make_loader, read_checkpoint,
-                    save_tensors, setup, task_loss, to_device)
+from common import (autocast, build_parser, cli, finish, fit, gather_rows, load_checkpoint_into, make_loader,
+                    rank_batches, read_checkpoint, save_tensors, setup, task_loss, to_device)
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
@@ -131,17 +131,19 @@ def modality_tokens(bb, batch, depth):
 
 def collect_tokens(run, depth):
     """One frozen pass over train -> per modality the (n_m, N, D_m) pooled vectors of the samples that have m."""
-    ds, mb = run.train_set, run.args.micro_batch
-    batches = [list(range(s, min(s + mb, len(ds)))) for s in range(0, len(ds), mb)]
-    out = {"text": [], "image": []}
+    ds = run.train_set
+    batches = rank_batches(run, len(ds))                              # under torchrun each rank encodes its share
+    rows = {"text": [], "image": [], "missing": []}
     for batch in tqdm(make_loader(run, ds, batches), total=len(batches), desc="MCP bank: tokens",
                       disable=not run.main or not sys.stderr.isatty()):
         batch = to_device(batch, run.device)
         with autocast(run):
             pooled = modality_tokens(run.bb, batch, depth)
-        for m, has in presence(batch["missing"]).items():
-            out[m].append(pooled[m][has].cpu())
-    return {m: torch.cat(v) for m, v in out.items()}
+        for m in ("text", "image"):
+            rows[m].append(pooled[m].float().cpu())
+        rows["missing"].append(batch["missing"].cpu())
+    rows = gather_rows(run, batches, {k: torch.cat(v) for k, v in rows.items()})
+    return {m: rows[m][has] for m, has in presence(rows["missing"]).items()}
 
 
 def mcp_bank(run, depth, K):
@@ -291,7 +293,8 @@ class AOEPT(nn.Module):
     def outputs(self, logits, u, z, present):
         out = {"logits": logits, "prompt_means": {m: torch.stack(v, 1) for m, v in u.items()}}  # (B, N, D_m)
         if self.training:
-            out.update(cr=[(u[m][l], z[m][l], present[m]) for m in u for l in range(self.depth)], s=self.logit_scale)
+            s = self.logit_scale.clone()                  # made inside forward, so DDP sees it used once per step
+            out.update(cr=[(u[m][l], z[m][l], present[m]) for m in u for l in range(self.depth)], s=s)
         return out
 
 

@@ -893,24 +893,35 @@ def resume(run, model, optimizer, schedule, best):
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: every sample exactly once across processes, gathered to all ranks before any metric
 # ---------------------------------------------------------------------------------------------------------
+def rank_batches(run, n):
+    """This process's share of n samples (every rank-th index), cut into micro-batches: each sample once overall."""
+    mine = list(range(run.rank, n, run.world))
+    return [mine[k:k + run.args.micro_batch] for k in range(0, len(mine), run.args.micro_batch)]
+
+
+def gather_rows(run, batches, rows):
+    """Per-sample rows (a dict of tensors, first axis = this rank's samples in `batches` order) -> every rank's rows
+    in dataset order, on every rank. Used by evaluation and by passes that encode a whole split (AOEPT, PROMISE)."""
+    if run.world == 1:
+        return rows
+    parts = [None] * run.world
+    dist.all_gather_object(parts, ([i for b in batches for i in b], {k: v.cpu() for k, v in rows.items()}))
+    order = np.argsort(np.concatenate([np.asarray(p[0], dtype=np.int64) for p in parts]), kind="stable")
+    return {k: torch.cat([p[1][k] for p in parts])[torch.from_numpy(order)] for k in rows}
+
+
 @torch.no_grad()
 def predict(run, model, dataset):
     model.eval()
-    mine = list(range(run.rank, len(dataset), run.world))
-    batches = [mine[k:k + run.args.micro_batch] for k in range(0, len(mine), run.args.micro_batch)]
+    batches = rank_batches(run, len(dataset))
     scores = []
     for batch in make_loader(run, dataset, batches):
         batch = to_device(batch, run.device)
         with autocast(run):
             logits = model(batch)["logits"]
         scores.append(scores_from_logits(logits, run.task).cpu())
-    scores = torch.cat(scores).numpy() if scores else np.zeros((0,))
-    if run.world > 1:
-        parts = [None] * run.world
-        dist.all_gather_object(parts, (mine, scores))
-        order = np.concatenate([np.asarray(p[0]) for p in parts])
-        scores = np.concatenate([p[1] for p in parts])[np.argsort(order)]
-    return scores
+    scores = torch.cat(scores) if scores else torch.zeros(0, *(() if run.task == "binary" else (run.num_outputs,)))
+    return gather_rows(run, batches, {"scores": scores})["scores"].numpy()
 
 
 def evaluate(run, model, dataset, scores=None):

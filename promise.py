@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import autocast, build_parser, cli, finish, fit, read_checkpoint, save_tensors, setup, task_loss, to_device
+from common import (autocast, build_parser, cli, finish, fit, gather_rows, rank_batches, read_checkpoint, save_tensors,
+                    setup, task_loss, to_device)
 from data import IMAGE_MISSING, TEXT_MISSING
 
 MODALITIES = ("image", "text")
@@ -343,7 +344,8 @@ def cached_split(run, args, ds, split, views):
             run.log(f"{split} features: reusing {path}")
             return CachedSet(ds, tensors), {"path": path, "hit": True, "build_s": 0.0}
     t0, parts = time.time(), {}
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.micro_batch, num_workers=args.num_workers,
+    mine = rank_batches(run, len(ds))                                  # under torchrun each rank encodes its share
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=args.num_workers,
                                          collate_fn=partial(run.collate.all_views, views))
     for batches in tqdm(loader, desc=f"caching {split} features", disable=not run.main):
         with autocast(run):
@@ -352,8 +354,9 @@ def cached_split(run, args, ds, split, views):
             parts.setdefault(f"feat_{m}", []).append(feats[0][k].float().cpu())
             if views:
                 parts.setdefault(f"feat_{m}_a", []).append(torch.stack([f[k] for f in feats[1:]], 1).float().cpu())
-    tensors = {k: torch.cat(v) for k, v in parts.items()}
-    save_tensors(path, tensors, {"key": key})
+    tensors = gather_rows(run, mine, {k: torch.cat(v) for k, v in parts.items()})
+    if run.main:
+        save_tensors(path, tensors, {"key": key})
     run.log(f"{split} features: cached to {path} in {time.time() - t0:.1f}s")
     return CachedSet(ds, tensors), {"path": path, "hit": False, "build_s": time.time() - t0}
 

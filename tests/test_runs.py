@@ -129,3 +129,33 @@ def test_torchrun_two_processes_match_single_process(trained, tmp_path):
     assert np.abs(scores_ddp - scores_single).max() < 1e-3
     res = json.loads(open(os.path.join(out, "results.json")).read())
     assert res["metrics"]["test"]["accuracy"] == pytest.approx(trained[1]["metrics"]["test"]["accuracy"], abs=1 / 128)
+
+
+@pytest.mark.parametrize("method,extra,prefix", [
+    ("aoept", ["--prompt-length", "4"], "aoept-mcp-"),
+    ("promise", ["--cache-features", "--aug-views", "1"], "promise-toy-train-")])
+def test_torchrun_splits_the_encoding_passes(tmp_path, method, extra, prefix):
+    """AOEPT's MCP pass and PROMISE's feature cache are shared across ranks: 2 processes give the same file as 1."""
+    from safetensors.torch import load_file
+    argv = ["--backbone", "tiny-clip", "--epochs", "1", "--batch-size", "64", "--micro-batch", "16",
+            "--device", "cpu"] + extra
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    folders = {}
+    for n in (1, 2):
+        folders[n] = tmp_path / f"cache{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(29540 + n), os.path.join(ROOT, f"{method}.py")] + argv + [
+               "--cache-dir", str(folders[n]), "--out", str(tmp_path / f"run{n}")]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    files = {n: [f for f in os.listdir(folders[n]) if f.startswith(prefix)] for n in (1, 2)}
+    assert len(files[1]) == 1 and files[1] == files[2]
+    one, two = (load_file(str(folders[n] / files[n][0])) for n in (1, 2))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch_allclose(one[k], two[k]), k
+
+
+def torch_allclose(a, b):
+    import torch
+    return a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
