@@ -331,8 +331,6 @@ def normalized_mutual_info(a, b):
     np.add.at(p, (a, b), 1.0 / len(a))                              # joint distribution
     pa, pb, nz = p.sum(1), p.sum(0), p > 0
     mi = max(0.0, float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()))
-    if mi == 0.0:
-        return 0.0
     entropy = [-float((q * np.log(q)).sum()) for q in (pa, pb)]
     return mi / max(float(np.mean(entropy)), np.finfo(np.float64).eps)
 
@@ -343,8 +341,7 @@ def nm2i(run, model, depth, k):
     m-prompt and of m's ground-truth latent (prompt-free pass on the real input); the mean over layers."""
     model.eval()
     ds, mb, seed = run.test_set, run.args.micro_batch, run.args.seed
-    result = {"estimator": "this repository's estimator (METHODS.md 8.5), not the paper's code", "k": k,
-              "text": None, "image": None}
+    result = {"estimator": "this repository's estimator (METHODS.md 8.5)", "k": k, "text": None, "image": None}
     for m, code in (("text", TEXT_MISSING), ("image", IMAGE_MISSING)):
         rows = np.flatnonzero(ds.missing == code)
         if len(rows) < 2:
