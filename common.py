@@ -1089,17 +1089,17 @@ def summarize_seeds(results):
 
 
 def run_seeds(args, main):
-    base = args.out
+    """--seeds: one run per seed in OUT/seed<k>/, then OUT/summary.json with mean and std of every metric."""
+    backbone = args.backbone or args.paper_backbone
+    base = args.out or os.path.join("runs", f"{args.method}-{args.dataset}-{backbone}-{args.missing}{args.rate}-seeds")
     results = []
     for seed in args.seeds:
         a = copy.deepcopy(args)
-        a.seed, a.seeds = seed, None
-        a.out = os.path.join(base, f"seed{seed}") if base else None
+        a.seed, a.seeds, a.out = seed, None, os.path.join(base, f"seed{seed}")
         results.append(main(finalize_args(a)))
-    folder = base or os.path.dirname(results[-1].get("out", "runs"))
     summary = {"seeds": args.seeds, "metric": results[0]["metric"], "summary": summarize_seeds(results)}
     if int(os.environ.get("RANK", "0")) == 0:
-        write_json(os.path.join(base or "runs", "summary.json"), summary)
+        write_json(os.path.join(base, "summary.json"), summary)
     return summary
 
 

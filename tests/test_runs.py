@@ -159,3 +159,17 @@ def test_torchrun_splits_the_encoding_passes(tmp_path, method, extra, prefix):
 def torch_allclose(a, b):
     import torch
     return a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_seeds_run_each_seed_and_summarise(tmp_path):
+    out = tmp_path / "seeds"
+    summary = cli(map_method.parser(), map_method.main,
+                  ["--backbone", "tiny-vilt", "--prompt-length", "2", "--epochs", "1", "--batch-size", "128",
+                   "--seeds", "0", "1", "--out", str(out)])
+    per_seed = [json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [r["protocol"]["seed"] for r in per_seed] == [0, 1]
+    accs = [r["metrics"]["test"]["accuracy"] for r in per_seed]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["summary"]["test/accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert saved["summary"]["test/accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert saved == json.loads(json.dumps(summary))
