@@ -297,8 +297,8 @@ def resize_image(img, bb):
     if bb.kind == "clip":
         for t in bb.preprocess.transforms[:-2]:                     # all but ToTensor and Normalize
             img = t(img)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return np.asarray(vilt_resize(img, bb), dtype=np.uint8)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
+    return np.array(vilt_resize(img, bb), dtype=np.uint8)
 
 
 def normalise_image(arr, bb):
