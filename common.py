@@ -209,7 +209,7 @@ def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick
     except RuntimeError as e:
         if pretrained and not os.path.isfile(pretrained):
             raise WeightsError(
-                f"CLIP weights {model_name}/{pretrained} are not cached and cannot be downloaded here ({e}). "
+                f"CLIP weights {model_name}/{pretrained} are not cached and cannot be downloaded here. "
                 f"On a machine with internet run: python -c \"import open_clip; open_clip.create_model_and_transforms"
                 f"('{model_name}', pretrained='{pretrained}')\" (cache: $HF_HOME/hub, default ~/.cache/huggingface/hub), "
                 f"copy that cache to this machine, or pass --clip-pretrained /path/to/open_clip_pytorch_model.bin") from e
