@@ -9,7 +9,7 @@ Equation numbers were not readable here, so equations are named after the method
     (INS) fresh prompts replace the old in layers < N, later layers carry them -> `AOEPT.forward_clip / _vilt`
     (CR)  L_CR = InfoNCE(mean_M P_{m,i}^l, z_{m,i}^l), samples that have m     -> `consistency_loss`
     (L)   L = L_task + alpha * L_CR                                            -> `make_loss`
-    NM2I  this repository's estimator (METHODS.md 8.5; the official code has none) -> `nm2i`
+    NM2I  this repository's estimator (METHODS.md 8.5; the official code has none) -> `common.nm2i`
 
 Deviations and assumptions (one line each):
 - Paper sizes M = 16, N = 6, K = 256 (official CLIP configs: depth 4, M 5-14, K 128 on some datasets).
@@ -35,15 +35,15 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, build_parser, cli, finish, fit, gather_rows, load_checkpoint_into, make_loader,
-                    rank_batches, read_checkpoint, save_tensors, setup, task_loss, to_device)
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
+from common import (autocast, build_parser, cli, clip_text_mask, finish, fit, gather_rows, kmeans, make_loader,
+                    masked_mean, modality_tokens, rank_batches, read_checkpoint, save_tensors, setup, task_loss,
+                    to_device)
+from data import IMAGE_MISSING, TEXT_MISSING, DataError
 
 
 def parser():
@@ -56,8 +56,6 @@ def parser():
     p.add_argument("--cr-weight", type=float, default=0.05, help="alpha, weight of the consistency loss L_CR")
     p.add_argument("--gate-reduction", type=int, default=16, help="r, gate MLP bottleneck D/r (official code)")
     p.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the MCP bank is cached")
-    p.add_argument("--nm2i", action="store_true", help="compute NM2I (this repository's estimator) on the test split")
-    p.add_argument("--nm2i-clusters", type=int, default=10, help="k of the k-means discretisation in NM2I")
     p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=128, epochs=20, schedule="cosine", clip_grad=5.0)
     return p
 
@@ -65,68 +63,12 @@ def parser():
 # ---------------------------------------------------------------------------------------------------------
 # AOEPT: Modal-Contextualized Prompt bank (MCP): one frozen pass over train, K-means per layer
 # ---------------------------------------------------------------------------------------------------------
-def sq_dists(X, C):                                                 # (n, D), (K, D) -> (n, K)
-    return ((X * X).sum(1, keepdim=True) - 2 * X @ C.T + (C * C).sum(1)).clamp_min(0)
-
-
-def kmeans(X, k, seed, iters=300, init=None):
-    """Lloyd's algorithm on X's device, k-means++ seeded by a CPU generator. -> centres (k, D), labels (n,)."""
-    if init is None:
-        g = torch.Generator().manual_seed(seed)
-        chosen = [int(torch.randint(len(X), (1,), generator=g))]
-        d2 = sq_dists(X, X[chosen])[:, 0]
-        for _ in range(1, k):
-            weights = d2.double().cpu()                             # D^2 sampling; uniform if all points coincide
-            chosen.append(int(torch.multinomial(weights + (weights.sum() == 0), 1, generator=g)))
-            d2 = torch.minimum(d2, sq_dists(X, X[chosen[-1:]])[:, 0])
-        init = X[chosen]
-    C, labels = init.clone(), None
-    for _ in range(iters):
-        assign = sq_dists(X, C).argmin(1)                           # nearest centre
-        if labels is not None and torch.equal(assign, labels):
-            break
-        labels = assign
-        counts = torch.bincount(labels, minlength=len(C)).to(X.dtype)[:, None]
-        sums = torch.zeros_like(C).index_add_(0, labels, X)
-        C = torch.where(counts > 0, sums / counts.clamp_min(1), C)  # centre = mean of its members
-    return C, labels
-
-
 def bottleneck(d_in, d_out, r, act):                                # D_in -> D_in / r -> D_out
     return nn.Sequential(nn.Linear(d_in, max(1, d_in // r)), act, nn.Linear(max(1, d_in // r), d_out))
 
 
-def masked_mean(h, mask):                                           # (B, L, D), (B, L) -> (B, D)
-    mask = mask.to(h.dtype)[..., None]
-    return (h * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
 def presence(missing):                                              # (B,) codes -> which samples have m
     return {"text": missing != TEXT_MISSING, "image": missing != IMAGE_MISSING}
-
-
-def clip_text_mask(ids):                            # (B, 77) SOT..EOT; ASSUMPTION: text means skip the padding
-    return torch.arange(ids.shape[1], device=ids.device)[None] <= ids.argmax(-1, keepdim=True)
-
-
-@torch.no_grad()
-def modality_tokens(bb, batch, depth):
-    """Prompt-free pass: mean-pooled tokens of each modality at the input of layers 0..N-1 -> (B, N, D_m)."""
-    text, image = [], []
-    if bb.kind == "clip":
-        x, t, tmask = bb.image_embed(batch["image"]), bb.text_embed(batch["text"]), clip_text_mask(batch["text"])
-        for l in range(depth):                                      # l = 0: the embedding output
-            x, t = (bb.image_block(l - 1, x), bb.text_block(l - 1, t)) if l else (x, t)
-            image.append(x.mean(1))
-            text.append(masked_mean(t, tmask))
-    else:
-        x, mask = bb.embed(batch)                                   # (B, L_t + L_v, D)
-        bias, L_t = bb.attention_bias(mask, x.dtype), batch["input_ids"].shape[1]
-        for l in range(depth):
-            x = bb.block(l - 1, x, bias) if l else x
-            text.append(masked_mean(x[:, :L_t], mask[:, :L_t]))
-            image.append(masked_mean(x[:, L_t:], mask[:, L_t:]))
-    return {"text": torch.stack(text, 1).float(), "image": torch.stack(image, 1).float()}
 
 
 def collect_tokens(run, depth):
@@ -318,50 +260,6 @@ def make_loss(alpha, task):
     return loss_fn
 
 
-# ---------------------------------------------------------------------------------------------------------
-# NM2I: this repository's estimator (METHODS.md 8.5)
-# ---------------------------------------------------------------------------------------------------------
-def normalized_mutual_info(a, b):
-    """NMI of two labelings, arithmetic-mean normalisation (numpy; as sklearn's normalized_mutual_info_score)."""
-    ua, a = np.unique(a, return_inverse=True)
-    ub, b = np.unique(b, return_inverse=True)
-    if len(ua) == len(ub) == 1:
-        return 1.0
-    p = np.zeros((len(ua), len(ub)))
-    np.add.at(p, (a, b), 1.0 / len(a))                              # joint distribution
-    pa, pb, nz = p.sum(1), p.sum(0), p > 0
-    mi = max(0.0, float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()))
-    entropy = [-float((q * np.log(q)).sum()) for q in (pa, pb)]
-    return mi / max(float(np.mean(entropy)), np.finfo(np.float64).eps)
-
-
-@torch.no_grad()
-def nm2i(run, model, depth, k):
-    """Per modality m and layer l, on test samples missing m: NMI of the k-means labels of the pooled instance-aware
-    m-prompt and of m's ground-truth latent (prompt-free pass on the real input); the mean over layers."""
-    model.eval()
-    ds, mb, seed = run.test_set, run.args.micro_batch, run.args.seed
-    result = {"estimator": "this repository's estimator (METHODS.md 8.5)", "k": k, "text": None, "image": None}
-    for m, code in (("text", TEXT_MISSING), ("image", IMAGE_MISSING)):
-        rows = np.flatnonzero(ds.missing == code)
-        if len(rows) < 2:
-            continue
-        U, Z = [], []
-        for s in range(0, len(rows), mb):
-            items = [ds[int(i)] for i in rows[s:s + mb]]
-            seen = to_device(run.collate(items), run.device)
-            real = to_device(run.collate([{**it, "missing": COMPLETE} for it in items]), run.device)
-            with autocast(run):
-                U.append(model(seen)["prompt_means"][m].float().cpu())  # (b, N, D_m)
-                Z.append(modality_tokens(run.bb, real, depth)[m].cpu())  # ASSUMPTION: truth = input of layer l
-        U, Z, kk = torch.cat(U).double(), torch.cat(Z).double(), min(k, len(rows))
-        per_layer = [normalized_mutual_info(kmeans(U[:, l], kk, seed)[1].numpy(),
-                                            kmeans(Z[:, l], kk, seed)[1].numpy()) for l in range(depth)]
-        result[m] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "samples": len(rows)}
-        run.log(f"NM2I ({m} missing, {len(rows)} test samples): {result[m]['mean']:.4f}")
-    return result
-
-
 def main(args):
     run = setup(args)
     depth = min(args.prompt_depth, run.bb.num_layers)
@@ -369,10 +267,7 @@ def main(args):
         run.log(f"prompt depth clamped from {args.prompt_depth} to {depth}: the backbone has {depth} layers")
     model = AOEPT(run.bb, mcp_bank(run, depth, args.clusters), run.num_outputs, args, depth).to(run.device)
     fit(run, model, make_loss(args.cr_weight, run.task))
-    if args.nm2i and args.eval_only:
-        load_checkpoint_into(model, args.checkpoint, run.device)
-    extra = {"nm2i": nm2i(run, model, depth, args.nm2i_clusters)} if args.nm2i else None
-    return finish(run, model, extra=extra)
+    return finish(run, model)                                              # --nm2i: common.nm2i
 
 
 if __name__ == "__main__":

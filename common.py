@@ -49,7 +49,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TASK, TEXT_MISSING, DataError,
+from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TEXT_MISSING, DataError,
                   load_split, table_counts)
 
 # Paper max text lengths for ViLT (MAP config; MemPrompt Sec. 4.2). CLIP always uses its 77 tokens.
@@ -543,6 +543,9 @@ def build_parser(method, doc, backbone):
     p.add_argument("--cache-images", action="store_true",
                    help="decode and resize each split once into a uint8 memory map (per backbone preprocessing)")
     p.add_argument("--image-cache-dir", default=os.path.join("runs", "cache", "images"))
+    p.add_argument("--nm2i", action="store_true",
+                   help="NM2I diagnostic on the test split (AOEPT's; this repository's estimator), CLIP prompt methods")
+    p.add_argument("--nm2i-clusters", type=int, default=10, help="k of the k-means discretisation in NM2I")
     p.add_argument("--clip-model", default=CLIP_DEFAULT, help="open_clip model name")
     p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED_DEFAULT, help="open_clip tag or a local weights file")
     p.add_argument("--clip-quick-gelu", default="auto", choices=["auto", "on", "off"])
@@ -554,7 +557,7 @@ def build_parser(method, doc, backbone):
 # Arguments that may differ between a run and its resumption / evaluation.
 RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "eval_grid", "grid_rates",
                 "seeds", "data_root", "test_missing", "test_rate", "micro_batch", "cache_images", "image_cache_dir",
-                "cache_dir", "cache_features", "nm2i"}     # the last three: AOEPT's and PROMISE's run-time flags
+                "cache_dir", "cache_features", "nm2i", "nm2i_clusters"}     # the last three: AOEPT's and PROMISE's run-time flags
 
 
 def finalize_args(args):
@@ -977,6 +980,8 @@ def finish(run, model, extra=None):
     if args.eval_only:
         load_checkpoint_into(model, args.checkpoint, run.device)
     run.trainable_params = getattr(run, "trainable_params", None) or count_trainable(model)
+    if args.nm2i:
+        extra = dict(extra or {}, nm2i=nm2i(run, model, args.nm2i_clusters))
     val = evaluate(run, model, run.val_set)
     scores = predict(run, model, run.test_set)
     test = evaluate(run, model, run.test_set, scores)
@@ -1029,6 +1034,115 @@ def apply_checkpoint_config(args, argv):
         args.test_missing = config.get("test_missing")
     if "--test-rate" not in given:
         args.test_rate = config.get("test_rate")
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NM2I, AOEPT's diagnostic (METHODS.md 8.5): the paper's code has no estimator, so this is this repository's;
+# any method whose forward returns "prompt_means" {modality: (B, N, D_m)} can be measured with --nm2i.
+# k-means (also AOEPT's prototype clustering) and the prompt-free per-layer modality means live here too.
+# ---------------------------------------------------------------------------------------------------------
+def sq_dists(X, C):                                                 # (n, D), (K, D) -> (n, K)
+    return ((X * X).sum(1, keepdim=True) - 2 * X @ C.T + (C * C).sum(1)).clamp_min(0)
+
+
+def kmeans(X, k, seed, iters=300, init=None):
+    """Lloyd's algorithm on X's device, k-means++ seeded by a CPU generator. -> centres (k, D), labels (n,)."""
+    if init is None:
+        g = torch.Generator().manual_seed(seed)
+        chosen = [int(torch.randint(len(X), (1,), generator=g))]
+        d2 = sq_dists(X, X[chosen])[:, 0]
+        for _ in range(1, k):
+            weights = d2.double().cpu()                             # D^2 sampling; uniform if all points coincide
+            chosen.append(int(torch.multinomial(weights + (weights.sum() == 0), 1, generator=g)))
+            d2 = torch.minimum(d2, sq_dists(X, X[chosen[-1:]])[:, 0])
+        init = X[chosen]
+    C, labels = init.clone(), None
+    for _ in range(iters):
+        assign = sq_dists(X, C).argmin(1)                           # nearest centre
+        if labels is not None and torch.equal(assign, labels):
+            break
+        labels = assign
+        counts = torch.bincount(labels, minlength=len(C)).to(X.dtype)[:, None]
+        sums = torch.zeros_like(C).index_add_(0, labels, X)
+        C = torch.where(counts > 0, sums / counts.clamp_min(1), C)  # centre = mean of its members
+    return C, labels
+
+
+def masked_mean(h, mask):                                           # (B, L, D), (B, L) -> (B, D)
+    mask = mask.to(h.dtype)[..., None]
+    return (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def clip_text_mask(ids):                            # (B, 77) SOT..EOT; ASSUMPTION: text means skip the padding
+    return torch.arange(ids.shape[1], device=ids.device)[None] <= ids.argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def modality_tokens(bb, batch, depth):
+    """Prompt-free pass: mean-pooled tokens of each modality at the input of layers 0..N-1 -> (B, N, D_m)."""
+    text, image = [], []
+    if bb.kind == "clip":
+        x, t, tmask = bb.image_embed(batch["image"]), bb.text_embed(batch["text"]), clip_text_mask(batch["text"])
+        for l in range(depth):                                      # l = 0: the embedding output
+            x, t = (bb.image_block(l - 1, x), bb.text_block(l - 1, t)) if l else (x, t)
+            image.append(x.mean(1))
+            text.append(masked_mean(t, tmask))
+    else:
+        x, mask = bb.embed(batch)                                   # (B, L_t + L_v, D)
+        bias, L_t = bb.attention_bias(mask, x.dtype), batch["input_ids"].shape[1]
+        for l in range(depth):
+            x = bb.block(l - 1, x, bias) if l else x
+            text.append(masked_mean(x[:, :L_t], mask[:, :L_t]))
+            image.append(masked_mean(x[:, L_t:], mask[:, L_t:]))
+    return {"text": torch.stack(text, 1).float(), "image": torch.stack(image, 1).float()}
+
+
+def normalized_mutual_info(a, b):
+    """NMI of two labelings, arithmetic-mean normalisation (numpy; as sklearn's normalized_mutual_info_score)."""
+    ua, a = np.unique(a, return_inverse=True)
+    ub, b = np.unique(b, return_inverse=True)
+    if len(ua) == len(ub) == 1:
+        return 1.0
+    p = np.zeros((len(ua), len(ub)))
+    np.add.at(p, (a, b), 1.0 / len(a))                              # joint distribution
+    pa, pb, nz = p.sum(1), p.sum(0), p > 0
+    mi = max(0.0, float((p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()))
+    entropy = [-float((q * np.log(q)).sum()) for q in (pa, pb)]
+    return mi / max(float(np.mean(entropy)), np.finfo(np.float64).eps)
+
+
+@torch.no_grad()
+def nm2i(run, model, k):
+    """Per modality m and layer l, on test samples missing m: NMI of the k-means labels of the pooled instance-aware
+    m-prompt and of m's ground-truth latent (prompt-free pass on the real input); the mean over layers."""
+    model.eval()
+    ds, mb, seed = run.test_set, run.args.micro_batch, run.args.seed
+    result = {"estimator": "this repository's estimator (METHODS.md 8.5)", "k": k, "text": None, "image": None}
+    for m, code in (("text", TEXT_MISSING), ("image", IMAGE_MISSING)):
+        rows = np.flatnonzero(ds.missing == code)
+        if len(rows) < 2:
+            continue
+        U, Z = [], []
+        for s in range(0, len(rows), mb):
+            items = [ds[int(i)] for i in rows[s:s + mb]]
+            seen = to_device(run.collate(items), run.device)
+            real = to_device(run.collate([{**it, "missing": COMPLETE} for it in items]), run.device)
+            with autocast(run):
+                out = model(seen)
+                if "prompt_means" not in out:
+                    raise DataError(f"--nm2i: {run.args.method}.py on {run.args.backbone} has no modality-specific "
+                                    f"prompts to measure (run it with a CLIP backbone, or drop --nm2i)")
+                U.append(out["prompt_means"][m].float().cpu())          # (b, N, D_m)
+                depth = U[-1].shape[1]
+                Z.append(modality_tokens(run.bb, real, depth)[m].cpu())  # truth = the input of layer l
+        U, Z, kk = torch.cat(U).double(), torch.cat(Z).double(), min(k, len(rows))
+        per_layer = [normalized_mutual_info(kmeans(U[:, l], kk, seed)[1].numpy(),
+                                            kmeans(Z[:, l], kk, seed)[1].numpy()) for l in range(depth)]
+        result[m] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "samples": len(rows)}
+        run.log(f"NM2I ({m} missing, {len(rows)} test samples): {result[m]['mean']:.4f}")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------

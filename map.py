@@ -17,6 +17,7 @@ Deviations and assumptions:
       (DCP) and fed to MAP's MLP head. Text prompts sit before the text tokens, under CLIP's causal mask.
     - Validation once per epoch (official: every 0.2 epoch); the best validation epoch is tested.
     - Prompts are initialised as in the official code (zeros with a one-hot marker row per case).
+    - CLIP, eval mode: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
 
 Usage: python map.py --dataset food101 --missing both --rate 0.7          (ViLT, the paper's setting)
        python map.py --dataset toy --backbone tiny-vilt                   (offline, CPU, about a minute)
@@ -92,8 +93,14 @@ class MAP(nn.Module):
             self.head = mlp_head(2 * bb.embed_dim, num_outputs)
 
     def forward(self, batch):
-        feature = self.forward_vilt(batch) if self.bb.kind == "vilt" else self.forward_clip(batch)
-        return {"logits": self.head(feature)}
+        if self.bb.kind == "vilt":
+            return {"logits": self.head(self.forward_vilt(batch))}
+        out = {"logits": self.head(self.forward_clip(batch))}
+        if not self.training:                                    # per-layer pooled prompts of each tower, --nm2i
+            m = batch["missing"]
+            out["prompt_means"] = {"image": self.image_prompts.prompts[m].mean(2),
+                                   "text": self.text_prompts.prompts[m].mean(2)}   # (B, N, D_m)
+        return out
 
     def forward_vilt(self, batch):
         bb, m = self.bb, batch["missing"]

@@ -37,6 +37,7 @@ Deviations and assumptions (each also marked ASSUMPTION where it is coded):
       mean text-token embedding] of the layer-0 input, the missing one zeroed; one projection F; h^i = [CLS];
       head = a trained copy of ViLT's pooler + Linear(D, C).
     - Tiny backbones have 4 layers: M = min(--prompt-depth, layers).
+    - CLIP: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
 
 Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's setting)
        python syp.py --dataset food101 --missing text --rate 0.7 --no-static   (Table 3, dynamic prompt only)
@@ -156,9 +157,10 @@ class SyP(nn.Module):
 
     def forward(self, batch):
         forward = self.forward_clip if self.bb.kind == "clip" else self.forward_vilt
-        feature, S_d = forward(batch)
+        feature, S_d, prompt_means = forward(batch)
         S_d = torch.cat(list(S_d.values()), -1) if S_d is not None else None
-        return {"logits": self.head(feature), "S_d": S_d}           # S_d (B, sum D_k): for inspection
+        out = {"logits": self.head(feature), "S_d": S_d}            # S_d (B, sum D_k): for inspection
+        return dict(out, prompt_means=prompt_means) if prompt_means else out   # per-tower (B, M, D_k), --nm2i
 
     def forward_clip(self, batch):
         bb, m, ids = self.bb, batch["missing"], batch["text"]
@@ -172,15 +174,19 @@ class SyP(nn.Module):
         t = torch.cat([P["text"].to(t.dtype), t], dim=1)            # before SOT, under the causal mask
         n, rows = self.length, torch.arange(len(m), device=m.device)
         eot = n + ids.argmax(dim=-1)                                # the EOT position after the prompts
+        means = {"image": [P["image"].mean(1)], "text": [P["text"].mean(1)]}
         for i in range(bb.num_layers):
             if 1 <= i < self.depth:                                 # (E6): replace layer i-1's prompt tokens
                 # ASSUMPTION: the features of layer i are its input's [CLS] (image) and EOT (text) tokens.
                 P = self.prompt.F[i - 1](P, {"image": x[:, n], "text": t[rows, eot]})
                 x = torch.cat([P["image"].to(x.dtype), x[:, n:]], dim=1)
                 t = torch.cat([P["text"].to(t.dtype), t[:, n:]], dim=1)
+                means["image"].append(P["image"].mean(1))
+                means["text"].append(P["text"].mean(1))
             x, t = bb.image_block(i, x), bb.text_block(i, t)        # after layer M-1 the prompts are carried
         # ASSUMPTION (DCP): the missing modality's pooled feature is zeroed before the FC.
-        return zero_missing(bb.image_pool(x, n), bb.text_pool(t, ids, n), m), S_d   # (B, 2E)
+        feature = zero_missing(bb.image_pool(x, n), bb.text_pool(t, ids, n), m)   # (B, 2E)
+        return feature, S_d, {k: torch.stack(v, 1) for k, v in means.items()}
 
     def forward_vilt(self, batch):
         bb, m = self.bb, batch["missing"]
@@ -199,7 +205,7 @@ class SyP(nn.Module):
                 P = self.prompt.F[i - 1](P, {"joint": x[:, n]})
                 x = torch.cat([P["joint"].to(x.dtype), x[:, n:]], dim=1)
             x = bb.block(i, x, bias)
-        return self.pooler(bb.final_norm(x)[:, n:n + 1]), S_d      # (B, D): pooled text [CLS]
+        return self.pooler(bb.final_norm(x)[:, n:n + 1]), S_d, None   # (B, D): pooled text [CLS]
 
 
 # ---------------------------------------------------------------------------------------------------------

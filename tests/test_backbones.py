@@ -3,7 +3,6 @@ encode_text, HF ViltModel pooler_output), on the tiny configs and once on a real
 local weights load through the functions users call; offline absence gives a clear error."""
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -1,6 +1,5 @@
 """MAP: outputs of a short CLI run, what trains and what stays frozen, per-case prompt routing, toy learning."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -173,3 +173,23 @@ def test_seeds_run_each_seed_and_summarise(tmp_path):
     assert saved["summary"]["test/accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert saved["summary"]["test/accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
     assert saved == json.loads(json.dumps(summary))
+
+
+def test_nm2i_for_other_prompt_methods(trained, tmp_path):
+    """--nm2i on MAP and SyP (CLIP). MAP's prompt depends only on the missing case, so within the samples that miss
+    m its pooled prompt is one point and the NMI with anything is exactly 0; SyP's depends on the input."""
+    import syp
+    res = cli(map_method.parser(), map_method.main,
+              ["--eval-only", "--checkpoint", os.path.join(trained[0], "checkpoint.safetensors"), "--nm2i",
+               "--out", str(tmp_path / "map")])
+    for m in ("text", "image"):
+        assert res["nm2i"][m]["per_layer"] == pytest.approx([0.0] * 4, abs=1e-9)
+    res = cli(syp.parser(), syp.main, ["--backbone", "tiny-clip", "--prompt-length", "4", "--epochs", "1",
+                                       "--batch-size", "128", "--nm2i", "--out", str(tmp_path / "syp")])
+    saved = json.loads((tmp_path / "syp" / "results.json").read_text())
+    for m in ("text", "image"):
+        assert len(saved["nm2i"][m]["per_layer"]) == 4 and all(0 <= v <= 1 for v in saved["nm2i"][m]["per_layer"])
+    assert res["nm2i"]["estimator"].startswith("this repository's estimator")
+    with pytest.raises(SystemExit, match="no modality-specific prompts"):
+        cli(map_method.parser(), map_method.main, ["--backbone", "tiny-vilt", "--epochs", "1", "--batch-size", "256",
+                                                   "--prompt-length", "2", "--nm2i", "--out", str(tmp_path / "v")])
