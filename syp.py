@@ -46,7 +46,7 @@ Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLI
 import torch
 import torch.nn as nn
 
-from common import build_parser, cli, finish, fit, setup, task_loss
+from common import build_parser, cli, finish, fit, masked_mean, setup, task_loss
 from data import IMAGE_MISSING, TEXT_MISSING
 
 
@@ -129,11 +129,6 @@ class SynergisticPrompts(nn.Module):
 def zero_missing(f_I, f_T, m):
     """[f_I; f_T] with the missing modality's half set to zero: (B, 2E)."""
     return torch.cat([f_I * (m != IMAGE_MISSING)[:, None], f_T * (m != TEXT_MISSING)[:, None]], dim=-1)
-
-
-def masked_mean(x, mask):                                           # (B, L, D), (B, L) -> (B, D)
-    mask = mask[..., None].to(x.dtype)
-    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
