@@ -868,11 +868,11 @@ def resume(run, model, optimizer, schedule, best):
         diff = sorted(k for k in set(current) | set(meta["config"]) if current.get(k) != meta["config"].get(k))
         raise DataError(f"--resume: {path} was written by a different configuration (differs in: {', '.join(diff)}); "
                         f"use the same arguments or another --out")
+    if meta["stage_index"] < run.stage_index:          # a stage that had not started: keep the earlier stage's best
+        return 0
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
     if meta["stage_index"] > run.stage_index:          # this stage finished before the interruption
         return 10 ** 9
-    if meta["stage_index"] < run.stage_index:
-        return 0
     state = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
