@@ -572,6 +572,9 @@ def build_parser(method, doc, backbone):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--weight-decay", type=float, default=2e-2)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    p.add_argument("--decay-exempt", default="bias-norm", choices=["bias-norm", "none"],
+                   help="parameters without weight decay: bias-norm = names containing bias / LayerNorm. / norm. / norm1. / "
+                        "norm2. (MAP, MemPrompt, DCP); none = every parameter decays (AOEPT)")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="after a linear warm-up")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all optimiser steps")
@@ -790,11 +793,27 @@ def autocast(run):
     return contextlib.nullcontext()
 
 
-def make_optimizer(params, args):
-    """AdamW with MAP's betas (0.9, 0.98), eps 1e-8; or Adam (PROMISE)."""
+# MAP / MemPrompt / DCP set_schedule (vilt/modules/vilt_utils.py): no weight decay for a parameter whose name contains
+# one of these. Matched on names, as there: the LayerNorm of an nn.Sequential head ("head.1.weight") is decayed.
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias", "norm1.weight",
+            "norm2.bias", "norm2.weight")
+
+
+def decay_groups(model, args):
+    """The trainable parameters in two groups: decayed, and exempt (--decay-exempt bias-norm: the NO_DECAY names;
+    none: no exemption, AOEPT's get_optimizer). The official heads' lr_mult is 1 for these tasks: one learning rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = {n for n, _ in named if args.decay_exempt == "bias-norm" and any(k in n for k in NO_DECAY)}
+    decayed, exempt = [p for n, p in named if n not in exempt], [p for n, p in named if n in exempt]
+    return [g for g in ({"params": decayed, "weight_decay": args.weight_decay}, {"params": exempt, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def make_optimizer(model, args):
+    """AdamW with MAP's betas (0.9, 0.98), eps 1e-8; or Adam (PROMISE). Weight decay by `decay_groups`."""
     if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay)
+        return torch.optim.Adam(decay_groups(model, args), lr=args.lr)
+    return torch.optim.AdamW(decay_groups(model, args), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 def make_schedule(optimizer, total_steps, args):
@@ -859,7 +878,7 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
     params = [p for p in model.parameters() if p.requires_grad]
     run.trainable_params = check_frozen(model)
     run.log(f"[{stage}] trainable parameters: {run.trainable_params:,} (backbone frozen)")
-    optimizer = make_optimizer(params, args)
+    optimizer = make_optimizer(model, args)
     steps = len(global_batches(len(run.train_set), args.batch_size, 0, 0))
     schedule = make_schedule(optimizer, epochs * steps, args)
     net = model

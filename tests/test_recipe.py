@@ -238,6 +238,63 @@ def test_text_positions_follow_the_official_interpolation(max_len):
     assert bb.vilt.embeddings.text_embeddings.position_ids.shape == (1, max_len)
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 4: weight-decay groups as the official set_schedule
+# ---------------------------------------------------------------------------------------------------------
+class Named(torch.nn.Module):
+    """Parameter names of the kinds the methods have: a prompt, an nn.Sequential head with a LayerNorm inside, a LayerNorm
+    called `norm`, norm1/norm2 (nn.TransformerEncoderLayer), and a frozen backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.bb = torch.nn.Linear(3, 3).requires_grad_(False)
+        self.prompt = torch.nn.Parameter(torch.ones(2, 4))
+        self.head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        self.norm = torch.nn.LayerNorm(4)
+        self.block = torch.nn.TransformerEncoderLayer(4, 1, 8, batch_first=True)
+
+
+def official_groups(model):
+    """vilt_utils.py set_schedule's rule, written out: decayed unless the name contains one of no_decay."""
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias", "norm1.weight",
+                "norm2.bias", "norm2.weight"]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = {n for n, p in named if any(nd in n for nd in no_decay)}
+    return {n for n, p in named} - exempt, exempt
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_weight_decay_groups_follow_the_official_no_decay_names(optimizer):
+    import argparse
+    model = Named()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    args = argparse.Namespace(optimizer=optimizer, lr=0.1, weight_decay=0.5, decay_exempt="bias-norm")
+    opt = common.make_optimizer(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = [({names[id(p)] for p in g["params"]}, g["weight_decay"]) for g in opt.param_groups]
+    decay, exempt = official_groups(model)
+    assert got == [(decay, 0.5), (exempt, 0.0)]
+    assert "head.1.weight" in decay and "norm.weight" in exempt and "block.norm1.weight" in exempt
+    assert not any(n.startswith("bb.") for group, _ in got for n in group)   # the frozen backbone is in neither
+    # one step with zero gradients: only the decay moves a parameter (AdamW: p <- p (1 - lr wd); Adam: the L2 term)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.all(p == 1)}
+    assert moved == decay
+    args.decay_exempt = "none"
+    assert [len(g["params"]) for g in common.make_optimizer(Named(), args).param_groups] == [len(decay) + len(exempt)]
+
+
+def test_decay_exempt_defaults():
+    import aoept, map, memprompt
+    assert map.parser().parse_args([]).decay_exempt == memprompt.parser().parse_args([]).decay_exempt == "bias-norm"
+    assert aoept.parser().parse_args([]).decay_exempt == "none"            # AOEPT's get_optimizer decays everything
+
+
 MUTATIONS = [
     {"file": "common.py", "old": "attn_mask=bias.to(q.dtype))", "new": "attn_mask=None)",
      "why": "SDPA block ignores the key mask"},
@@ -266,4 +323,10 @@ MUTATIONS = [
      "why": "no image-embedding (pos_drop) dropout"},
     {"file": "common.py", "old": 'mode="bilinear", align_corners=False)[0, 0]', "new": 'mode="bilinear", align_corners=True)[0, 0]',
      "why": "text positions stretched with align_corners=True (the previous formula)"},
+    {"file": "common.py", "old": 'args.decay_exempt == "bias-norm" and any(k in n for k in NO_DECAY)',
+     "new": 'args.decay_exempt == "bias-norm" and any(k in n for k in NO_DECAY[1:])', "why": "biases decayed"},
+    {"file": "common.py", "old": '"norm2.bias", "norm2.weight")', "new": '"norm2.bias", "norm2.weight", ".1.weight")',
+     "why": "the LayerNorm inside an nn.Sequential head exempt (official decays it)"},
+    {"file": "common.py", "old": '{"params": exempt, "weight_decay": 0.0}', "new": '{"params": exempt, "weight_decay": args.weight_decay}',
+     "why": "the exempt group decays anyway (the previous single group)"},
 ]
