@@ -36,7 +36,8 @@ def parser():
                    help="input-level (prepend and accumulate) or attention-level (prefix keys/values), Sec. 3.3")
     p.add_argument("--prompt-length", type=int, default=16, help="L_p, prompt tokens per layer (Sec. 4.1)")
     p.add_argument("--prompt-depth", type=int, default=6, help="N, prompted layers from the first (Sec. 4.1)")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1, backbone_dropout=0.1)
+    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(backbone_dropout=0.1, val_interval={"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11})  # config.py
     return p
 
 
