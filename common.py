@@ -566,6 +566,8 @@ def build_parser(method, doc, backbone):
     p.add_argument("--test-missing", default=None, choices=["none", "text", "image", "both"], help="default: --missing")
     p.add_argument("--test-rate", type=float, default=None, help="default: --rate")
     p.add_argument("--hm-test", default="seen", choices=["seen", "unseen"], help="Hateful Memes dev/test split")
+    p.add_argument("--mmimdb-plots", default="all", choices=["all", "first"],
+                   help="MM-IMDb: one sample per (movie, plot) as MAP's make_arrow, or per movie with its first plot")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--val-interval", type=float, default=1.0,
                    help="validate every this fraction of an epoch and at its end (MAP, MemPrompt, MuAP: the official "
@@ -732,7 +734,7 @@ def load_data(run, split, missing_type=None, rate=None):
     else:
         missing_type, rate = args.missing, args.rate
     ds = load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
-                    hm_test=args.hm_test)
+                    hm_test=args.hm_test, mmimdb_plots=args.mmimdb_plots)
     if args.cache_images:
         ds = CachedImages(ds, run.bb, args.image_cache_dir, args.num_workers)
     return ds
