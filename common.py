@@ -25,6 +25,9 @@ number of prompt tokens in front of it:
 With no prompts these reproduce open_clip's encode_image / encode_text and HF ViltModel's pooler_output
 (tests/test_backbones.py).
 
+Precision: the backbones and method modules run under the run's autocast (bf16 on CUDA); every similarity or
+contrastive logit is computed in fp32 with autocast off, through `fp32_logits`.
+
 Dummy inputs for a missing modality (one place, `Collate`): text -> "" (tokenises to start/end tokens and
 padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for ViLT, DCP
 for CLIP). Methods whose paper says so (SyP, DCP) also zero the missing feature themselves.
@@ -801,6 +804,15 @@ def autocast(run):
     if run.device.type == "cuda" and run.args.precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def fp32_logits(*tensors):
+    """Every similarity / contrastive logit (cosine top-k, InfoNCE, prototype scores) is computed in fp32 with autocast
+    off: under bf16 autocast a matmul runs in bf16 even on .float() inputs. Yields the tensors cast to fp32 (gradients
+    flow through the casts):  with fp32_logits(u, z) as (u, z): logits = u @ z.T"""
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        yield tuple(t.float() for t in tensors)
 
 
 # MAP / MemPrompt / DCP set_schedule (vilt/modules/vilt_utils.py): no weight decay for a parameter whose name contains

@@ -374,6 +374,26 @@ def test_resume_at_a_mid_epoch_check_equals_the_uninterrupted_run(tmp_path, monk
     assert (tmp_path / "cut" / "predictions_test.csv").read_text() == (tmp_path / "whole" / "predictions_test.csv").read_text()
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 7: similarity logits in fp32 with autocast off
+# ---------------------------------------------------------------------------------------------------------
+def test_fp32_logits_escape_bf16_autocast():
+    g = torch.Generator().manual_seed(8)
+    u = torch.randn(16, 64, generator=g, requires_grad=True)
+    z = torch.randn(32, 64, generator=g)
+    exact = u.double() @ z.double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = u.float() @ z.float().T                             # autocast still runs it in bf16
+        with common.fp32_logits(u, z) as (a, b):
+            logits = a @ b.T
+        after = u @ z.T                                             # autocast is back outside the block
+    assert plain.dtype == after.dtype == torch.bfloat16 and (plain.double() - exact).abs().max() > 1e-3
+    assert logits.dtype == torch.float32 and (logits.double() - exact).abs().max() <= 1e-5
+    logits.sum().backward()
+    assert torch.allclose(u.grad, z.sum(0).expand_as(u), atol=1e-5)
+
+
 MUTATIONS = [
     {"file": "common.py", "old": "attn_mask=bias.to(q.dtype))", "new": "attn_mask=None)",
      "why": "SDPA block ignores the key mask"},
@@ -419,4 +439,6 @@ MUTATIONS = [
      "why": "a resumed mid-epoch run skips the rest of the epoch"},
     {"file": "common.py", "old": "generator=torch.Generator().manual_seed(run.args.seed))", "new": "generator=None)",
      "why": "opening a loader draws from the global RNG, so a resumed run's dropout masks drift"},
+    {"file": "common.py", "old": "with torch.autocast(tensors[0].device.type, enabled=False):",
+     "new": "with contextlib.nullcontext():", "why": "fp32_logits leaves autocast on (bf16 similarity logits)"},
 ]
