@@ -18,6 +18,7 @@ Deviations and assumptions:
     - Validation once per epoch (official: every 0.2 epoch); the best validation epoch is tested.
     - Prompts are initialised as in the official code (zeros with a one-hot marker row per case).
     - CLIP, eval mode: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
+    - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
 
 Usage: python map.py --dataset food101 --missing both --rate 0.7          (ViLT, the paper's setting)
        python map.py --dataset toy --backbone tiny-vilt                   (offline, CPU, about a minute)

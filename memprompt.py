@@ -28,6 +28,7 @@ Deviations and assumptions:
       Linear(2E, C) on the concatenated pooled image and text features.
     - Tiny backbones: the prompt depth is clamped to the backbone's layers.
     - Validation once per epoch (the code: every 0.2 epoch; 0.11 for Hateful Memes); the best epoch is tested.
+    - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
 
 Usage: python memprompt.py --dataset food101 --missing text --rate 0.7 --test-missing image   (Table 1, cross case)
        python memprompt.py --dataset toy --backbone tiny-vilt                                  (offline, CPU)

@@ -33,6 +33,7 @@ Deviations and assumptions (the paper leaves these open; each is marked ASSUMPTI
       concatenated (DCP) and fed to MAP's MLP head.
     - Validation once per epoch (MAP: every 0.2 epoch). The single-stage snapshots are also written to
       OUT/teacher-{text,image}-step.safetensors, which --resume reads back.
+    - Recipe as MAP's code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
 
 Usage: python muap.py --dataset food101 --missing both --rate 0.7 --fusion head     (ViLT, the paper's setting)
        python muap.py --dataset toy --backbone tiny-vilt --epochs 4 --batch-size 16   (offline, on CPU)

@@ -20,6 +20,8 @@ Usage:
     python tests/benchmark.py --quick --threads 2             # CPU: batch 2, 1 warm-up, median of 3, no variants
     python tests/benchmark.py --quick --methods map,aoept --backbones clip --out runs/benchmark.json
     python tests/benchmark.py --images                        # images/s: JPEG decode + preprocess vs the cache
+    python tests/benchmark.py --sdpa --text-len 512 --batch-size 4 --threads 2 --warmup 1 --repeats 3
+                                                              # ViLT floor (b): bb.block (SDPA) vs HF's eager layer
 """
 import argparse
 import contextlib
@@ -59,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="default 5; 3 with --quick")
     p.add_argument("--quick", action="store_true", help="CPU-sized: batch 2, 1 warm-up, median of 3, no variants")
     p.add_argument("--images", action="store_true", help="only the image-loading benchmark")
+    p.add_argument("--sdpa", action="store_true", help="only the ViLT training floor: SDPA block vs HF eager ViltLayer")
     p.add_argument("--num-images", type=int, default=300, help="generated JPEGs for --images")
     p.add_argument("--out", default=None, help="also write the results as JSON (atomically)")
     args = p.parse_args(argv)
@@ -384,6 +387,40 @@ def image_loading(args):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------
+# ViLT attention: FrozenViLT.block (scaled_dot_product_attention) against HF's eager ViltLayer
+# ---------------------------------------------------------------------------------------------------------
+def sdpa_vs_eager(args, device):
+    """The ViLT training floor (b) and the inference floor, once with bb.block and once with HF's own ViltLayer
+    (eager attention, the (B, H, L, L) scores materialised), interleaved in one process."""
+    precision = contextlib.nullcontext if args.dtype == "fp32" else \
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+    bb = build_backbone("vilt", args.text_len).to(device)
+    batch = synthetic_batch(bb, args.batch_size, args.text_len, device)
+    margs = importlib.import_module("map").parser().parse_args(["--dataset", "food101"])
+    floor = Floor(bb, NUM_CLASSES).to(device)
+    blocks = {"sdpa": common.FrozenViLT.block.__get__(bb),
+              "eager": lambda i, x, bias, kv_prefix=None: bb.vilt.encoder.layer[i](x, bias)[0]}
+
+    def using(kind, step):
+        def run():
+            bb.block = blocks[kind]
+            step()
+        return run
+    train = trainer(floor, lambda out, b: common.task_loss(out["logits"], b["label"], TASK), margs, batch, precision)
+    infer = inferer(floor, batch, precision)
+    calls = {f"{k}_{kind}": using(kind, fn) for k, fn in (("train", train), ("infer", infer)) for kind in blocks}
+    t = measure(calls, device, args.warmup, args.repeats)
+    bb.block = blocks["sdpa"]
+    row = {"sequence": args.text_len + (bb.shorter // bb.patch) ** 2 + 1, **{f"{k}_s": v for k, v in t.items()},
+           "train_speedup": t["train_eager"] / t["train_sdpa"], "infer_speedup": t["infer_eager"] / t["infer_sdpa"]}
+    print(f"ViLT floor, text {args.text_len} + image {bb.shorter}x{bb.shorter} ({row['sequence']} tokens), batch "
+          f"{args.batch_size}: train {t['train_eager']:.2f}s eager / {t['train_sdpa']:.2f}s SDPA = "
+          f"{row['train_speedup']:.2f}x; infer {t['infer_eager']:.2f}s / {t['infer_sdpa']:.2f}s = "
+          f"{row['infer_speedup']:.2f}x", flush=True)
+    return row
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -395,6 +432,8 @@ def main(argv=None):
               "warmup": args.warmup, "repeats": args.repeats, "text_len": args.text_len}
     if args.images:
         result["images"] = image_loading(args)
+    elif args.sdpa:
+        result["sdpa"] = sdpa_vs_eager(args, device)
     else:
         result["rows"] = rows = []
         for name in args.backbones:
