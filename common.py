@@ -766,8 +766,9 @@ def count_trainable(model):
 
 
 def check_frozen(model):
-    """Only the method's own modules train; the backbone is frozen (asserted) and the count is printed."""
-    assert not any(p.requires_grad for p in model.bb.parameters()), "backbone parameters must be frozen"
+    """Only the method's own modules train; the backbone is frozen and gets no gradient (asserted before and after
+    every epoch, also with --backbone-dropout). Returns the trainable count."""
+    assert not any(p.requires_grad or p.grad is not None for p in model.bb.parameters()), "the backbone must be frozen"
     return count_trainable(model)
 
 
