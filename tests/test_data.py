@@ -31,7 +31,8 @@ def load(dataset, root, split, **kwargs):
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n, rate, total", [(10, 0.7, 7), (1001, 0.7, 700), (1001, 0.9, 900), (3, 0.5, 1),
-                                            (100, 0.0, 0), (100, 1.0, 100), (22716, 0.7, 15901), (7, 0.3, 2)])
+                                            (100, 0.0, 0), (100, 1.0, 100), (22716, 0.7, 15901), (7, 0.3, 2),
+                                            (90, 0.7, 63)])                # float: 90 * 0.7 = 62.999...
 def test_missing_counts(n, rate, total):
     text = missing_table(n, "text", rate, dataset="d", split="train", seed=0)
     image = missing_table(n, "image", rate, dataset="d", split="train", seed=0)
@@ -191,6 +192,8 @@ def test_mmimdb_counts_genres_and_text(mmimdb_root):
             prefix = "outline" if k % 3 == 2 else "plot"
             assert ds.texts[i].startswith(f"{prefix} {k} ")
     assert sizes == {"train": 12, "val": 4, "test": 4}
+    with open(os.path.join(mmimdb_root, "split.json")) as f:
+        assert load("mmimdb", mmimdb_root, "val").ids == json.load(f)["dev"]
 
 
 def test_mmimdb_flat_root_and_missing_fields(tmp_path):

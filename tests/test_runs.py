@@ -113,6 +113,7 @@ def test_summary_compares_like_with_like(tmp_path):
     write_results(tmp_path / "d", "syp", CLIP_OPENAI, "food101", "accuracy", 0.5, paper_variant="classifier-only",
                   rate=0.5)
     write_results(tmp_path / "e", "map", vilt, "mmimdb", "f1_macro", 0.4, config={"prompt_type": "attention"})
+    write_results(tmp_path / "h", "map", {"backbone": "tiny-vilt", "model": "tiny-vilt"}, "mmimdb", "f1_macro", 0.4)
     write_results(tmp_path / "f", "memprompt", vilt, "food101", "accuracy", 0.8, missing="text",
                   test_missing="image")
     write_results(tmp_path / "g", "memprompt", vilt, "food101", "accuracy", 0.8, test_rate=0.5)
@@ -123,6 +124,7 @@ def test_summary_compares_like_with_like(tmp_path):
         assert "the source ran clip ViT-B-16" in rows[key]["note"], key
     assert rows["syp", "clip ViT-B-16", "classifier-only", "both 0.5", "both 0.5"]["paper"] == 71.59
     assert rows["map", "vilt", "attention", "both 0.7", "both 0.7"]["paper"] == 39.51      # not the input-level 41.48
+    assert rows["map", "tiny-vilt", "input", "both 0.7", "both 0.7"]["paper"] is None
     assert rows["memprompt", "vilt", None, "text 0.7", "image 0.7"]["paper"] == 80.81
     assert rows["memprompt", "vilt", None, "both 0.7", "both 0.5"]["paper"] is None
     table = summary_markdown(list(rows.values()))
@@ -239,21 +241,25 @@ def test_resume_after_the_last_epoch_tests_the_best_state(tmp_path):
         os.remove(tmp_path / f)                                  # what a crash in the test pass leaves behind
     res = cli(map_method.parser(), map_method.main, argv + ["--resume"])
     assert res["metrics"] == whole["metrics"] and read_predictions(str(tmp_path)) == predictions
+    assert res["metrics"]["val"] == whole["history"][0]["val"]    # the state tested is the best epoch's
     assert [(h["train_loss"], h["val"]) for h in res["history"]] == [(h["train_loss"], h["val"]) for h in whole["history"]]
 
 
 def test_muap_resumed_in_its_first_stage_matches_uninterrupted(tmp_path, monkeypatch, food101_root):
-    """A multi-stage run (MuAP: text-step, image-step, alignment) killed in its first stage, after that stage's last
-    epoch was saved, resumes with that stage's best state and ends exactly where the uninterrupted run ends."""
+    """A multi-stage run (MuAP: text-step, image-step, alignment) killed in its first stage after that stage's last
+    epoch was saved resumes with that stage's best (not last) state, starts the later stages afresh and ends
+    exactly where the uninterrupted run ends."""
     import muap
     argv = ["--dataset", "food101", "--data-root", food101_root, "--backbone", "tiny-clip", "--batch-size", "16",
-            "--prompt-length", "2", "--stage-epochs", "1", "1", "1"]
+            "--prompt-length", "2", "--stage-epochs", "2", "1", "1", "--lr", "0.1"]
     whole = cli(muap.parser(), muap.main, argv + ["--out", str(tmp_path / "whole")])
+    text_step = [h["val"]["accuracy"] for h in whole["history"] if h["stage"] == "text-step"]
+    assert text_step[0] >= text_step[1]                          # its best epoch (ties keep the first) is not the last
     original = common.save_last
 
     def save_then_stop(run, *args):
         original(run, *args)
-        if run.stage_index == 1:
+        if run.stage_index == 1 and args[-1] == 1:
             raise Interrupted
     out = str(tmp_path / "cut")
     monkeypatch.setattr(common, "save_last", save_then_stop)
@@ -261,7 +267,7 @@ def test_muap_resumed_in_its_first_stage_matches_uninterrupted(tmp_path, monkeyp
         cli(muap.parser(), muap.main, argv + ["--out", out])
     monkeypatch.setattr(common, "save_last", original)
     res = cli(muap.parser(), muap.main, argv + ["--out", out, "--resume"])
-    assert [h["stage"] for h in res["history"]] == ["text-step", "image-step", "alignment"]
+    assert [h["stage"] for h in res["history"]] == ["text-step", "text-step", "image-step", "alignment"]
     assert res["metrics"] == whole["metrics"]
     assert read_predictions(out) == read_predictions(str(tmp_path / "whole"))
 
