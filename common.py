@@ -559,9 +559,9 @@ def build_parser(method, doc, backbone):
 
 
 # Arguments that may differ between a run and its resumption / evaluation.
-RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "overwrite", "eval_grid", "grid_rates",
+RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "eval_grid", "grid_rates",
                 "seeds", "data_root", "test_missing", "test_rate", "micro_batch", "cache_images", "image_cache_dir",
-                "cache_dir", "cache_features", "nm2i", "nm2i_clusters"}     # the last three: AOEPT's and PROMISE's run-time flags
+                "cache_dir", "cache_features", "nm2i", "nm2i_clusters", "overwrite"}   # cache_*: AOEPT's, PROMISE's
 
 
 def finalize_args(args):
@@ -1307,7 +1307,7 @@ _record("syp", CLIP_B16, "full", SYP_MAIN, "review", "stated",
             (dataset, "both", rate, "both", rate, v) for dataset, values in (
                 ("mmimdb", (55.02, 52.90, 49.63)), ("food101", (86.17, 82.45, 81.03)),
                 ("hatememes", (68.16, 68.42, 68.93))) for rate, v in zip((0.5, 0.7, 0.9), values)])
-for _variant, _values, _rows in (
+for _variant, _values, _what in (
         ("classifier-only", (57.35, 71.59, 44.63), "classifier fine-tuning only, no prompts"),
         ("dynamic-only", (66.37, 82.90, 51.21), "dynamic prompt only = base prompt + dynamic adapter (two rows)"),
         ("static-only", (65.62, 83.06, 50.34), "static prompt only"),
@@ -1315,7 +1315,7 @@ for _variant, _values, _rows in (
         ("no-adapter", (66.19, 84.85, 51.90), "synergistic prompts without the dynamic adapter"),
         ("full", (68.16, 86.17, 54.72), "synergistic prompts + dynamic adapter (the full model)")):
     _record("syp", CLIP_B16, _variant, "SyP (ICCV 2025) ablation tables (read in a public review of the paper)",
-            "review", "inferred", f"{_rows}; setting not given: read as 'both' 50%, where the full-model row equals "
+            "review", "inferred", f"{_what}; setting not given: read as 'both' 50%, where the full-model row equals "
             f"the main table on Hateful Memes and Food-101", [
                 (d, "both", 0.5, "both", 0.5, v) for d, v in zip(("hatememes", "food101", "mmimdb"), _values)])
 
@@ -1327,18 +1327,19 @@ _record("aoept", CLIP_B16, None, AOEPT_MAIN, "review", "stated", _AOEPT_RECIPE, 
     for m, v in zip(("text", "image", "both"), values)] + [
     (d, "avg", rate, "avg", rate, v) for rate, values in ((0.7, (53.22, 69.63, 84.29)), (0.9, (51.45, 68.57, 82.06)))
     for d, v in zip(("mmimdb", "hatememes", "food101"), values)])
-for _variant, _values, _rows in (("no-mcp", (48.93, 68.63, 78.78), "random prompts instead of MCP"),
+for _variant, _values, _what in (("no-mcp", (48.93, 68.63, 78.78), "random prompts instead of MCP"),
                                  ("no-instantiation", (49.17, 69.42, 79.13), "global MCP, no instance gate"),
                                  ("no-consistency", (50.56, 69.85, 79.59), "without L_CR"),
                                  ("reconstruction", (48.55, 70.13, 76.81), "a reconstruction network instead of MCP")):
     _record("aoept", CLIP_B16, _variant, "AOEPT (ICML 2026) ablation table (read in a public review of the paper)",
-            "review", "stated", f"{_rows}; {_AOEPT_RECIPE}", [
+            "review", "stated", f"{_what}; {_AOEPT_RECIPE}", [
                 (d, "text", 0.7, "text", 0.7, v) for d, v in zip(("mmimdb", "hatememes", "food101"), _values)])
 _record("syp", CLIP_B16, "full", "AOEPT (ICML 2026) main results table, SyP re-run under AOEPT's protocol "
         "(read in a public review of the paper)", "re-report", "stated", "mean over text / image / both; the "
         "sources give no per-type SyP numbers", [
             (d, "avg", rate, "avg", rate, v)
-            for rate, values in ((0.7, (51.88, 68.11, 83.56)), (0.9, (49.58, 67.72, 81.26))) for d, v in zip(("mmimdb", "hatememes", "food101"), values)])
+            for rate, values in ((0.7, (51.88, 68.11, 83.56)), (0.9, (49.58, 67.72, 81.26)))
+            for d, v in zip(("mmimdb", "hatememes", "food101"), values)])
 
 _record("muap", "vilt", None, "MuAP (arXiv 2409.04693) headline result (read in a public summary of the paper)",
         "review", "inferred", "the source gives 'Hateful Memes AUROC' only; 'both' 70% is this repository's reading "
