@@ -9,7 +9,7 @@ Equation numbers were not readable here, so equations are named after the method
     (INS) fresh prompts replace the old in layers < N, later layers carry them -> `AOEPT.forward_clip / _vilt`
     (CR)  L_CR = InfoNCE(mean_M P_{m,i}^l, z_{m,i}^l), samples that have m     -> `consistency_loss`
     (L)   L = L_task + alpha * L_CR                                            -> `make_loss`
-    NM2I  this repository's estimator (METHODS.md 8.5; the official code has none) -> `common.nm2i`
+    NM2I  this repository's estimator (the paper defines NM2I; the official code has none) -> `common.nm2i`
 
 Deviations and assumptions (one line each):
 - Paper sizes M = 16, N = 6, K = 256 (official CLIP configs: depth 4, M 5-14, K 128 on some datasets).

@@ -35,6 +35,7 @@ padding); image -> an all-ones tensor after normalisation, the size of the real 
 for CLIP). Methods whose paper says so (SyP, DCP) also zero the missing feature themselves.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import csv
@@ -599,10 +600,13 @@ def build_parser(method, doc, backbone):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA")
     p.add_argument("--num-workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<method>-<dataset>-<backbone>-...)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<method>-<dataset>-<backbone>-...; "
+                                               "--eval-only: <checkpoint folder>/eval-<test missing><test rate>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
     p.add_argument("--checkpoint", default=None, help="a checkpoint.safetensors written by this method")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --eval-only write into a folder that holds a training run's results")
     p.add_argument("--eval-grid", action="store_true", help="evaluate on every test missing type x rate")
     p.add_argument("--grid-rates", type=float, nargs="+", default=[round(0.1 * k, 1) for k in range(11)])
     p.add_argument("--cache-images", action="store_true",
@@ -622,7 +626,7 @@ def build_parser(method, doc, backbone):
 # Arguments that may differ between a run and its resumption / evaluation.
 RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "eval_grid", "grid_rates",
                 "seeds", "data_root", "test_missing", "test_rate", "micro_batch", "cache_images", "image_cache_dir",
-                "cache_dir", "cache_features", "nm2i", "nm2i_clusters"}     # the last three: AOEPT's and PROMISE's run-time flags
+                "cache_dir", "cache_features", "nm2i", "nm2i_clusters", "overwrite"}   # cache_*: AOEPT's, PROMISE's
 
 
 def finalize_args(args):
@@ -638,10 +642,31 @@ def finalize_args(args):
         raise DataError(f"--val-interval {args.val_interval}: give a fraction of an epoch in (0, 1] (1 = once per epoch)")
     if args.num_workers is None:
         args.num_workers = 4 if str(args.device).startswith("cuda") else 0
+    if args.out is None and args.eval_only:                # never the training run's own folder
+        args.out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                f"eval-{args.test_missing}{args.test_rate}")
     if args.out is None:
         args.out = os.path.join("runs", f"{args.method}-{args.dataset}-{args.backbone}-{args.missing}{args.rate}"
                                         f"-seed{args.seed}")
+    if args.eval_only and not args.overwrite:
+        refuse_training_folder(args.out)
     return args
+
+
+TRAINING_FILES = ("checkpoint.safetensors", "last.safetensors")
+
+
+def refuse_training_folder(out):
+    """--eval-only writes results.json and predictions_test.csv: never over a training run's own."""
+    path = os.path.join(out, "results.json")
+    trained = any(os.path.isfile(os.path.join(out, f)) for f in TRAINING_FILES)
+    if os.path.isfile(path):
+        with open(path) as f:
+            trained = trained or not json.load(f).get("eval_only", False)
+    if trained:
+        raise DataError(f"--eval-only: {out} holds a training run, whose results.json and predictions would be "
+                        f"replaced; drop --out (default: a subfolder of the checkpoint's folder named after the "
+                        f"test setting), choose another --out, or pass --overwrite")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -939,8 +964,11 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     best = {"metric": -math.inf, "epoch": -1, "step": 0, "state": method_state(model)}
     start = resume(run, model, optimizer, schedule, best) if args.resume else 0
-    if start >= epochs:                                    # resumed past this stage: keep the restored state
-        return
+    if start >= epochs:                                    # resumed past this stage's last epoch
+        if best["epoch"] >= 0:                             # its own best was restored: select it, as uninterrupted
+            model.load_state_dict(best["state"], strict=False)
+            run.best_val = {"epoch": best["epoch"], run.metric: best["metric"]}
+        return                                             # (an earlier stage keeps the state resume restored)
     for epoch in range(start, epochs):
         for step, train_loss, seconds, samples in train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
             val = evaluate(run, model, run.val_set)
@@ -1166,7 +1194,7 @@ def apply_checkpoint_config(args, argv):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# NM2I, AOEPT's diagnostic (METHODS.md 8.5): the paper's code has no estimator, so this is this repository's;
+# NM2I, AOEPT's diagnostic (AOEPT paper, its NM2I analysis): the official code has no estimator, so this one is ours;
 # any method whose forward returns "prompt_means" {modality: (B, N, D_m)} can be measured with --nm2i.
 # k-means (also AOEPT's prototype clustering) and the prompt-free per-layer modality means live here too.
 # ---------------------------------------------------------------------------------------------------------
@@ -1246,7 +1274,8 @@ def nm2i(run, model, k):
     m-prompt and of m's ground-truth latent (prompt-free pass on the real input); the mean over layers."""
     model.eval()
     ds, mb, seed = run.test_set, run.args.micro_batch, run.args.seed
-    result = {"estimator": "this repository's estimator (METHODS.md 8.5)", "k": k, "text": None, "image": None}
+    result = {"estimator": "this repository's estimator (AOEPT's official code has none)", "k": k,
+              "text": None, "image": None}
     for m, code in (("text", TEXT_MISSING), ("image", IMAGE_MISSING)):
         rows = np.flatnonzero(ds.missing == code)
         if len(rows) < 2:
@@ -1344,43 +1373,170 @@ def run_seeds(args, main):
     return summary
 
 
-# The papers' numbers, from ../shared/METHODS.md (train setting = test setting unless a 5th key is given).
-# (method, dataset, missing, rate[, test_missing]) -> metric in percent. MAP: as re-reported by MemPrompt, ViLT.
-PAPER_NUMBERS = {
-    ("map", "mmimdb", "text", 0.7): 36.03, ("map", "mmimdb", "image", 0.7): 44.64, ("map", "mmimdb", "both", 0.7): 41.48,
-    ("map", "food101", "text", 0.7): 74.25, ("map", "food101", "image", 0.7): 86.30, ("map", "food101", "both", 0.7): 79.11,
-    ("map", "hatememes", "text", 0.7): 59.13, ("map", "hatememes", "image", 0.7): 65.27,
-    ("map", "hatememes", "both", 0.7): 60.35,
-    ("muap", "hatememes", "both", 0.7): 65.09,
-    ("memprompt", "mmimdb", "text", 0.7): 38.47, ("memprompt", "mmimdb", "image", 0.7): 48.59,
-    ("memprompt", "mmimdb", "both", 0.7): 42.47, ("memprompt", "mmimdb", "text", 0.7, "image"): 35.06,
-    ("memprompt", "food101", "text", 0.7): 75.15, ("memprompt", "food101", "image", 0.7): 86.52,
-    ("memprompt", "food101", "both", 0.7): 79.76, ("memprompt", "food101", "text", 0.7, "image"): 80.81,
-    ("memprompt", "food101", "image", 0.7, "text"): 60.63,
-    ("memprompt", "hatememes", "text", 0.7): 60.26, ("memprompt", "hatememes", "image", 0.7): 65.63,
-    ("memprompt", "hatememes", "both", 0.7): 65.74,
-    ("syp", "mmimdb", "both", 0.5): 55.02, ("syp", "mmimdb", "both", 0.7): 52.90, ("syp", "mmimdb", "both", 0.9): 49.63,
-    ("syp", "food101", "both", 0.5): 86.17, ("syp", "food101", "both", 0.7): 82.45, ("syp", "food101", "both", 0.9): 81.03,
-    ("syp", "hatememes", "both", 0.5): 68.16, ("syp", "hatememes", "both", 0.7): 68.42,
-    ("syp", "hatememes", "both", 0.9): 68.93,
-    ("aoept", "mmimdb", "text", 0.7): 51.50, ("aoept", "mmimdb", "image", 0.7): 54.86, ("aoept", "mmimdb", "both", 0.7): 53.31,
-    ("aoept", "hatememes", "text", 0.7): 71.12, ("aoept", "hatememes", "image", 0.7): 67.96,
-    ("aoept", "hatememes", "both", 0.7): 69.80,
-    ("aoept", "food101", "text", 0.7): 80.77, ("aoept", "food101", "image", 0.7): 88.86, ("aoept", "food101", "both", 0.7): 83.24,
-    ("promise", "hatememes", "both", 0.7): 67.17, ("promise", "food101", "both", 0.7): 88.10,
-}
+# ---------------------------------------------------------------------------------------------------------
+# The papers' numbers, each with its provenance
+# ---------------------------------------------------------------------------------------------------------
+# Key: (method, backbone as the source ran it, dataset, train missing, train rate, test missing, test rate, variant).
+#   backbone: "vilt" (dandelin/vilt-b32-mlm) or "clip <open_clip model>" with OpenAI weights.
+#   variant: None = the method as its paper runs it; else a named configuration (`run_variant`).
+#   "avg" as test missing: the mean over test types text / image / both at the test rate (one trained model);
+#   "avg" as train and test missing: the mean over three runs whose train = test type is text / image / both.
+# Value: the tuple of Paper(value in percent, source, kind, setting, note) that report this configuration; the
+# summary compares with the first stated one and lists the others.
+#   kind: "paper" (the method's own paper, read in its text), "re-report" (another paper's table),
+#         "review" (the paper's number as a public review or summary of it gives it), "issue" (as quoted in a
+#         public issue thread of the official code).
+#   setting: "stated" (the source gives the missing type and rate) or "inferred" (it gives the number; the
+#            setting is this repository's reading, said in the note).
+Paper = collections.namedtuple("Paper", "value source kind setting note")
+CLIP_B16, CLIP_L14 = "clip ViT-B-16", "clip ViT-L-14"
+PAPER_NUMBERS = {}
 
 
-def paper_number(method, dataset, missing, rate, test_missing, test_rate):
-    if test_rate != rate:
-        return None
-    key = (method, dataset, missing, round(rate, 2))
-    return PAPER_NUMBERS.get(key if test_missing == missing else key + (test_missing,))
+def _record(method, backbone, variant, source, kind, setting, note, rows):
+    """rows: (dataset, train missing, train rate, test missing, test rate, value)."""
+    for dataset, missing, rate, test_missing, test_rate, value in rows:
+        key = (method, backbone, dataset, missing, rate, test_missing, test_rate, variant)
+        PAPER_NUMBERS[key] = PAPER_NUMBERS.get(key, ()) + (Paper(value, source, kind, setting, note),)
+
+
+def _table1(values):
+    """MemPrompt Table 1 layout: per dataset, train text / image / both (rows) x test text / image / both, at 70%."""
+    types = ("text", "image", "both")
+    return [(dataset, train, 0.7, test, 0.7, v) for dataset, grid in values.items()
+            for train, row in zip(types, grid) for test, v in zip(types, row)]
+
+
+MEMPROMPT_T1 = "MemPrompt (IJCAI 2025) Table 1"
+_record("memprompt", "vilt", None, MEMPROMPT_T1, "paper", "stated", "", _table1({
+    "mmimdb": [(38.47, 35.06, 37.60), (34.86, 48.59, 42.14), (39.09, 45.37, 42.47)],
+    "food101": [(75.15, 80.81, 78.11), (60.63, 86.52, 74.07), (72.39, 86.12, 79.76)],
+    "hatememes": [(60.26, 59.64, 62.55), (59.82, 65.63, 65.12), (61.91, 64.26, 65.74)]}))
+_record("map", "vilt", "input", MEMPROMPT_T1 + ", column MAP (Input)", "re-report", "stated",
+        "MAP re-run by MemPrompt, not MAP's own table", _table1({
+            "mmimdb": [(36.03, 21.02, 30.72), (22.08, 44.64, 35.00), (37.55, 44.35, 41.48)],
+            "food101": [(74.25, 27.82, 51.17), (29.68, 86.30, 57.93), (72.24, 85.91, 79.11)],
+            "hatememes": [(59.13, 57.55, 58.08), (59.32, 65.27, 58.82), (61.03, 64.05, 60.35)]}))
+_record("map", "vilt", "attention", MEMPROMPT_T1 + ", column MAP (Attention)", "re-report", "stated",
+        "MAP re-run by MemPrompt, not MAP's own table", _table1({
+            "mmimdb": [(35.82, 28.76, 33.33), (25.30, 44.46, 36.38), (35.77, 42.08, 39.51)],
+            "food101": [(73.54, 27.82, 51.38), (39.98, 85.68, 62.68), (71.31, 85.28, 78.39)],
+            "hatememes": [(61.66, 59.44, 58.50), (59.04, 64.57, 58.33), (61.06, 61.75, 58.10)]}))
+# MAP's own Table 1 (CVPR 2023): the one cell a public source quotes.
+_record("map", "vilt", "input", "MAP (CVPR 2023) Table 1, as quoted in YiLunLee/missing_aware_prompts issue #13",
+        "issue", "inferred", "setting read from the official config's defaults (both 0.7, input-level; "
+        "vilt/config.py @ 9aa5381), with which the issue reproduced it",
+        [("mmimdb", "both", 0.7, "both", 0.7, 42.66)])
+
+SYP_MAIN = "SyP (ICCV 2025) main results table (read in a public review of the paper)"
+_record("syp", CLIP_B16, "full", SYP_MAIN, "review", "stated",
+        "balanced 'both' missing type", [
+            (dataset, "both", rate, "both", rate, v) for dataset, values in (
+                ("mmimdb", (55.02, 52.90, 49.63)), ("food101", (86.17, 82.45, 81.03)),
+                ("hatememes", (68.16, 68.42, 68.93))) for rate, v in zip((0.5, 0.7, 0.9), values)])
+for _variant, _values, _what in (
+        ("classifier-only", (57.35, 71.59, 44.63), "classifier fine-tuning only, no prompts"),
+        ("dynamic-only", (66.37, 82.90, 51.21), "dynamic prompt only = base prompt + dynamic adapter (two rows)"),
+        ("static-only", (65.62, 83.06, 50.34), "static prompt only"),
+        ("base-only", (64.27, 81.68, 48.95), "base prompt only"),
+        ("no-adapter", (66.19, 84.85, 51.90), "synergistic prompts without the dynamic adapter"),
+        ("full", (68.16, 86.17, 54.72), "synergistic prompts + dynamic adapter (the full model)")):
+    _record("syp", CLIP_B16, _variant, "SyP (ICCV 2025) ablation tables (read in a public review of the paper)",
+            "review", "inferred", f"{_what}; setting not given: read as 'both' 50%, where the full-model row equals "
+            f"the main table on Hateful Memes and Food-101", [
+                (d, "both", 0.5, "both", 0.5, v) for d, v in zip(("hatememes", "food101", "mmimdb"), _values)])
+
+AOEPT_MAIN = "AOEPT (ICML 2026) main results table (read in a public review of the paper)"
+_AOEPT_RECIPE = "which recipe (the paper's text or the official per-setting configs) produced it is not said"
+_record("aoept", CLIP_B16, None, AOEPT_MAIN, "review", "stated", _AOEPT_RECIPE, [
+    (d, m, 0.7, m, 0.7, v) for d, values in (("mmimdb", (51.50, 54.86, 53.31)), ("hatememes", (71.12, 67.96, 69.80)),
+                                             ("food101", (80.77, 88.86, 83.24)))
+    for m, v in zip(("text", "image", "both"), values)] + [
+    (d, "avg", rate, "avg", rate, v) for rate, values in ((0.7, (53.22, 69.63, 84.29)), (0.9, (51.45, 68.57, 82.06)))
+    for d, v in zip(("mmimdb", "hatememes", "food101"), values)])
+for _variant, _values, _what in (("no-mcp", (48.93, 68.63, 78.78), "random prompts instead of MCP"),
+                                 ("no-instantiation", (49.17, 69.42, 79.13), "global MCP, no instance gate"),
+                                 ("no-consistency", (50.56, 69.85, 79.59), "without L_CR"),
+                                 ("reconstruction", (48.55, 70.13, 76.81), "a reconstruction network instead of MCP")):
+    _record("aoept", CLIP_B16, _variant, "AOEPT (ICML 2026) ablation table (read in a public review of the paper)",
+            "review", "stated", f"{_what}; {_AOEPT_RECIPE}", [
+                (d, "text", 0.7, "text", 0.7, v) for d, v in zip(("mmimdb", "hatememes", "food101"), _values)])
+_record("syp", CLIP_B16, "full", "AOEPT (ICML 2026) main results table, SyP re-run under AOEPT's protocol "
+        "(read in a public review of the paper)", "re-report", "stated", "mean over text / image / both; the "
+        "sources give no per-type SyP numbers", [
+            (d, "avg", rate, "avg", rate, v)
+            for rate, values in ((0.7, (51.88, 68.11, 83.56)), (0.9, (49.58, 67.72, 81.26)))
+            for d, v in zip(("mmimdb", "hatememes", "food101"), values)])
+
+_record("muap", "vilt", None, "MuAP (arXiv 2409.04693) headline result (read in a public summary of the paper)",
+        "review", "inferred", "the source gives 'Hateful Memes AUROC' only; 'both' 70% is this repository's reading "
+        "(the protocol's headline setting)", [("hatememes", "both", 0.7, "both", 0.7, 65.09)])
+_record("promise", CLIP_L14, None, "PROMISE (AAAI 2026) headline results (read in a public summary of the paper)",
+        "review", "inferred", "the source gives '70% missing rate' only; the 'both' type is this repository's reading",
+        [("food101", "both", 0.7, "both", 0.7, 88.10), ("hatememes", "both", 0.7, "both", 0.7, 67.17)])
+
+
+def paper_backbone(info):
+    """The backbone a run used, named as PAPER_NUMBERS names them; None for tiny or random-init backbones."""
+    if info.get("backbone") == "vilt":
+        return "vilt"
+    if info.get("backbone") == "clip" and info.get("pretrained"):
+        pretrained = str(info["pretrained"])
+        if pretrained == "openai" or os.path.isfile(pretrained) or os.sep in pretrained:   # OpenAI weights offline
+            return f"clip {info.get('model')}"
+    return None
+
+
+def run_variant(results):
+    """Which named configuration of its paper a run is: the method's own `paper_variant` in results.json (SyP),
+    MAP's prompt type; None for the rest (the method as its paper runs it)."""
+    if "paper_variant" in results:
+        return results["paper_variant"]
+    if results["method"] == "map":
+        return results.get("config", {}).get("prompt_type", "input")
+    return None
+
+
+def paper_numbers(method, backbone, dataset, missing, rate, test_missing, test_rate, variant=None):
+    """Every Paper entry for exactly this configuration, the one to compare with first (stated before inferred)."""
+    found = PAPER_NUMBERS.get((method, backbone, dataset, missing, round(rate, 2), test_missing, round(test_rate, 2),
+                               variant), ())
+    return sorted(found, key=lambda p: p.setting != "stated")
+
+
+def paper_number(*config, **kw):
+    """The Paper entry to compare this configuration with, or None."""
+    return (paper_numbers(*config, **kw) or [None])[0]
+
+
+def paper_backbones(method, dataset, missing, rate, test_missing, test_rate, variant=None):
+    """The backbones under which a source reports this setting (to say why a run gets no comparison)."""
+    setting = (method, dataset, missing, round(rate, 2), test_missing, round(test_rate, 2), variant)
+    return sorted({k[1] for k in PAPER_NUMBERS if k[:1] + k[2:] == setting})
+
+
+def _average_rows(groups):
+    """The 'avg' settings the sources report, from the runs: test types text / image / both of one trained setting,
+    and train = test type text / image / both at one rate."""
+    types, out = ("text", "image", "both"), {}
+    means = {k: float(np.mean(v)) for k, v in groups.items()}
+    for (method, backbone, dataset, missing, rate, test_missing, test_rate, variant, metric), _ in groups.items():
+        if test_rate != rate:
+            continue
+        per_test = [(method, backbone, dataset, missing, rate, t, rate, variant, metric) for t in types]
+        per_run = [(method, backbone, dataset, t, rate, t, rate, variant, metric) for t in types]
+        for avg_key, members in (((method, backbone, dataset, missing, rate, "avg", rate, variant, metric), per_test),
+                                 ((method, backbone, dataset, "avg", rate, "avg", rate, variant, metric), per_run)):
+            if all(m in means for m in members) and paper_backbones(*avg_key[:1], *avg_key[2:8]):
+                out[avg_key] = [float(np.mean([means[m] for m in members]))] * min(len(groups[m]) for m in members)
+    return out
 
 
 def summary_rows(folders):
     """One row per setting over run folders (results.json directly inside, or in seed*/ below): mean +- std of the
-    headline test metric in percent, the paper's number for that setting, and the difference."""
+    headline test metric in percent and, only where the run is the source's configuration (method, backbone,
+    dataset, train and test setting, variant), the paper's number, the difference and the number's provenance.
+    Averages over missing types that a source reports get their own rows ('avg', std over runs not defined)."""
     groups = {}
     for folder in folders:
         for root, _, files in sorted(os.walk(folder)):
@@ -1388,28 +1544,45 @@ def summary_rows(folders):
                 with open(os.path.join(root, "results.json")) as f:
                     r = json.load(f)
                 p = r["protocol"]
-                key = (r["method"], r["backbone"]["backbone"], r["dataset"], p["missing"], p["rate"],
-                       p["test_missing"], p["test_rate"], r["metric"])
+                key = (r["method"], paper_backbone(r["backbone"]) or r["backbone"]["backbone"], r["dataset"],
+                       p["missing"], p["rate"], p["test_missing"], p["test_rate"], run_variant(r), r["metric"])
                 groups.setdefault(key, []).append(100 * r["metrics"]["test"][r["metric"]])
     rows = []
-    for (method, backbone, dataset, missing, rate, test_missing, test_rate, metric), values in sorted(groups.items()):
-        paper = paper_number(method, dataset, missing, rate, test_missing, test_rate)
-        mean = float(np.mean(values))
-        rows.append({"method": method, "backbone": backbone, "dataset": dataset, "train": f"{missing} {rate}",
-                     "test": f"{test_missing} {test_rate}", "metric": metric, "runs": len(values), "mean": round(mean, 2),
-                     "std": round(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, 2),
-                     "paper": paper, "diff": None if paper is None else round(mean - paper, 2)})
+    for key, values in sorted({**groups, **_average_rows(groups)}.items(), key=lambda kv: str(kv[0])):
+        method, backbone, dataset, missing, rate, test_missing, test_rate, variant, metric = key
+        papers = paper_numbers(*key[:8])
+        paper, mean, averaged = (papers or [None])[0], float(np.mean(values)), "avg" in (missing, test_missing)
+        note, others = paper.note if paper else "", paper_backbones(*key[:1], *key[2:8])
+        if paper is None and others:
+            note = f"no comparison: the source ran {' / '.join(others)}, this run {backbone}"
+        for p in papers[1:]:
+            note += f"; also {p.value:.2f} ({p.source} [{p.kind}], setting {p.setting})"
+        rows.append({"method": method, "backbone": backbone, "variant": variant, "dataset": dataset,
+                     "train": f"{missing} {rate}", "test": f"{test_missing} {test_rate}", "metric": metric,
+                     "runs": len(values), "mean": round(mean, 2),
+                     "std": None if averaged else round(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, 2),
+                     "paper": paper.value if paper else None, "diff": round(mean - paper.value, 2) if paper else None,
+                     "setting": paper.setting if paper else None, "source": paper.source if paper else None,
+                     "kind": paper.kind if paper else None, "note": note})
     return rows
 
 
 def summary_markdown(rows):
-    lines = ["| method | backbone | dataset | train | test | metric | mean +- std (n) | paper | diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The table; an inferred setting is marked with '*' next to the paper's number."""
+    lines = ["| method | backbone | variant | dataset | train | test | metric | mean +- std (n) | paper | diff "
+             "| source |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        paper = "-" if r["paper"] is None else f"{r['paper']:.2f}"
+        paper = "-" if r["paper"] is None else f"{r['paper']:.2f}" + ("*" if r["setting"] == "inferred" else "")
         diff = "-" if r["diff"] is None else f"{r['diff']:+.2f}"
-        lines.append(f"| {r['method']} | {r['backbone']} | {r['dataset']} | {r['train']} | {r['test']} | {r['metric']} | "
-                     f"{r['mean']:.2f} +- {r['std']:.2f} ({r['runs']}) | {paper} | {diff} |")
+        std = "" if r["std"] is None else f" +- {r['std']:.2f}"
+        source = "; ".join(s for s in (r["source"] and f"{r['source']} [{r['kind']}]", r["note"]) if s) or "-"
+        lines.append(f"| {r['method']} | {r['backbone']} | {r['variant'] or '-'} | {r['dataset']} | {r['train']} | "
+                     f"{r['test']} | {r['metric']} | {r['mean']:.2f}{std} ({r['runs']}) | {paper} | {diff} | "
+                     f"{source} |")
+    if any(r["setting"] == "inferred" for r in rows):
+        lines.append("\n\\* the source gives the number but not its missing setting: the setting is this "
+                     "repository's reading (see the source column).")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """MuAP: Multi-step Adaptive Prompt Learning for Vision-Language Model with Missing Modality
 (Dai, Tan, Mo, He, Qin, Liang; arXiv 2409.04693, 2024).
 
-Official code: none: implemented from the paper (its summary, ../shared/papers/muap.md, and METHODS.md Sec. 3).
+Official code: none: implemented from the paper (arXiv 2409.04693, Secs. 3.4-3.6).
 
 Map from the paper to this file:
     Sec. 3.4 complete-type prompts P_t^c, P_v^c                             -> `ModalityPrompt.complete`

@@ -1,7 +1,7 @@
 """PROMISE: Prompt-Attentive Hierarchical Contrastive Learning for Robust Cross-Modal Representation with Missing
 Modalities (Chen et al., AAAI 2026, arXiv 2511.10997).
 
-Official code: none: implemented from the paper (its summary in shared/papers/promise.md, METHODS.md Sec. 7).
+Official code: none: implemented from the paper (arXiv 2511.10997, Sec. Methodology).
 
 Map from the paper to this file:
     frozen features of the present modalities (CLIP ViT-L/14)                   -> `unimodal_features`
@@ -240,7 +240,7 @@ def promise_loss(out, batch, task, args):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Augmented views (ASSUMPTION, METHODS.md 7.2), the view of each epoch, the feature cache
+# Augmented views (ASSUMPTION: the paper does not give x_a's augmentations), the view of each epoch, the feature cache
 # ---------------------------------------------------------------------------------------------------------
 def augment(item, seed, view, text_dropout, crop_scale):
     """The augmented input of one sample: a pure function of (seed, id, view).

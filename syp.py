@@ -1,7 +1,7 @@
 """SyP: Synergistic Prompting for Robust Visual Recognition with Missing Modalities (Zhang et al., ICCV 2025,
 arXiv 2507.07802).
 
-Official code: none: implemented from the paper (../shared/papers/syp.md). Its sizes (36 prompt tokens, 6 layers)
+Official code: none: implemented from the paper (arXiv 2507.07802). Its sizes (36 prompt tokens, 6 layers)
 and its baseline are those of DCP, hulianyuyy/Deep_Correlated_Prompting @ 35195347e5b74c473ce9fbca6d7dbd7d9b672e3f,
 whose conventions fill the gaps below.
 

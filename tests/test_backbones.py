@@ -149,3 +149,39 @@ def test_image_cache_gives_the_same_pixels(tmp_path, food101_root, name):
     mtime = os.path.getmtime(tmp_path / files[0])
     common.CachedImages(ds, bb, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == files and os.path.getmtime(tmp_path / files[0]) == mtime
+
+
+def test_pool_skips_prepended_prompts():
+    """Pooling with n_prompt prompt tokens in front equals pooling the same sequence without them: [CLS] of the image
+    tower and EOT of the text tower move by n_prompt (the blocks are not run: this pins the offsets alone)."""
+    bb = load_clip("tiny-clip", "")
+    batch = toy_batch(bb, 3)
+    x, t = bb.image_embed(batch["image"]), bb.text_embed(batch["text"])
+    px, pt = torch.randn(3, 5, bb.width_image), torch.randn(3, 5, bb.width_text)
+    with torch.no_grad():
+        assert torch.allclose(bb.image_pool(torch.cat([px, x], 1), 5), bb.image_pool(x), atol=1e-6)
+        assert torch.allclose(bb.text_pool(torch.cat([pt, t], 1), batch["text"], 5), bb.text_pool(t, batch["text"]),
+                              atol=1e-6)
+
+
+# Semantic breaks of common.py's backbone pieces and dummy inputs these tests must catch.
+MUTATIONS = [
+    {"file": "common.py", "old": ".triu(1)", "new": ".triu(2)", "why": "CLIP's causal mask lets a text token see the next one"},
+    {"file": "common.py", "old": "ids.argmax(dim=-1)] @ self.model.text_projection",
+     "new": "ids.argmax(dim=-1) - 1] @ self.model.text_projection", "why": "CLIP text pooled one token before EOT"},
+    {"file": "common.py", "old": "x = self.model.ln_final(x[:, n_prompt:])", "new": "x = self.model.ln_final(x)",
+     "why": "CLIP text pooling ignores the prepended prompts (EOT read at the wrong position)"},
+    {"file": "common.py", "old": "pooled, _ = self.model.visual._pool(x[:, n_prompt:])",
+     "new": "pooled, _ = self.model.visual._pool(x)", "why": "CLIP image pooling reads the first prompt token, not [CLS]"},
+    {"file": "common.py", "old": "return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min",
+     "new": "return 0.0 * mask[:, None, None, :].to(dtype)", "why": "ViLT attends to padded text tokens"},
+    {"file": "common.py", "old": "return torch.ones_like(pixels) if item[\"missing\"] == IMAGE_MISSING else pixels",
+     "new": "return torch.zeros_like(pixels) if item[\"missing\"] == IMAGE_MISSING else pixels",
+     "why": "the missing-image dummy is zeros, not MAP's all-ones tensor"},
+    {"file": "common.py", "old": "texts = [\"\" if it[\"missing\"] == TEXT_MISSING else it[\"text\"] for it in items]",
+     "new": "texts = [it[\"text\"] for it in items]", "why": "a text-missing sample keeps its text"},
+    {"file": "common.py", "old": "scale = bb.shorter / min(w, h)", "new": "scale = bb.shorter / max(w, h)",
+     "why": "ViLT resize scales the longer side to S"},
+    {"file": "common.py", "old": "return (x - torch.tensor(norm.mean)[:, None, None]) / torch.tensor(norm.std)[:, None, None]",
+     "new": "return x - torch.tensor(norm.mean)[:, None, None]", "why": "cached CLIP images are not divided by the std"},
+]

@@ -31,7 +31,8 @@ def load(dataset, root, split, **kwargs):
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n, rate, total", [(10, 0.7, 7), (1001, 0.7, 700), (1001, 0.9, 900), (3, 0.5, 1),
-                                            (100, 0.0, 0), (100, 1.0, 100), (22716, 0.7, 15901), (7, 0.3, 2)])
+                                            (100, 0.0, 0), (100, 1.0, 100), (22716, 0.7, 15901), (7, 0.3, 2),
+                                            (90, 0.7, 63)])                # float: 90 * 0.7 = 62.999...
 def test_missing_counts(n, rate, total):
     text = missing_table(n, "text", rate, dataset="d", split="train", seed=0)
     image = missing_table(n, "image", rate, dataset="d", split="train", seed=0)
@@ -191,6 +192,8 @@ def test_mmimdb_counts_genres_and_text(mmimdb_root):
             prefix = "outline" if k % 3 == 2 else "plot"
             assert ds.texts[i].startswith(f"{prefix} {k} ")
     assert sizes == {"train": 12, "val": 4, "test": 4}
+    with open(os.path.join(mmimdb_root, "split.json")) as f:
+        assert load("mmimdb", mmimdb_root, "val").ids == json.load(f)["dev"]
 
 
 def fixture_plots(root, split):
@@ -351,7 +354,33 @@ def test_toy_modalities_are_complementary(dataset, margin, floor):
     assert scores["both"] - max(scores["image"], scores["text"]) >= margin, scores
 
 
+# Semantic breaks of data.py these tests must catch (python tests/mutations.py --file data.py).
 MUTATIONS = [
+    {"file": "data.py", "old": "total = n * exact_rate.numerator // exact_rate.denominator", "new": "total = int(n * rate)",
+     "why": "the missing count in floating point (90 x 0.7 -> 62)"},
+    {"file": "data.py", "old": "        n_image = total // 2\n", "new": "        n_image = total - total // 2\n",
+     "why": "'both': the odd sample goes to image-missing instead of text-missing"},
+    {"file": "data.py", "old": "        table[order[:total]] = TEXT_MISSING\n", "new": "        table[order[:total]] = IMAGE_MISSING\n",
+     "why": "'text' marks the image missing"},
+    {"file": "data.py", "old": "_stable_seed(f\"{dataset}/{split}/{missing_type}/{rate}/{seed}\")",
+     "new": "_stable_seed(f\"{dataset}/{missing_type}/{rate}/{seed}\")", "why": "every split gets the same missing table"},
+    {"file": "data.py", "old": "_stable_seed(f\"{dataset}/{split}/{missing_type}/{rate}/{seed}\")",
+     "new": "_stable_seed(f\"{dataset}/{split}/{missing_type}/{rate}\")", "why": "the missing table ignores the run seed"},
+    {"file": "data.py", "old": "if (k in val) == (split == \"val\")]", "new": "if (k in val) != (split == \"val\")]",
+     "why": "Food-101 train and val swapped"},
+    {"file": "data.py", "old": "n_val = len(rows) * FOOD101_VAL_FRACTION.numerator // FOOD101_VAL_FRACTION.denominator",
+     "new": "n_val = len(rows) // 5", "why": "Food-101 val carves 20% instead of 10% per class"},
+    {"file": "data.py", "old": "        if not text.strip():\n", "new": "        if not text:\n",
+     "why": "Food-101 keeps whitespace-only titles"},
+    {"file": "data.py", "old": "{\"train\": \"train\", \"val\": \"dev\", \"test\": \"test\"}[split]",
+     "new": "{\"train\": \"train\", \"val\": \"test\", \"test\": \"test\"}[split]",
+     "why": "MM-IMDb validates on the test split"},
+    {"file": "data.py", "old": "if genre in genre_index:", "new": "if genre in genre_index and genre != \"Drama\":",
+     "why": "a genre of the 23 is dropped"},
+    {"file": "data.py", "old": "\"val\": f\"dev_{hm_test}.jsonl\"", "new": "\"val\": f\"test_{hm_test}.jsonl\"",
+     "why": "Hateful Memes validates on the test file"},
+    {"file": "data.py", "old": "ids.append(str(row[\"id\"]).zfill(5))", "new": "ids.append(str(row[\"id\"]))",
+     "why": "Hateful Memes ids lose their zero padding (no longer the image file names)"},
     {"file": "data.py", "old": 'return found if plots == "all" else found[:1]', "new": "return found[:1]",
      "why": "--mmimdb-plots all keeps only the first plot"},
     {"file": "data.py", "old": "self.missing = missing_table(n_rows, missing_type, rate, dataset=name, split=split, seed=seed)[groups]",

@@ -56,3 +56,19 @@ def test_compute_metrics_names():
     assert set(compute_metrics("multiclass", [0, 1], np.eye(2))) == {"accuracy"}
     assert {"f1_macro", "f1_micro", "f1_weighted", "f1_samples"} <= set(compute_metrics("multilabel", np.eye(2), np.eye(2)))
     assert compute_metrics("binary", [0, 1], [0.2, 0.8])["auroc"] == 1.0
+
+
+# Semantic breaks of common.py's metrics these tests must catch (python tests/mutations.py --file common.py).
+MUTATIONS = [
+    {"file": "common.py", "old": "np.asarray(probs) > threshold", "new": "np.asarray(probs) >= threshold",
+     "why": "multi-label predictions at p >= 0.5 instead of p > 0.5"},
+    {"file": "common.py", "old": "\"f1_macro\": float(per_class.mean()),",
+     "new": "\"f1_macro\": float(per_class[support > 0].mean()),",
+     "why": "F1-Macro skips classes without positives (scores them as absent, not 0)"},
+    {"file": "common.py", "old": "\"f1_samples\": float(samples.mean())}", "new": "\"f1_samples\": float(samples[row_den > 0].mean())}",
+     "why": "F1-samples skips rows with no true and no predicted label"},
+    {"file": "common.py", "old": "\"f1_weighted\": float((per_class * support).sum() / support.sum())",
+     "new": "\"f1_weighted\": float(per_class.mean())", "why": "weighted F1 ignores the class support"},
+    {"file": "common.py", "old": "ranks[order[a:b]] = (a + b + 1) / 2.0", "new": "ranks[order[a:b]] = np.arange(a, b) + 1.0",
+     "why": "AUROC ranks ties by sort order instead of their average rank"},
+]
