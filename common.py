@@ -25,7 +25,7 @@ With no prompts these reproduce open_clip's encode_image / encode_text and HF Vi
 
 Dummy inputs for a missing modality (one place, `Collate`): text -> "" (tokenises to start/end tokens and
 padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for ViLT, DCP
-for CLIP). Methods whose paper says so (SyP, DCP) also zero the missing feature themselves.
+for CLIP). SyP zeroes the missing tower's feature itself before its head, as DCP's code does (not its paper).
 """
 import argparse
 import contextlib
