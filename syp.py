@@ -7,13 +7,13 @@ clip/modules/vision_transformer_prompts.py), whose conventions fill the gaps mar
 
 Map from the paper (method section; notation the paper's, labels (E1)-(E8) ours, in the paper's order):
     (E1) X_C = [X_I, X_T], X_I in R^{d_I}, X_T in R^{d_T}, a missing modality a zero tensor -> `input_features`
-    (E2) S_d = sigmoid(W_2 ReLU(W_1 X_C + b_1) + b_2), the Dynamic Adapter, reduction r     -> `SynergisticPrompts.adapter`
-    (E3) P_{I,D} = P_{I,B} (.) S_d,  P_{T,D} = P_{T,B} (.) S_d: ONE S_d for both towers     -> `SynergisticPrompts.first`
-    (E4) P_{I,S} = G_I(P_S),  P_{T,S} = G_T(P_S): linear projections of one static P_S     -> `SynergisticPrompts.first`
-    (E5) P_m^I = P_{I,D} + P_{I,S},  P_m^T = P_{T,D} + P_{T,S}, prepended to each tower     -> `first`, `forward_clip`
-    (E6) P_m^{I,R_i} = F_i(P_m^{I,R_{i-1}}) = LN(FC(GELU(FC(P_m^{I,R_{i-1}})))), same for T  -> `propagation`, layer loops
-    (E7) P_final = FC(P_m^{I,R} || P_m^{T,R}), the prompt features of each tower             -> `head_features`, `SyP.head`
-    (E8) L_total = sum_i L_i(P_final^(i)), the task loss                                     -> `loss_fn` in `main`
+    (E2) S_d = sigmoid(W_2 ReLU(W_1 X_C + b_1) + b_2), the Dynamic Adapter, reduction r  -> `SynergisticPrompts.adapter`
+    (E3) P_{I,D} = P_{I,B} (.) S_d,  P_{T,D} = P_{T,B} (.) S_d: ONE S_d for both towers  -> `SynergisticPrompts.first`
+    (E4) P_{I,S} = G_I(P_S),  P_{T,S} = G_T(P_S): linear projections of one static P_S  -> `SynergisticPrompts.first`
+    (E5) P_m^I = P_{I,D} + P_{I,S},  P_m^T = P_{T,D} + P_{T,S}, prepended to each tower  -> `first`, `forward_clip`
+    (E6) P_m^{I,R_i} = F_i(P_m^{I,R_{i-1}}) = LN(FC(GELU(FC(P_m^{I,R_{i-1}})))), also T -> `propagation`, the loops
+    (E7) P_final = FC(P_m^{I,R} || P_m^{T,R}), the prompt features of each tower          -> `head_features`, `head`
+    (E8) L_total = sum_i L_i(P_final^(i)), the task loss                                  -> `loss_fn` in `main`
     Missing cases m in {c, m1, m2} = (complete, image missing, text missing) in the paper; this repository's codes
     are the reverse for m1/m2: 0 = complete, 1 = TEXT missing, 2 = IMAGE missing (data.py).
 Ablations (Tables 3, 4; `paper_variant` names the row a run reproduces): --no-dynamic (static prompt only),
@@ -41,10 +41,11 @@ Assumptions (the paper is silent; each also marked ASSUMPTION where it is coded)
       before the FC (DCP's code, not the paper), so a sample's logits ignore its missing modality (CLIP).
     - FC = Linear(2E, C), N(0, 0.02), bias 0 (DCP). (E8): the batch mean instead of the sum (a constant factor).
     - Schedule (not stated): 10% linear warm-up, then linear decay (DCP, MAP).
-    - --head cls: DCP's head (CLIP's pooled [CLS] and EOT after the prompts, missing half zeroed), kept because
-      Table 3's classifier-only row has no prompts to pool, and to compare the two heads.
+    - --head cls: DCP's head (CLIP's pooled [CLS] and EOT after the prompts, missing half zeroed; the prompt rows
+      stay opened), kept because Table 3's classifier-only row has no prompts to pool, and to compare the heads.
     - ViLT (not in the paper): one joint stream of width D, one P_B, G and F_i, prompts before [CLS]; head = FC on
-      the prompt feature after ViLT's final norm (--head cls: a trained copy of ViLT's pooler on [CLS], as MAP).
+      the prompt feature after ViLT's final norm (--head cls: a trained copy of ViLT's pooler on [CLS], as MAP);
+      the missing modality's dummy tokens stay in the joint stream (MAP), only X_C zeroes it.
     - Tiny backbones have 4 layers: M = min(--prompt-depth, layers).
     - CLIP: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
 

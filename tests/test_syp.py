@@ -36,10 +36,11 @@ MUTATIONS = [
      "why": "(E7) image feature: the mean of the image tokens instead of the prompt tokens"},
     {"file": "syp.py", "old": "clip.ln_final(t[:, :n].mean(1))", "new": "clip.ln_final(t[:, n])",
      "why": "(E7) text feature: the SOT token instead of the prompt tokens' mean"},
-    {"file": "syp.py", "old": "P_D = P_D * S_d[:, :, None]", "new": "P_D = P_D * S_d[:, :, None] if k != 'text' else P_D",
+    {"file": "syp.py", "old": "P_D = P_D * S_d[:, :, None]",
+     "new": "P_D = P_D * S_d[:, :, None] if k != 'text' else P_D",
      "why": "(E3) S_d not shared: the text tower's base prompt is left unscaled"},
-    {"file": "syp.py", "old": "nn.Sequential(nn.Linear(D, D // r), nn.GELU(), nn.Linear(D // r, D), nn.LayerNorm(D))",
-     "new": "nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D // r), nn.GELU(), nn.Linear(D // r, D))",
+    {"file": "syp.py", "old": "nn.Linear(D, D // r), nn.GELU(), nn.Linear(D // r, D), nn.LayerNorm(D))",
+     "new": "nn.LayerNorm(D), nn.Linear(D, D // r), nn.GELU(), nn.Linear(D // r, D))",
      "why": "(E6) F_i with the LayerNorm first (DCP's order) instead of last"},
     {"file": "syp.py", "old": 'P = self.prompt.propagate(i, {"image": x[:, :n], "text": t[:, :n]})',
      "new": "P = self.prompt.propagate(i, P)",
@@ -47,14 +48,25 @@ MUTATIONS = [
     {"file": "syp.py", "old": "return zero_missing(x.mean(1), masked_mean(t, clip_text_mask(batch[\"text\"])), m)",
      "new": "return torch.cat([x.mean(1), masked_mean(t, clip_text_mask(batch[\"text\"]))], -1)",
      "why": "(E1) X_C without the zero tensor of the missing modality (CLIP)"},
-    {"file": "syp.py", "old": "zero_missing(masked_mean(x[:, L_t:], t[:, L_t:]), masked_mean(x[:, :L_t], t[:, :L_t]), m)",
-     "new": "zero_missing(masked_mean(x[:, :L_t], t[:, :L_t]), masked_mean(x[:, L_t:], t[:, L_t:]), m)",
+    {"file": "syp.py", "old": "masked_mean(x[:, L_t:], t[:, L_t:]), masked_mean(x[:, :L_t], t[:, :L_t]), m)",
+     "new": "masked_mean(x[:, :L_t], t[:, :L_t]), masked_mean(x[:, L_t:], t[:, L_t:]), m)",
      "why": "(E1) ViLT: X_I and X_T swapped (text tokens as the image feature)"},
     {"file": "syp.py", "old": "mask[:n] = 0", "new": "mask[:0] = 0",
      "why": "CLIP text: prompt rows left causal, so the text prompts never see the text"},
-    {"file": "syp.py", "old": "            if 1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1\n                P =",
-     "new": "            if 2 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1\n                P =",
+    {"file": "syp.py",
+     "old": "1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1\n"
+            "                P =",
+     "new": "2 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1\n"
+            "                P =",
      "why": "(E6) CLIP: layer 1's prompts are carried instead of propagated"},
+    {"file": "syp.py", "old": 'self.prompt.propagate(i, {"joint": x[:, :n]})',
+     "new": 'self.prompt.propagate(i, {"joint": x[:, n:2 * n]})',
+     "why": "(E6) ViLT: F_i of the first L_p non-prompt tokens instead of the prompts"},
+    {"file": "syp.py", "old": "mask = torch.cat([mask.new_ones(len(m), n), mask], dim=1)",
+     "new": "mask = torch.cat([mask.new_zeros(len(m), n), mask], dim=1)",
+     "why": "ViLT: the prompts masked out as keys (no token attends to them)"},
+    {"file": "syp.py", "old": "nn.init.zeros_(self.head.bias)", "new": "nn.init.ones_(self.head.bias)",
+     "why": "the FC's initialisation: bias 1 instead of DCP's 0"},
     {"file": "syp.py", "old": "P_S = self.G[k](self.P_S[m])", "new": "P_S = self.G[k](self.P_S[0])",
      "why": "(E4) the static prompt of the complete case for every sample"},
     {"file": "syp.py", "old": "return bb.final_norm(x[:, :n].mean(1)), S_d, None",
@@ -165,6 +177,8 @@ def test_defaults_and_the_paper_rows_of_the_flags(capsys):
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.warmup) == (1e-3, 2e-2, 32, 20, 0.1)
     assert args.paper_backbone == "clip" and not (args.no_dynamic or args.no_static or args.no_adapter)
     assert syp.paper_variant(args) is None and syp.check_args(args) is None
+    head = syp.SyP(backbone("tiny-clip"), 101).head                             # FC: N(0, 0.02), bias 0 (DCP)
+    assert (head.bias == 0).all() and abs(float(head.weight.detach().std()) - 0.02) < 0.002
     rows = {(): None, ("--no-static",): "dynamic-only", ("--no-dynamic",): "static-only",
             ("--no-static", "--no-adapter"): "base-only", ("--no-adapter",): "no-adapter",
             ("--no-dynamic", "--no-static", "--head", "cls"): "classifier-only",
@@ -269,11 +283,11 @@ def test_logits_ignore_the_missing_modality(head):
     assert (a[m == COMPLETE] - c[m == COMPLETE]).abs().amax(-1).min() > 1e-5
 
 
-def test_propagation_and_the_text_mask():
-    """CLIP, M = 3 of 4 layers: the prompt tokens entering layer i (1 <= i < M) are F_i = LN(FC(GELU(FC(.)))) of
-    the prompt tokens that LEFT layer i-1, per tower, the other tokens pass on; from layer M the prompts are carried.
-    Text: the prompt rows see the whole text, the text rows stay causal."""
-    bb, n, depth = backbone("tiny-clip"), 4, 3
+@pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
+def test_propagation_from_the_tokens_that_left_the_previous_layer(kind):
+    """M = 3 of 4 layers: the prompt tokens entering layer i (1 <= i < M) are F_i = LN(FC(GELU(FC(.)))) of the
+    prompt tokens that LEFT layer i-1, per tower, the other tokens pass on; from layer M the prompts are carried."""
+    bb, n, depth = backbone(kind), 4, 3
     model = syp.SyP(bb, 4, length=n, depth=depth).eval()
     batch = toy_batch(bb)
     seen = record(bb, lambda: model(batch))
@@ -286,12 +300,37 @@ def test_propagation_and_the_text_mask():
                 assert torch.allclose(ins[i][:, :n], expected, atol=1e-5), (k, i)
             else:
                 assert torch.equal(ins[i][:, :n], outs[i - 1][:, :n]), (k, i)
+
+
+@pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
+def test_attention_masks_of_the_prompts(kind):
+    """Each recorded block output equals the library block on the recorded input under a mask built here: CLIP
+    text, by a loop, -inf above the diagonal except in the L_p prompt rows; ViLT, prompts visible to all. CLIP text:
+    the prompts see the words at layer 0 while SOT and the first word do not see later words."""
+    bb, n = backbone(kind), 4
+    model = syp.SyP(bb, 4, length=n, adapter=False).eval()                   # X_T would move S_d, hence SOT
+    batch = toy_batch(bb)
+    torch.manual_seed(1)
+    seen = record(bb, lambda: model(batch))
+    with torch.no_grad():
+        if kind == "tiny-vilt":
+            torch.manual_seed(1)
+            mask = torch.cat([torch.ones(8, n, dtype=torch.long), bb.embed(batch)[1]], 1)
+            bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+            ins, outs = seen["joint"]
+            assert torch.allclose(bb.vilt.encoder.layer[1](ins[1], bias)[0], outs[1], atol=1e-5)
+            return
+        ins, outs = seen["text"]
+        L = ins[1].shape[1]
+        mask = torch.zeros(L, L)
+        for r in range(n, L):
+            mask[r, r + 1:] = float("-inf")
+        assert torch.allclose(bb.model.transformer.resblocks[1](ins[1], attn_mask=mask), outs[1], atol=1e-5)
     later = dict(batch, text=batch["text"].clone())
     row = int(torch.nonzero(batch["missing"] != TEXT_MISSING)[0])
     eot = int(batch["text"][row].argmax())
     later["text"][row, 2:eot] = torch.flip(batch["text"][row, 2:eot], [0]) + 1    # change every word after the first
-    plain = syp.SyP(bb, 4, length=n, depth=depth, adapter=False).eval()      # X_T would move S_d, hence SOT
-    t0, t1 = (record(bb, lambda b=b: plain(b))["text"][1][0][row] for b in (batch, later))
+    t0, t1 = (record(bb, lambda b=b: model(b))["text"][1][0][row] for b in (batch, later))
     assert (t0[:n] - t1[:n]).abs().max() > 1e-4                                 # prompts see the text at layer 0
     assert torch.allclose(t0[n:n + 2], t1[n:n + 2], atol=1e-6)                  # SOT and word 1 do not see later words
 
