@@ -185,6 +185,8 @@ class SyP(nn.Module):
         super().__init__()
         self.bb, self.head_type = bb, head
         prompts = dynamic or static
+        if not prompts and head == "prompts":
+            raise ValueError("no prompt to pool: dynamic=False with static=False needs head='cls' (Table 3)")
         self.length, self.depth = (length, min(depth, bb.num_layers)) if prompts else (0, 0)
         if bb.kind == "clip":
             towers, d_x, d_s, width = ({"image": bb.width_image, "text": bb.width_text},

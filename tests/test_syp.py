@@ -371,6 +371,8 @@ def test_classifier_only_is_a_head_on_the_frozen_features(kind):
     bb = backbone(kind)
     model = syp.SyP(bb, 4, length=4, dynamic=False, static=False, head="cls").eval()
     assert model.prompt is None and model.length == model.depth == 0
+    with pytest.raises(ValueError, match="head='cls'"):
+        syp.SyP(bb, 4, dynamic=False, static=False)
     batch = toy_batch(bb)
     with torch.no_grad():
         if kind == "tiny-clip":
