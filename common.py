@@ -32,7 +32,7 @@ contrastive logit is computed in fp32 with autocast off, through `fp32_logits`.
 
 Dummy inputs for a missing modality (one place, `Collate`): text -> "" (tokenises to start/end tokens and
 padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for ViLT, DCP
-for CLIP). Methods whose paper says so (SyP, DCP) also zero the missing feature themselves.
+for CLIP). SyP zeroes the missing tower's feature itself before its head, as DCP's code does (not its paper).
 """
 import argparse
 import collections

@@ -1,53 +1,64 @@
 """SyP: Synergistic Prompting for Robust Visual Recognition with Missing Modalities (Zhang et al., ICCV 2025,
 arXiv 2507.07802).
 
-Official code: none: implemented from the paper (arXiv 2507.07802). Its sizes (36 prompt tokens, 6 layers)
-and its baseline are those of DCP, hulianyuyy/Deep_Correlated_Prompting @ 35195347e5b74c473ce9fbca6d7dbd7d9b672e3f,
-whose conventions fill the gaps below.
+Official code: none: implemented from the paper. Its sizes (36 prompt tokens, 6 layers) and its baseline are those
+of DCP, hulianyuyy/Deep_Correlated_Prompting @ 3519534 (clip/modules/clip_missing_aware_prompt_module.py,
+clip/modules/vision_transformer_prompts.py), whose conventions fill the gaps marked (DCP) below.
 
-Map from the paper to this file. The equation labels (E1)-(E8) are ours, in the order of the paper's method section:
-the summary we could read elides the equations and their numbers.
-    (E1) X = [X_I; X_T], features of the current input, the missing one zero   -> `SyP.forward_clip / forward_vilt`
-    (E2) S_d = sigmoid(W_2 delta(W_1 X)), the Dynamic Adapter, ratio r          -> `SynergisticPrompts.adapter`
-    (E3) P_d = S_d * P_b, the dynamic prompt of missing case m                  -> `SynergisticPrompts.first`
-    (E4) P_s^I = F_I(P_s), P_s^T = F_T(P_s), the shared static prompt           -> `SynergisticPrompts.first`
-    (E5) P = P_d + P_s, the synergistic prompt, prepended in each tower         -> `SynergisticPrompts.first`
-    (E6) P^i = F^i(P^{i-1}, features of layer i), the first M layers           -> `Propagation`, the layer loops
-    (E7) logits = FC([f_I; f_T])                                                -> `SyP.forward`
-    (E8) L_total = sum_i L_i, the task loss                                     -> `loss_fn` in `main`
-    Ablations: --no-dynamic (P = P_s, Table 3), --no-static (P = P_d, Table 3), --no-adapter (P_d = P_b, Table 4);
-    --no-static --no-adapter is Table 4's base prompt only; --no-dynamic with --no-static is refused (no prompt).
+Map from the paper (method section; notation the paper's, labels (E1)-(E8) ours, in the paper's order):
+    (E1) X_C = [X_I, X_T], X_I in R^{d_I}, X_T in R^{d_T}, a missing modality a zero tensor -> `input_features`
+    (E2) S_d = sigmoid(W_2 ReLU(W_1 X_C + b_1) + b_2), the Dynamic Adapter, reduction r  -> `SynergisticPrompts.adapter`
+    (E3) P_{I,D} = P_{I,B} (.) S_d,  P_{T,D} = P_{T,B} (.) S_d: ONE S_d for both towers  -> `SynergisticPrompts.first`
+    (E4) P_{I,S} = G_I(P_S),  P_{T,S} = G_T(P_S): linear projections of one static P_S  -> `SynergisticPrompts.first`
+    (E5) P_m^I = P_{I,D} + P_{I,S},  P_m^T = P_{T,D} + P_{T,S}, prepended to each tower  -> `first`, `forward_clip`
+    (E6) P_m^{I,R_i} = F_i(P_m^{I,R_{i-1}}) = LN(FC(GELU(FC(P_m^{I,R_{i-1}})))), also T -> `propagation`, the loops
+    (E7) P_final = FC(P_m^{I,R} || P_m^{T,R}), the prompt features of each tower          -> `head_features`, `head`
+    (E8) L_total = sum_i L_i(P_final^(i)), the task loss                                  -> `loss_fn` in `main`
+    Missing cases m in {c, m1, m2} = (complete, image missing, text missing) in the paper; this repository's codes
+    are the reverse for m1/m2: 0 = complete, 1 = TEXT missing, 2 = IMAGE missing (data.py).
+Ablations (Tables 3, 4; `paper_variant` names the row a run reproduces): --no-dynamic (static prompt only),
+--no-static (dynamic prompt only = base prompt + adapter), --no-static --no-adapter (base prompt only), --no-adapter
+(synergistic prompts without the adapter), --no-dynamic --no-static --head cls (classifier fine-tuning only).
 
-Deviations and assumptions (each also marked ASSUMPTION where it is coded):
-    - X_I, X_T: the frozen backbone's prompt-free pooled features (one extra no-grad pass), missing one zeroed.
-    - Adapter: delta = ReLU, r = 16, W_1: 2E -> 2E/r, W_2: 2E/r -> D; S_d is channel-wise, shared by the P tokens.
-    - One adapter, one base prompt P_b (3 cases x P x D) and one projection F per tower; P_b, P_s ~ N(0, 0.02).
-    - P_s: one per missing case, like DCP's common prompts, of width E, projected by F_I, F_T = Linear(E, D).
-    - One block of P = 36 tokens per tower (DCP splits its 36 into three groups of 12).
-    - (E6), DCP-style replacement: at layers 1..M-1 the prompt tokens are replaced by F^i(P^{i-1}, h^i), where
-      P^{i-1} is the prompt that entered layer i-1 in both towers and h^i the layer input's pooled token (image
-      [CLS], text EOT); after layer M-1 the prompt outputs are carried to the end.
-    - F^i = LayerNorm(prompts) + LayerNorm(h^i) -> Linear(d -> d/16) -> GELU -> Linear(-> D), d = D_v + D_t:
-      DCP's projection with the summary added; two norms so neither part swamps the other.
-    - Missing inputs: common.py's dummy inputs ('' and an all-ones image), not zero tensors; the missing
-      modality's pooled feature is zeroed before the FC (DCP). FC = Linear(2E, C), N(0, 0.02), bias 0 (DCP).
-    - (E8) the batch mean instead of the sum (a constant factor; AdamW is insensitive to it).
+Assumptions (the paper is silent; each also marked ASSUMPTION where it is coded):
+    - (E1) X_I, X_T: the mean of each modality's tokens at the layer-0 input (embedding output; CLIP text over
+      SOT..EOT, ViLT over its unpadded tokens), the missing one zeroed: no extra encoder pass, the same reading on
+      both backbones, d_I = D_v and d_T = D_t as the paper's two widths allow.
+    - (E3) S_d in [0, 1]^{L_p}, one scale per prompt token that scales the whole token row in both towers: the one
+      shared S_d the equation asks for, with no new projection although D_v != D_t on CLIP.
+    - (E2) W_1: d_I + d_T -> (d_I + d_T) / r, W_2: -> L_p; r = 16 (not reported; DCP's r).
+    - P_{k,B} (3 x L_p x D_k) and P_S (3 x L_p x D_t) are indexed by the missing case m (P_m's subscript; DCP's
+      per-case prompts), N(0, 0.02) (DCP); P_S has the text width D_t (DCP's common prompts); G_k = Linear(D_t, D_k).
+    - (E6) F_i's argument is the prompt part of layer i-1's OUTPUT (the tokens that left it), which replaces the
+      prompt part of layer i's input for 1 <= i < M; the prose's "current layer's input features" enter through
+      attention. DCP instead maps the prompt that entered layer i-1. After layer M-1 the prompts are carried.
+    - (E6) F_i's hidden width D_k / r (DCP's projections); one F_i per tower and layer.
+    - (E7) A tower's prompt feature: the mean of its L_p prompt tokens at the encoder output, through the tower's
+      frozen final norm and projection (CLIP: ln_post, proj; ln_final, text_projection), so 2E = DCP's head width.
+    - CLIP text tower: prompts before SOT, text rows causal; the prompt rows of the attention mask are opened (a
+      prompt sees every position), else under the causal mask P^{T,R} would never see the text it is to carry.
+    - Missing inputs: common.py's dummy inputs ('' and an all-ones image); the missing tower's feature is zeroed
+      before the FC (DCP's code, not the paper), so a sample's logits ignore its missing modality (CLIP).
+    - FC = Linear(2E, C), N(0, 0.02), bias 0 (DCP). (E8): the batch mean instead of the sum (a constant factor).
     - Schedule (not stated): 10% linear warm-up, then linear decay (DCP, MAP).
-    - ViLT (not in the paper): one joint stream of width D, prompts before [CLS]; X = [mean patch embedding;
-      mean text-token embedding] of the layer-0 input, the missing one zeroed; one projection F; h^i = [CLS];
-      head = a trained copy of ViLT's pooler + Linear(D, C).
+    - --head cls: DCP's head (CLIP's pooled [CLS] and EOT after the prompts, missing half zeroed; the prompt rows
+      stay opened), kept because Table 3's classifier-only row has no prompts to pool, and to compare the heads.
+    - ViLT (not in the paper): one joint stream of width D, one P_B, G and F_i, prompts before [CLS]; head = FC on
+      the prompt feature after ViLT's final norm (--head cls: a trained copy of ViLT's pooler on [CLS], as MAP);
+      the missing modality's dummy tokens stay in the joint stream (MAP), only X_C zeroes it.
     - Tiny backbones have 4 layers: M = min(--prompt-depth, layers).
     - CLIP: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
     - Recipe (README): DCP's no-decay names, val once per epoch, MM-IMDb per plot; on ViLT LN eps 1e-6, no dropout.
 
-Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's setting)
-       python syp.py --dataset food101 --missing text --rate 0.7 --no-static   (Table 3, dynamic prompt only)
+Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's backbone)
+       python syp.py --dataset food101 --missing both --rate 0.7            (the paper's main table: 82.45)
+       python syp.py --dataset food101 --missing both --rate 0.5 --no-static   (Table 3, dynamic prompt only)
        python syp.py --dataset toy --backbone tiny-clip                       (offline, CPU, a few minutes)
 """
 import torch
 import torch.nn as nn
 
-from common import build_parser, cli, finish, fit, masked_mean, setup, task_loss
+from common import build_parser, cli, clip_text_mask, finish, fit, masked_mean, setup, task_loss
 from data import IMAGE_MISSING, TEXT_MISSING
 
 
@@ -57,168 +68,213 @@ def parser():
     p.add_argument("--prompt-length", type=int, default=36, help="L_p, prompt tokens per tower (paper, setup)")
     p.add_argument("--prompt-depth", type=int, default=6, help="M, prompted layers from the first (paper, setup)")
     p.add_argument("--reduction", type=int, default=16,
-                   help="r, reduction ratio of the Dynamic Adapter and of F^i (not reported; DCP's 16)")
-    ablation = p.add_mutually_exclusive_group()
-    ablation.add_argument("--no-dynamic", action="store_true",
-                          help="drop the base prompt P_b and the Dynamic Adapter: P = P_s (Table 3, static only)")
-    ablation.add_argument("--no-static", action="store_true",
-                          help="drop the static prompt P_s and F_I, F_T: P = P_d (Table 3, dynamic only)")
+                   help="r, reduction ratio of the Dynamic Adapter and of F_i (not reported; DCP's 16)")
+    p.add_argument("--head", default="prompts", choices=["prompts", "cls"],
+                   help="FC on the towers' prompt features (paper, E7) or on the pooled [CLS]/EOT (DCP)")
+    p.add_argument("--no-dynamic", action="store_true",
+                   help="drop P_B and the Dynamic Adapter: P = P_S projected (Table 3, static prompt only)")
+    p.add_argument("--no-static", action="store_true",
+                   help="drop P_S and G_I, G_T: P = P_D (Table 3, dynamic prompt only)")
     p.add_argument("--no-adapter", action="store_true",
-                   help="drop the Dynamic Adapter: P_d = P_b, so P = P_b + P_s (Table 4)")
+                   help="drop the Dynamic Adapter: P_D = P_B (Table 4)")
     # AdamW, lr 1e-3, weight decay 2e-2, batch 32, 20 epochs (paper). ASSUMPTION: 10% warm-up, linear decay.
     p.set_defaults(lr=1e-3, weight_decay=2e-2, batch_size=32, micro_batch=32, epochs=20, schedule="linear",
                    warmup=0.1)
     return p
 
 
+def check_args(args):
+    """Flag combinations that name no model stop here with the fix."""
+    if args.prompt_length < 1 or args.prompt_depth < 1:
+        return ("--prompt-length and --prompt-depth must be >= 1; the run without prompts (Table 3, classifier "
+                "fine-tuning only) is --no-dynamic --no-static --head cls")
+    if args.no_dynamic and args.no_adapter:
+        return "--no-adapter with --no-dynamic: there is no adapter left to drop; remove --no-adapter"
+    if args.no_dynamic and args.no_static and args.head == "prompts":
+        return "--no-dynamic --no-static leaves no prompt for --head prompts to pool; add --head cls (Table 3)"
+    return None
+
+
+def paper_variant(args):
+    """The ablation row of Table 3/4 these flags reproduce; None = the full SyP; a name of no row otherwise."""
+    prompts = not (args.no_dynamic and args.no_static)
+    row = {(False, False, False): None, (False, True, False): "dynamic-only", (True, False, False): "static-only",
+           (False, True, True): "base-only", (False, False, True): "no-adapter",
+           (True, True, False): "classifier-only"}[(args.no_dynamic, args.no_static, args.no_adapter)]
+    off = ["head-cls"] if prompts and args.head == "cls" else []
+    off += [f"{k}={v}" for k, v, paper in (("prompt-length", args.prompt_length, 36),
+                                           ("prompt-depth", args.prompt_depth, 6)) if prompts and v != paper]
+    return "+".join([row or "full"] + off) if off else row
+
+
 # ---------------------------------------------------------------------------------------------------------
 # SyP: prompt module (Dynamic Adapter, Synergistic Prompting Strategy, inter-layer propagation)
 # ---------------------------------------------------------------------------------------------------------
-class Propagation(nn.Module):
-    """(E6) F^i for every tower, from the previous layer's prompts of all towers and the current layer input."""
-
-    def __init__(self, towers, r):
-        super().__init__()
-        d = sum(towers.values())                                    # D_v + D_t (CLIP) or D (ViLT)
-        # ASSUMPTION: DCP's LayerNorm -> Linear(d, d/r) -> GELU -> Linear(d/r, D), the summary h^i added
-        # after its own LayerNorm.
-        self.norm_prompt, self.norm_input = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.mlp = nn.ModuleDict({k: nn.Sequential(nn.Linear(d, d // r), nn.GELU(), nn.Linear(d // r, D))
-                                  for k, D in towers.items()})
-
-    def forward(self, P, h):                                        # P {k: (B, P, D_k)}, h {k: (B, D_k)}
-        prompts = self.norm_prompt(torch.cat([P[k] for k in self.mlp], dim=-1))           # (B, P, d)
-        inputs = self.norm_input(torch.cat([h[k] for k in self.mlp], dim=-1))[:, None]   # (B, 1, d)
-        return {k: mlp(prompts + inputs) for k, mlp in self.mlp.items()}  # (E6): P^i = F^i(P^{i-1}, h^i)
+def propagation(D, r):
+    """(E6) F_i = LN(FC(GELU(FC(.)))) on one tower's prompt tokens: (B, L_p, D) -> (B, L_p, D)."""
+    # ASSUMPTION: hidden width D / r (DCP's projections).
+    return nn.Sequential(nn.Linear(D, D // r), nn.GELU(), nn.Linear(D // r, D), nn.LayerNorm(D))
 
 
 class SynergisticPrompts(nn.Module):
-    """The synergistic prompt of the first layer (E2)-(E5) and its propagation (E6). `towers` maps each stream
-    to its width: {"image": D_v, "text": D_t} for CLIP, {"joint": D} for ViLT. d_x: width of X. Cases are
-    indexed by the missing codes 0 = complete, 1 = text missing, 2 = image missing."""
+    """The synergistic prompt of the first layer (E2)-(E5) and its propagation (E6). `towers` maps each stream to
+    its width: {"image": D_v, "text": D_t} for CLIP, {"joint": D} for ViLT; d_x = d_I + d_T, d_s the width of P_S.
+    Cases are indexed by the missing codes 0 = complete, 1 = text missing, 2 = image missing (the paper's m1, m2
+    are the reverse)."""
 
-    def __init__(self, towers, d_x, length, depth, r=16, dynamic=True, static=True, adapter=True):
+    def __init__(self, towers, d_x, d_s, length, depth, r=16, dynamic=True, static=True, adapter=True):
         super().__init__()
         self.towers = towers
-        # ASSUMPTION: one block of P tokens per tower; P_b and P_s initialised N(0, 0.02), as DCP's prompts.
-        self.base = nn.ParameterDict({k: nn.Parameter(0.02 * torch.randn(3, length, D))    # P_b: (3, P, D)
-                                      for k, D in towers.items()}) if dynamic else None
-        # ASSUMPTION: delta = ReLU, r = 16, one channel-wise scale per tower: (B, d_x) -> (B, D).
-        self.adapter = nn.ModuleDict({k: nn.Sequential(nn.Linear(d_x, d_x // r), nn.ReLU(), nn.Linear(d_x // r, D),
-                                                       nn.Sigmoid())
-                                      for k, D in towers.items()}) if dynamic and adapter else None
-        # ASSUMPTION: one static prompt per missing case (DCP's common prompts), width d_x / 2 (E for CLIP).
-        self.static = nn.Parameter(0.02 * torch.randn(3, length, d_x // 2)) if static else None  # P_s: (3, P, E)
-        self.project = nn.ModuleDict({k: nn.Linear(d_x // 2, D) for k, D in towers.items()}) if static else None
-        self.F = nn.ModuleList([Propagation(towers, r) for _ in range(1, depth)])    # F^1 .. F^{M-1}
+        # ASSUMPTION: P_B and P_S per missing case, N(0, 0.02) (DCP's prompts).
+        self.P_B = nn.ParameterDict({k: nn.Parameter(0.02 * torch.randn(3, length, D))    # (3, L_p, D_k)
+                                     for k, D in towers.items()}) if dynamic else None
+        # (E2), ASSUMPTION: S_d has one entry per prompt token, (B, d_x) -> (B, L_p), shared by the towers.
+        self.adapter = nn.Sequential(nn.Linear(d_x, d_x // r), nn.ReLU(), nn.Linear(d_x // r, length),
+                                     nn.Sigmoid()) if dynamic and adapter else None
+        self.P_S = nn.Parameter(0.02 * torch.randn(3, length, d_s)) if static else None    # (3, L_p, d_s)
+        self.G = nn.ModuleDict({k: nn.Linear(d_s, D) for k, D in towers.items()}) if static else None
+        self.F = nn.ModuleDict({k: nn.ModuleList([propagation(D, r) for _ in range(1, depth)])   # F_1 .. F_{M-1}
+                                for k, D in towers.items()})
 
-    def first(self, m, X):
-        """m (B,) missing codes, X (B, d_x) or None -> P^0 {k: (B, P, D_k)}, S_d {k: (B, D_k)} or None."""
-        S_d = {k: a(X) for k, a in self.adapter.items()} if self.adapter is not None else None  # (E2)
+    def first(self, m, X_C):
+        """m (B,) missing codes, X_C (B, d_x) -> P^{R_0} {k: (B, L_p, D_k)}, S_d (B, L_p) or None."""
+        S_d = self.adapter(X_C) if self.adapter is not None else None            # (E2)
         P = {}
         for k in self.towers:
-            P_d = P_s = 0
-            if self.base is not None:
-                P_b = self.base[k][m]                                # (B, P, D): the base prompt of each case
-                P_d = S_d[k][:, None] * P_b if S_d is not None else P_b   # (E3): P_d = S_d * P_b
-            if self.static is not None:
-                P_s = self.project[k](self.static[m])                # (E4): P_s^k = F_k(P_s), (B, P, D)
-            P[k] = P_d + P_s                                         # (E5): P = P_d + P_s
+            P_D = P_S = 0
+            if self.P_B is not None:
+                P_D = self.P_B[k][m]                                             # P_{k,B} of each case, (B, L_p, D)
+                if S_d is not None:
+                    P_D = P_D * S_d[:, :, None]                                  # (E3): P_{k,D} = P_{k,B} (.) S_d
+            if self.P_S is not None:
+                P_S = self.G[k](self.P_S[m])                                     # (E4): P_{k,S} = G_k(P_S)
+            P[k] = P_D + P_S                                                     # (E5): P_m^k = P_{k,D} + P_{k,S}
         return P, S_d
+
+    def propagate(self, i, P):
+        """(E6) P^{R_i} = F_i(P^{R_{i-1}}) per tower, 1 <= i < M."""
+        return {k: self.F[k][i - 1](P[k]) for k in P}
 
 
 def zero_missing(f_I, f_T, m):
-    """[f_I; f_T] with the missing modality's half set to zero: (B, 2E)."""
+    """[f_I; f_T] with the missing modality's half set to zero: (B, d_I + d_T)."""
     return torch.cat([f_I * (m != IMAGE_MISSING)[:, None], f_T * (m != TEXT_MISSING)[:, None]], dim=-1)
+
+
+def input_features(bb, batch, x, t):
+    """(E1) X_C from the layer-0 inputs: CLIP x (B, L_v, D_v), t (B, 77, D_t); ViLT x = joint (B, L, D), t = mask."""
+    m = batch["missing"]
+    if bb.kind == "clip":                    # ASSUMPTION: the modality's token mean at the layer-0 input
+        return zero_missing(x.mean(1), masked_mean(t, clip_text_mask(batch["text"])), m)
+    L_t = batch["input_ids"].shape[1]
+    return zero_missing(masked_mean(x[:, L_t:], t[:, L_t:]), masked_mean(x[:, :L_t], t[:, :L_t]), m)
+
+
+def open_prompt_rows(bb, n, length, device, dtype):
+    """CLIP's causal mask over [L_p prompts; 77 text tokens] with the prompt rows opened: (L_p + 77, L_p + 77)."""
+    mask = bb.causal_mask(length, device, dtype).clone()
+    mask[:n] = 0                             # ASSUMPTION: a text prompt sees the whole text (else P^{T,R} cannot)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------------------
 # SyP: forward
 # ---------------------------------------------------------------------------------------------------------
 class SyP(nn.Module):
-    def __init__(self, bb, num_outputs, length=36, depth=6, r=16, dynamic=True, static=True, adapter=True):
+    def __init__(self, bb, num_outputs, length=36, depth=6, r=16, dynamic=True, static=True, adapter=True,
+                 head="prompts"):
         super().__init__()
-        self.bb, self.length = bb, length
-        self.depth = min(depth, bb.num_layers)
+        self.bb, self.head_type = bb, head
+        prompts = dynamic or static
+        if not prompts and head == "prompts":
+            raise ValueError("no prompt to pool: dynamic=False with static=False needs head='cls' (Table 3)")
+        self.length, self.depth = (length, min(depth, bb.num_layers)) if prompts else (0, 0)
         if bb.kind == "clip":
-            towers, d_x = {"image": bb.width_image, "text": bb.width_text}, 2 * bb.embed_dim
-            self.head = nn.Linear(2 * bb.embed_dim, num_outputs)    # (E7): FC on [f_I; f_T]
-            nn.init.normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            towers, d_x, d_s, width = ({"image": bb.width_image, "text": bb.width_text},
+                                       bb.width_image + bb.width_text, bb.width_text, 2 * bb.embed_dim)
         else:
-            towers, d_x = {"joint": bb.width}, 2 * bb.width
-            self.pooler = bb.pooler_copy()                          # ASSUMPTION: ViLT's pooler trained, as MAP
-            self.head = nn.Linear(bb.width, num_outputs)
-        self.prompt = SynergisticPrompts(towers, d_x, length, self.depth, r, dynamic, static, adapter)
+            towers, d_x, d_s, width = {"joint": bb.width}, 2 * bb.width, bb.width, bb.width
+            if head == "cls":
+                self.pooler = bb.pooler_copy()                      # ASSUMPTION: ViLT's pooler trained, as MAP
+        self.head = nn.Linear(width, num_outputs)                   # (E7): the FC
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.prompt = SynergisticPrompts(towers, d_x, d_s, length, self.depth, r, dynamic, static, adapter) \
+            if prompts else None
 
     def forward(self, batch):
         forward = self.forward_clip if self.bb.kind == "clip" else self.forward_vilt
         feature, S_d, prompt_means = forward(batch)
-        S_d = torch.cat(list(S_d.values()), -1) if S_d is not None else None
-        out = {"logits": self.head(feature), "S_d": S_d}            # S_d (B, sum D_k): for inspection
+        out = {"logits": self.head(feature), "S_d": S_d}            # S_d (B, L_p): for inspection
         return dict(out, prompt_means=prompt_means) if prompt_means else out   # per-tower (B, M, D_k), --nm2i
 
     def forward_clip(self, batch):
-        bb, m, ids = self.bb, batch["missing"], batch["text"]
-        X = None
-        if self.prompt.adapter is not None:
-            with torch.no_grad():                                   # ASSUMPTION: X from prompt-free features
-                X = zero_missing(*bb.encode(batch), m)              # (E1): X = [X_I; X_T], (B, 2E)
-        P, S_d = self.prompt.first(m, X)                            # P^0: (B, P, D_v), (B, P, D_t)
-        x, t = bb.image_embed(batch["image"]), bb.text_embed(ids)   # (B, L_v, D_v), (B, 77, D_t)
-        x = torch.cat([P["image"].to(x.dtype), x], dim=1)           # (E5): prepended, (B, P + L_v, D_v)
-        t = torch.cat([P["text"].to(t.dtype), t], dim=1)            # before SOT, under the causal mask
-        n, rows = self.length, torch.arange(len(m), device=m.device)
-        eot = n + ids.argmax(dim=-1)                                # the EOT position after the prompts
-        means = {"image": [P["image"].mean(1)], "text": [P["text"].mean(1)]}
+        bb, m, ids, n = self.bb, batch["missing"], batch["text"], self.length
+        x, t = bb.image_embed(batch["image"]), bb.text_embed(ids)   # layer-0 inputs (B, L_v, D_v), (B, 77, D_t)
+        S_d, means = None, {}
+        if self.prompt is not None:
+            P, S_d = self.prompt.first(m, input_features(bb, batch, x, t))      # (E1)-(E5): P^{R_0}
+            x = torch.cat([P["image"].to(x.dtype), x], dim=1)       # (E5): prepended, (B, L_p + L_v, D_v)
+            t = torch.cat([P["text"].to(t.dtype), t], dim=1)        # before SOT, (B, L_p + 77, D_t)
+            means = {"image": [P["image"].mean(1)], "text": [P["text"].mean(1)]}
+        mask = open_prompt_rows(bb, n, t.shape[1], t.device, t.dtype)
         for i in range(bb.num_layers):
-            if 1 <= i < self.depth:                                 # (E6): replace layer i-1's prompt tokens
-                # ASSUMPTION: the features of layer i are its input's [CLS] (image) and EOT (text) tokens.
-                P = self.prompt.F[i - 1](P, {"image": x[:, n], "text": t[rows, eot]})
+            if 1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1
+                P = self.prompt.propagate(i, {"image": x[:, :n], "text": t[:, :n]})
                 x = torch.cat([P["image"].to(x.dtype), x[:, n:]], dim=1)
                 t = torch.cat([P["text"].to(t.dtype), t[:, n:]], dim=1)
                 means["image"].append(P["image"].mean(1))
                 means["text"].append(P["text"].mean(1))
-            x, t = bb.image_block(i, x), bb.text_block(i, t)        # after layer M-1 the prompts are carried
-        # ASSUMPTION (DCP): the missing modality's pooled feature is zeroed before the FC.
-        feature = zero_missing(bb.image_pool(x, n), bb.text_pool(t, ids, n), m)   # (B, 2E)
+            x = bb.image_block(i, x)                                # after layer M-1 the prompts are carried
+            t = bb.model.transformer.resblocks[i](t, attn_mask=mask)   # common's text_block, SyP's mask
+        feature = zero_missing(*self.head_features(x, t, ids), m)  # ASSUMPTION (DCP): missing half zeroed
         return feature, S_d, {k: torch.stack(v, 1) for k, v in means.items()}
 
+    def head_features(self, x, t, ids):
+        """(E7) -> f_I (B, E), f_T (B, E): the towers' prompt features, or (--head cls) the pooled [CLS] and EOT."""
+        bb, n = self.bb, self.length
+        if self.head_type == "cls":
+            return bb.image_pool(x, n), bb.text_pool(t, ids, n)
+        visual, clip = bb.model.visual, bb.model                    # ASSUMPTION: token mean, frozen norm + proj
+        return visual.ln_post(x[:, :n].mean(1)) @ visual.proj, clip.ln_final(t[:, :n].mean(1)) @ clip.text_projection
+
     def forward_vilt(self, batch):
-        bb, m = self.bb, batch["missing"]
+        bb, m, n = self.bb, batch["missing"], self.length
         x, mask = bb.embed(batch)                                   # (B, L_t + L_v, D), text first
-        X = None
-        if self.prompt.adapter is not None:
-            L_t = batch["input_ids"].shape[1]
-            # (E1), ASSUMPTION for ViLT: X = [mean patch embedding; mean text-token embedding], (B, 2D)
-            X = zero_missing(masked_mean(x[:, L_t:], mask[:, L_t:]), masked_mean(x[:, :L_t], mask[:, :L_t]), m)
-        P, S_d = self.prompt.first(m, X)                            # P^0: {"joint": (B, P, D)}
-        n = self.length
-        x = torch.cat([P["joint"].to(x.dtype), x], dim=1)           # (E5): before [CLS], (B, P + L, D)
-        bias = bb.attention_bias(torch.cat([mask.new_ones(len(m), n), mask], dim=1), x.dtype)   # once per batch
+        S_d = None
+        if self.prompt is not None:
+            P, S_d = self.prompt.first(m, input_features(bb, batch, x, mask))   # (E1)-(E5): {"joint": (B, L_p, D)}
+            x = torch.cat([P["joint"].to(x.dtype), x], dim=1)       # (E5): before [CLS], (B, L_p + L, D)
+            mask = torch.cat([mask.new_ones(len(m), n), mask], dim=1)
+        bias = bb.attention_bias(mask, x.dtype)                     # once per batch
         for i in range(bb.num_layers):
-            if 1 <= i < self.depth:                                 # (E6): replace, h^i = the input's [CLS]
-                P = self.prompt.F[i - 1](P, {"joint": x[:, n]})
-                x = torch.cat([P["joint"].to(x.dtype), x[:, n:]], dim=1)
+            if 1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1
+                x = torch.cat([self.prompt.propagate(i, {"joint": x[:, :n]})["joint"].to(x.dtype), x[:, n:]], dim=1)
             x = bb.block(i, x, bias)
-        return self.pooler(bb.final_norm(x)[:, n:n + 1]), S_d, None   # (B, D): pooled text [CLS]
+        if self.head_type == "cls":
+            return self.pooler(bb.final_norm(x)[:, n:n + 1]), S_d, None   # (B, D): pooled text [CLS]
+        return bb.final_norm(x[:, :n].mean(1)), S_d, None           # (E7), (B, D): the prompt feature
 
 
 # ---------------------------------------------------------------------------------------------------------
 # SyP: loss (E8) and run
 # ---------------------------------------------------------------------------------------------------------
 def main(args):
+    problem = check_args(args)
+    if problem:
+        parser().error(problem)
     run = setup(args)
     model = SyP(run.bb, run.num_outputs, args.prompt_length, args.prompt_depth, args.reduction,
-                dynamic=not args.no_dynamic, static=not args.no_static, adapter=not args.no_adapter).to(run.device)
-    if model.depth < args.prompt_depth:
+                dynamic=not args.no_dynamic, static=not args.no_static, adapter=not args.no_adapter,
+                head=args.head).to(run.device)
+    if model.prompt is not None and model.depth < args.prompt_depth:
         run.log(f"prompt depth M clamped to the backbone's {model.depth} layers")
 
     def loss_fn(out, batch):               # (E8): task loss only. ASSUMPTION: the batch mean, not the sum
         return task_loss(out["logits"], batch["label"], run.task)
 
     fit(run, model, loss_fn)
-    return finish(run, model)
+    return finish(run, model, extra={"paper_variant": paper_variant(args)})
 
 
 if __name__ == "__main__":
