@@ -476,21 +476,120 @@ def test_single_stages_give_no_gradient_to_the_frozen_modality(backbone, fusion,
         assert all(p.grad is None for p in model.bb.parameters())
 
 
-def test_alignment_teachers_are_frozen_snapshots(tiny_clip):
+class Few:
+    """The first n samples of a split, with its ids (what `teacher_table` reads)."""
+
+    def __init__(self, ds, n):
+        self.ds, self.ids = ds, ds.ids[:n]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def table_run(bb, n=12):
+    """The parts of common.Run that `teacher_table` uses: one process on CPU, a toy training split of n samples."""
+    ds = Few(load_split("toy", None, "train", missing_type="both", rate=0.7, seed=0), n)
+    args = types.SimpleNamespace(dataset="toy", micro_batch=5, num_workers=0, precision="bf16")
+    return types.SimpleNamespace(train_set=ds, args=args, rank=0, world=1, device=torch.device("cpu"),
+                                 collate=Collate(bb, 40))
+
+
+@pytest.mark.parametrize("backbone", ["tiny_clip", "tiny_vilt"])
+def test_teacher_table_equals_the_frozen_teachers_forwards(backbone, request):
+    """The table computed once equals each teacher's own eval forward on any later batch, in any order (on ViLT
+    up to float rounding: HF ViLT draws the patch order at random, and attention does not see the order)."""
+    bb = request.getfixturevalue(backbone)
+    model = model_for(bb, "head")
+    teacher_t = muap.snapshot(model)
+    with torch.no_grad():
+        model.generator.text.complete.add_(0.5 * torch.randn_like(model.generator.text.complete))
+        model.head[-1].bias.add_(0.3)                          # the student moves on; the copies do not
+    teacher_v = muap.snapshot(model)
+    run = table_run(bb)
+    table = muap.teacher_table(run, teacher_t, teacher_v)
+    rows = [7, 2, 11, 0]
+    batch = run.collate([run.train_set[k] for k in rows])
+    torch.manual_seed(123)
+    y_t, y_v = table(model.train(), batch, None, None)
+    with torch.no_grad():
+        want_t, want_v = teacher_t(batch)["logits"], teacher_v(batch)["logits"]
+    assert torch.allclose(y_t, want_t, atol=1e-5) and torch.allclose(y_v, want_v, atol=1e-5)
+    assert not torch.allclose(y_t, y_v, atol=1e-3)
+    assert y_t.dtype == torch.float32 and not y_t.requires_grad
+
+
+def test_teacher_table_is_fp32_when_the_teachers_run_under_autocast(tiny_clip, monkeypatch):
+    monkeypatch.setattr(muap, "autocast", lambda run: torch.autocast("cpu", dtype=torch.bfloat16))
     model = model_for(tiny_clip, "head")
-    batch = toy_batch(tiny_clip, MIXED)
     teacher = muap.snapshot(model)
-    assert teacher.bb is model.bb and not any(p.requires_grad for p in teacher.parameters())
+    run = table_run(tiny_clip, n=4)
+    table = muap.teacher_table(run, teacher, teacher)
     with torch.no_grad():
-        model.generator.text.complete.add_(1.0)                                    # the student moves on
-    model.teachers = [teacher, teacher]
-    out = model.train()(batch)
+        want = teacher(run.collate([run.train_set[k] for k in range(4)]))["logits"]
+    assert table.logits_t.dtype == torch.float32
+    assert torch.allclose(table.logits_t, want, atol=0.05)      # bf16 rounding of the teacher's forward
+
+
+def test_kl_is_fp32_under_autocast():
+    """The alignment loss of bf16 student logits under autocast is the fp32 value of the same numbers."""
+    g = torch.Generator().manual_seed(1)
+    y, y_t, y_v = (torch.randn(6, 5, generator=g) * 3 for _ in range(3))
+    y16 = y.bfloat16()
+    labels = torch.randint(0, 5, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = muap.alignment_loss({"logits": y16, "logits_t": y_t, "logits_v": y_v}, labels, "multiclass", 0.5, 1.5)
+    want = (float(task_loss(y16.float(), labels, "multiclass")) + 0.5 * brute_kl(y_t, y16.float(), "multiclass")
+            + 1.5 * brute_kl(y_v, y16.float(), "multiclass"))
+    assert loss.dtype == torch.float32 and abs(float(loss) - want) < 1e-5
+
+
+@pytest.mark.parametrize("backbone,fusion", [("tiny_vilt", "head"), ("tiny_clip", "cross")])
+def test_live_teachers_insert_only_one_modalitys_prompts(backbone, fusion, request):
+    """--teachers live: y_t depends on the text prompts only (P_t^c, and P_v^c only through P_t^miss of text-missing
+    samples), y_v on the image prompts only; both detached."""
+    bb = request.getfixturevalue(backbone)
+    model = model_for(bb, fusion).train()
+    model.teachers = muap.live_teachers
+    batch = toy_batch(bb, MIXED)
+    codes = torch.tensor(MIXED)
+
+    def outputs():
+        torch.manual_seed(0)
+        return model(batch)
+    base = outputs()
+    assert not base["logits_t"].requires_grad and not base["logits_v"].requires_grad
+    assert not torch.allclose(base["logits_t"], base["logits"], atol=1e-4)
     with torch.no_grad():
-        want = teacher(batch)["logits"]
-    assert torch.allclose(out["logits_t"], want, atol=1e-6) and not out["logits_t"].requires_grad
-    assert not torch.allclose(out["logits"], want, atol=1e-3)
-    assert not any(k.startswith("teachers") for k in model.state_dict())
-    assert "logits_t" not in model.eval()(batch)                                   # evaluation: student only
+        model.generator.image.complete.add_(0.5 * torch.randn_like(model.generator.image.complete))  # perturb P_v^c
+    moved = outputs()
+    changed = {k: ~torch.isclose(moved[k], base[k], atol=1e-6).all(-1) for k in ("logits", "logits_t", "logits_v")}
+    assert torch.equal(changed["logits_t"], codes == TEXT_MISSING)            # only through P_t^miss = f_t(P_v^c)
+    assert torch.equal(changed["logits_v"], codes != IMAGE_MISSING)           # every sample that inserts P_v^c
+    assert torch.equal(changed["logits"], codes != IMAGE_MISSING)             # complete samples: y moves, y_t not
+
+
+def test_text_step_gradient_reaches_P_t_c_through_f_v(tiny_vilt):
+    """Parameter-level freezing: in the text-step, the image-missing samples' P_v^miss = f_v(P_t^c) passes its
+    gradient to P_t^c (chain rule through the frozen f_v), besides P_t^c's direct path."""
+    model = model_for(tiny_vilt, "cross").train()
+    muap.set_stage(model, text=True, image=False)
+    batch = toy_batch(tiny_vilt, [IMAGE_MISSING, IMAGE_MISSING, COMPLETE])
+    P_t_c = model.generator.text.complete
+
+    def loss(P_t, P_v):
+        torch.manual_seed(0)
+        return task_loss(model.logits(batch, P_t, P_v), batch["label"], "multiclass")
+    P_t, P_v = model.generator(batch["missing"])
+    (g_full,) = torch.autograd.grad(loss(P_t, P_v), P_t_c)
+    P_t, P_v = model.generator(batch["missing"])
+    P_v_leaf = P_v.detach().requires_grad_(True)
+    g_direct, dL_dP_v = torch.autograd.grad(loss(P_t, P_v_leaf), (P_t_c, P_v_leaf))
+    (g_via_f_v,) = torch.autograd.grad(P_v, P_t_c, grad_outputs=dL_dP_v)
+    assert g_via_f_v.abs().sum() > 0
+    assert torch.allclose(g_full, g_direct + g_via_f_v, atol=1e-6)
 
 
 def brute_kl(p_logits, q_logits, task):
@@ -523,12 +622,12 @@ def test_alignment_loss_matches_brute_force(task):
     assert abs(float(loss) - want) < 1e-5
 
 
-@pytest.mark.parametrize("fusion", ["head", "cross"])
-def test_vilt_token_layout_and_mask(fusion, tiny_vilt):
+@pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
+def test_vilt_token_layout_and_mask(fusion, combine, tiny_vilt):
     """At the input of prompted layer i the newest prompts sit where the fusion says, the text and image
     tokens behind the accumulated prompts, with the text padding still masked; unprompted layers add nothing."""
     P, depth = 3, 2
-    model = model_for(tiny_vilt, fusion, length=P, depth=depth).eval()
+    model = model_for(tiny_vilt, fusion, length=P, depth=depth, combine=combine).eval()
     batch = toy_batch(tiny_vilt, MIXED)
     L_t = batch["input_ids"].shape[1]
     with torch.no_grad():
@@ -551,22 +650,30 @@ def test_vilt_token_layout_and_mask(fusion, tiny_vilt):
     finally:
         del tiny_vilt.block
     assert len(seen) == tiny_vilt.num_layers
-    cls = depth * P * (2 if fusion == "head" else 1)           # the text [CLS] behind all prompts in front of it
+    per_layer = 2 * P if combine == "concat" else P            # tokens in front of the text per prompted layer
+    if fusion == "cross":
+        per_layer = P
+    cls = depth * per_layer                                    # the text [CLS] behind all prompts in front of it
     with torch.no_grad():
         assert torch.allclose(pooled, model.pooler(tiny_vilt.final_norm(last[0])[:, cls:cls + 1]))
     for i, (x, bias) in enumerate(seen):
         n = min(i + 1, depth) * P                              # prompt tokens of each modality so far
-        assert x.shape[1] == x0.shape[1] + 2 * n
+        n_all = n if combine == "add" and fusion == "head" else 2 * n
+        assert x.shape[1] == x0.shape[1] + n_all
         visible = bias[:, 0, 0] == 0
-        if fusion == "head":                                   # [P_t^i, P_v^i, ..., text, image]
-            new_t, new_v, text_at, image_at = x[:, :P], x[:, P:2 * P], 2 * n, 2 * n + L_t
-        else:                                                  # [P_t^i, ..., text, P_v^i, ..., image]
-            new_t, new_v, text_at, image_at = x[:, :P], x[:, n + L_t:n + L_t + P], n, 2 * n + L_t
+        j = min(i, depth - 1)                                  # the newest prompts in front
+        if fusion == "cross":                                  # [P_t^i, ..., text, P_v^i, ..., image]
+            new = [(x[:, :P], P_t[:, j]), (x[:, n + L_t:n + L_t + P], P_v[:, j])]
+        elif combine == "concat":                              # [P_t^i, P_v^i, ..., text, image]
+            new = [(x[:, :P], P_t[:, j]), (x[:, P:2 * P], P_v[:, j])]
+        else:                                                  # [P_t^i + P_v^i, ..., text, image]
+            new = [(x[:, :P], P_t[:, j] + P_v[:, j])]
+        text_at, image_at = n_all - n if fusion == "cross" else n_all, n_all + L_t
         if i < depth:
-            assert torch.allclose(new_t, P_t[:, i]) and torch.allclose(new_v, P_v[:, i])
+            assert all(torch.allclose(got, want) for got, want in new)
         assert torch.equal(visible[:, text_at:text_at + L_t], mask0[:, :L_t].bool())
         assert torch.equal(visible[:, image_at:], mask0[:, L_t:].bool())
-        assert visible.sum() == mask0.sum() + 2 * n * len(MIXED)
+        assert visible.sum() == mask0.sum() + n_all * len(MIXED)
         if i == 0:                                             # before any block ran, the tokens are the embedding's
             assert torch.allclose(x[:, text_at:text_at + L_t], x0[:, :L_t])
             assert torch.allclose(x[:, image_at:], x0[:, L_t:])
@@ -574,12 +681,12 @@ def test_vilt_token_layout_and_mask(fusion, tiny_vilt):
 
 
 @pytest.mark.parametrize("backbone", ["tiny_clip", "tiny_vilt"])
-@pytest.mark.parametrize("fusion", ["head", "cross"])
-def test_zero_length_prompts_reproduce_the_backbone(backbone, fusion, request):
-    """With P = 0 the prompted forward is the backbone's own prompt-free forward (which tests/test_backbones.py
-    checks against open_clip and HF ViltModel): the pooled positions and masks are right when nothing is added."""
+@pytest.mark.parametrize("fusion,length,depth", [("head", 0, 6), ("cross", 0, 6), ("head", 3, 0), ("cross", 3, 0)])
+def test_zero_length_or_depth_prompts_reproduce_the_backbone(backbone, fusion, length, depth, request):
+    """With P = 0 or N = 0 the prompted forward is the backbone's own prompt-free forward (which
+    tests/test_backbones.py checks against open_clip and HF ViltModel): pooled positions and masks are right."""
     bb = request.getfixturevalue(backbone)
-    model = model_for(bb, fusion, length=0).eval()
+    model = model_for(bb, fusion, length=length, depth=depth).eval()
     batch = toy_batch(bb, MIXED)
     with torch.no_grad():
         P_t, P_v = model.generator(batch["missing"])
@@ -590,16 +697,22 @@ def test_zero_length_prompts_reproduce_the_backbone(backbone, fusion, request):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_vilt_fusions_are_the_same_function(tiny_vilt):
+def test_vilt_head_concat_is_cross_fusion_and_the_default_add_is_not(tiny_vilt, tiny_clip):
     """ViLT's self-attention is permutation-equivariant and the prompts carry no position embedding, so
-    moving P_v from the sequence start (head) to before the image tokens (cross) leaves every output unchanged
-    once the text [CLS] is pooled at its new position. On CLIP the two fusions differ (each tower sees one
-    prompt vs both)."""
+    concatenated head-fusion ([P_t, P_v] at the start) equals cross-fusion once the text [CLS] is pooled at its new
+    position, and the run says so; the default, P_t + P_v, computes another function."""
     batch = toy_batch(tiny_vilt, MIXED)
-    head, cross = model_for(tiny_vilt, "head").eval(), model_for(tiny_vilt, "cross").eval()
-    cross.load_state_dict(head.state_dict())
+    models = {name: model_for(tiny_vilt, fusion, combine=combine).eval()
+              for name, fusion, combine in (("add", "head", "add"), ("concat", "head", "concat"), ("cross", "cross", "add"))}
     with torch.no_grad():
-        assert torch.allclose(head(batch)["logits"], cross(batch)["logits"], atol=1e-5)
+        logits = {name: m(batch)["logits"] for name, m in models.items()}        # same seed: the same parameters
+    assert torch.allclose(logits["concat"], logits["cross"], atol=1e-5)
+    assert not torch.allclose(logits["add"], logits["cross"], atol=1e-3)
+    args = muap.parser().parse_args([])
+    assert muap.equivalences(args, tiny_vilt, [5, 5, 10]) == []                  # the default warns of nothing
+    args.head_combine = "concat"
+    assert "is --fusion cross" in muap.equivalences(args, tiny_vilt, [5, 5, 10])[0]
+    assert muap.equivalences(args, tiny_clip, [5, 5, 10]) == []
 
 
 def test_clip_fusions_differ(tiny_clip):
@@ -625,15 +738,9 @@ def test_a_sample_alone_equals_the_sample_in_a_mixed_batch(backbone, fusion, req
     assert torch.allclose(together, alone, atol=1e-5)
 
 
-def test_prompt_depth_is_clamped_and_stage_epochs_default(tiny_vilt):
+def test_prompt_depth_is_clamped_and_defaults(tiny_vilt):
     assert model_for(tiny_vilt, "head", depth=6).depth == tiny_vilt.num_layers
     args = muap.parser().parse_args([])
-    assert (args.fusion, args.prompt_length, args.prompt_depth) == ("head", 16, 6)
-    assert (args.lambda_t, args.lambda_v) == (1.0, 1.0)
-    assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-2, 2e-2, 256, 20)
-    assert muap.stage_epochs(args) == [5, 5, 10]
-    args.epochs = 2
-    assert muap.stage_epochs(args) == [1, 1, 1]
-    args.stage_epochs = [3, 0, 4]
-    assert muap.stage_epochs(args) == [3, 0, 4]
-
+    assert (args.fusion, args.head_combine, args.prompt_length, args.prompt_depth) == ("head", "add", 16, 6)
+    assert (args.lambda_t, args.lambda_v, args.teachers, args.rounds) == (1.0, 1.0, "snapshot", 1)
+    assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-2, 2e-2, 256, None)
