@@ -744,3 +744,40 @@ def test_prompt_depth_is_clamped_and_defaults(tiny_vilt):
     assert (args.fusion, args.head_combine, args.prompt_length, args.prompt_depth) == ("head", "add", 16, 6)
     assert (args.lambda_t, args.lambda_v, args.teachers, args.rounds) == (1.0, 1.0, "snapshot", 1)
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-2, 2e-2, 256, None)
+
+
+MUTATIONS = [
+    {"file": "muap.py", "old": "else teacher_table(run, teacher_t, teacher_v)", "new": "else teacher_table(run, teacher_v, teacher_t)",
+     "why": "teachers swapped: y_t from the image-step, y_v from the text-step"},
+    {"file": "muap.py", "old": "fit(run, model, align_loss, epochs=e_align", "new": "fit(run, model, single_stage_loss, epochs=e_align",
+     "why": "alignment stage trained with the task loss only (KL never applied)"},
+    {"file": "muap.py", "old": "run.task, args.lambda_t, args.lambda_v)", "new": "run.task, 1.0, 1.0)",
+     "why": "--lambda-t / --lambda-v ignored"},
+    {"file": "muap.py", "old": "self.image.missing_type(P_t_c)", "new": "self.image.missing_type(P_t_c.detach())",
+     "why": "P_t^c gets no gradient through f_v (P_t_c.detach() inside f_v)"},
+    {"file": "muap.py", "old": "memo={id(model.bb): model.bb}", "new": "memo={id(model.bb): model.bb, id(model.head): model.head}",
+     "why": "a teacher shares the student's head (not a deep copy)"},
+    {"file": "muap.py",
+     "old": "fit(run, model, single_stage_loss, epochs=e_text, stage=f\"text-step{tag}\")\n        teacher_t = stage_teacher(run, model, f\"text-step{tag}\")",
+     "new": "teacher_t = stage_teacher(run, model, f\"text-step{tag}\")\n        fit(run, model, single_stage_loss, epochs=e_text, stage=f\"text-step{tag}\")",
+     "why": "the text-step teacher is the state before the text-step, not its best-validation state"},
+    {"file": "muap.py", "old": "return p_t + p_v if self.combine == \"add\" else torch.cat([p_t, p_v], dim=-2)",
+     "new": "return torch.cat([p_t, p_v], dim=-2)", "why": "head-fusion always concatenates (= cross-fusion on ViLT)"},
+    {"file": "muap.py", "old": "cls, img = cls + p.shape[1], img + p.shape[1]", "new": "cls, img = cls + self.length, img + self.length",
+     "why": "head-fusion pools the wrong token when it inserts 2P tokens per layer"},
+    {"file": "muap.py", "old": "elif bb.kind == \"vilt\" and args.fusion == \"head\" and args.head_combine == \"concat\":",
+     "new": "elif bb.kind == \"vilt\" and args.fusion == \"head\":", "why": "the ViLT head == cross warning also for add"},
+    {"file": "muap.py", "old": "return model.logits(batch, P_t, None), model.logits(batch, None, P_v)",
+     "new": "return model.logits(batch, None, P_v), model.logits(batch, P_t, None)", "why": "live teachers swapped"},
+    {"file": "muap.py", "old": "live_teachers if args.teachers == \"live\" else", "new": "live_teachers if False else",
+     "why": "--teachers live ignored"},
+    {"file": "muap.py", "old": "torch.tensor([self.row[sid] for sid in batch[\"ids\"]]",
+     "new": "torch.tensor(list(range(len(batch[\"ids\"])))", "why": "teacher logits looked up by batch position, not sample id"},
+    {"file": "muap.py", "old": "rows[\"t\"].append(teacher_t(batch)[\"logits\"].float())",
+     "new": "rows[\"t\"].append(teacher_t(batch)[\"logits\"])", "why": "teacher table kept in the autocast dtype"},
+    {"file": "muap.py", "old": "teacher_logits, logits = teacher_logits.float(), logits.float()",
+     "new": "teacher_logits = teacher_logits.to(logits.dtype)", "why": "KL computed in the student's (bf16) dtype"},
+    {"file": "muap.py", "old": "for r in range(args.rounds):", "new": "for r in range(1):", "why": "--rounds ignored"},
+    {"file": "muap.py", "old": "quarter = max(1, per_round // 4)", "new": "quarter = max(1, per_round // 3)",
+     "why": "--epochs split 1:1:1 instead of 1:1:2"},
+]
