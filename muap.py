@@ -12,42 +12,34 @@ Map from the paper to this file:
     Sec. 3.6 multi-step tuning: text-step, image-step, alignment stage      -> `main` (`set_stage`, `snapshot`)
     Sec. 3.6 alignment loss L = L_task + lambda_t KL(y_t||y) + lambda_v KL(y_v||y) -> `alignment_loss`, `kl`
 
-Deviations and assumptions (the paper leaves these open; each is marked ASSUMPTION where it happens):
-    - f_missing: one bottleneck MLP per target modality and prompted layer, token-wise,
-      Linear(D_other, D/16) -> GELU -> Linear(D/16, D).
-    - Head-fusion adds the two prompts, P_t + P_v (P tokens) at the sequence start (--head-combine add, default): one
-      review reads "adds", the summary "concatenates"; on ViLT concatenation ([P_t, P_v], --head-combine concat) is
-      provably cross-fusion (below), and the paper reports different numbers for the two, so only "add" fits them.
-    - On ViLT, head-fusion with concat and cross-fusion compute the same function: self-attention is
-      permutation-equivariant and the prompts carry no position embedding (tested); such a run prints a warning.
-    - Single stages (text-step, image-step) use the task loss only; the paper's "contrastive learning" there
-      could not be read.
-    - Freezing in a single stage is parameter-level: the text-step trains P_t^c, f_t, pooler and head; P_v^c and f_v
-      stay fixed, but P_v^miss = f_v(P_t^c) moves with P_t^c and passes its gradient to P_t^c (tested).
-    - Teachers (--teachers snapshot, default): y_t, y_v = the frozen best-validation models after the text-step and
-      the image-step (deep copies, head and pooler included). The image-step teacher is the alignment stage's starting
-      point, so KL(y_v||y) starts at 0 and anchors; the text-step teacher's image prompts are at their init.
-      --teachers live: y_t, y_v = the live model with only its text / only its image prompts inserted, detached.
-      Snapshot is the default: it is the reading in which the single stages produce what the alignment aligns to.
-    - Snapshot teachers are frozen, so their logits of every training sample are computed once per alignment stage
-      (eval mode, one pass over train) and looked up by sample id. Exact for a deterministic input pipeline; HF ViLT
-      draws the order of the image patches at random (torch.multinomial), which with all patches kept (MAP's
-      max_image_len -1) changes the logits only by float rounding; a teacher sees no dropout.
-    - KL(teacher || student); multi-label tasks use the Bernoulli KL per class, averaged; fp32, autocast off.
-      lambda_t = lambda_v = 1.
-    - Stage lengths 5 / 5 / 10 epochs (MAP's 20 split 1:1:2); each stage restarts AdamW and the warm-up/decay
-      schedule and keeps its best validation state. --rounds R repeats text-step -> image-step -> alignment R times
-      (the abstract's "iteratively aligning"; 1 = the single pass of Sec. 3.6), each round with its own teachers.
-    - MAP's recipe otherwise: AdamW lr 1e-2, weight decay 2e-2, batch 256, prompts in the first 6 layers, input-level
-      (prepended at each prompted layer, earlier prompts kept), ViLT pooler + MAP's MLP head, both trained in every
-      stage. Prompts are initialised N(0, 0.02). --prompt-depth 0 or --prompt-length 0: no prompts (the prompt-free
-      backbone with the trained pooler and head; warned).
-    - CLIP (not in the paper): cross-fusion = the text prompt before the text tower's tokens, the image prompt before
-      the image tower's; head-fusion = P_t + P_v (or [P_t, P_v]) before the tokens of *each* tower, the other tower's
-      prompt mapped to the width by one linear map per direction, shared over layers. The two pooled features are
-      concatenated (DCP) and fed to MAP's MLP head.
-    - Validation once per epoch (MAP: every 0.2 epoch). The single-stage snapshots are also written to
-      OUT/teacher-<stage>.safetensors, which --resume reads back.
+Deviations and assumptions (one line each; the paper leaves these open; ASSUMPTION marks the place in the code):
+    - f_missing: per target modality and prompted layer, token-wise Linear(D_other, D/16) -> GELU -> Linear(., D).
+    - Head-fusion adds the prompts, P_t + P_v: P tokens at the sequence start (--head-combine add; a review: "adds").
+    - add is the default: with [P_t, P_v] (concat, the summary's word) ViLT head-fusion is cross, and the paper differs.
+    - ViLT: head+concat == cross (attention is permutation-equivariant, prompts have no position embedding); warned.
+    - Single stages (text-step, image-step) use the task loss only: the paper's "contrastive learning" was not readable.
+    - Freezing is parameter-level: the text-step fixes P_v^c, f_v, yet P_v^miss = f_v(P_t^c) moves and feeds P_t^c.
+    - Teachers (--teachers snapshot, default): y_t, y_v = frozen deep copies of the text-step / image-step best states.
+    - So KL(y_v || y) starts at 0 (the image-step state starts the alignment: an anchor); y_t's image prompts: at init.
+    - --teachers live, the other reading: y_t / y_v = the model with only its text / only its image prompts, detached.
+    - snapshot is the default: there the single stages make the targets the alignment aligns to (live: +2 forwards).
+    - Snapshot teachers never change: their logits of all training samples are computed once per alignment stage.
+    - Exact for a deterministic pipeline; HF ViLT's random patch order (torch.multinomial) changes only float rounding.
+    - The table is computed in eval mode: a teacher's logits carry no dropout, whatever the student's backbone does.
+    - KL(teacher || student) in fp32, autocast off; multi-label: the per-class Bernoulli KL, averaged.
+    - lambda_t = lambda_v = 1.
+    - Stages 5 / 5 / 10 epochs (MAP's 20 as 1:1:2); each restarts AdamW and its schedule, and keeps its best state.
+    - --rounds R repeats text-step, image-step, alignment R times ("iteratively aligning"), each with its own teachers.
+    - --epochs (20) is the total: R equal rounds of >= 3 epochs, else an error; --stage-epochs T I A sets one round.
+    - MAP's recipe otherwise: AdamW lr 1e-2, weight decay 2e-2, batch 256, prompts in the first 6 layers; N(0, 0.02).
+    - Prompts are input-level as in MAP: prepended at each prompted layer, earlier prompts kept.
+    - ViLT pooler + MAP's MLP head, both trained in every stage.
+    - --prompt-depth 0 or --prompt-length 0: no prompts, the backbone with a trained pooler and head (warned).
+    - CLIP (not in the paper) cross-fusion: the text prompt before the text tower's tokens, the image prompt likewise.
+    - CLIP head-fusion: P_t + P_v before each tower's tokens, the other tower's prompt mapped by a Linear per direction.
+    - CLIP: the two pooled features are concatenated (DCP) and fed to MAP's MLP head.
+    - Validation once per epoch (MAP: every 0.2 epoch).
+    - The single-stage snapshots are written to OUT/teacher-<stage>.safetensors, which --resume reads back.
 
 Usage: python muap.py --dataset food101 --missing both --rate 0.7 --fusion head     (ViLT, the paper's setting)
        python muap.py --dataset toy --backbone tiny-vilt --epochs 4 --batch-size 16   (offline, on CPU)
@@ -304,7 +296,7 @@ def stage_epochs(args):
         if min(args.stage_epochs) < 0 or total == 0:
             raise DataError("--stage-epochs takes three counts >= 0, not all 0")
         if args.epochs not in (None, total):
-            raise DataError(f"--epochs {args.epochs} contradicts --stage-epochs x --rounds = {total} epochs: drop --epochs")
+            raise DataError(f"--epochs {args.epochs} contradicts --stage-epochs x --rounds = {total}: drop --epochs")
         args.epochs = total
         return list(args.stage_epochs)
     args.epochs = 20 if args.epochs is None else args.epochs
