@@ -24,7 +24,8 @@ Deviations and assumptions (one line each; the paper leaves these open; ASSUMPTI
     - --teachers live, the other reading: y_t / y_v = the model with only its text / only its image prompts, detached.
     - snapshot is the default: there the single stages make the targets the alignment aligns to (live: +2 forwards).
     - Snapshot teachers never change: their logits of all training samples are computed once per alignment stage.
-    - Exact for a deterministic pipeline; HF ViLT's random patch order (torch.multinomial) changes only float rounding.
+    - Exact for a deterministic pipeline; HF ViLT draws its patch order at random (multinomial): float rounding only.
+    - (That holds with all patches kept, max_image_length -1 as in MAP; a smaller cap would freeze one patch draw.)
     - The table is computed in eval mode: a teacher's logits carry no dropout, whatever the student's backbone does.
     - KL(teacher || student) in fp32, autocast off; multi-label: the per-class Bernoulli KL, averaged.
     - lambda_t = lambda_v = 1.
