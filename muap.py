@@ -1,7 +1,8 @@
 """MuAP: Multi-step Adaptive Prompt Learning for Vision-Language Model with Missing Modality
 (Dai, Tan, Mo, He, Qin, Liang; arXiv 2409.04693, 2024).
 
-Official code: none: implemented from the paper (arXiv 2409.04693, Secs. 3.4-3.6).
+Official code: none: implemented from the paper; where it is silent, MAP's recipe
+(YiLunLee/missing_aware_prompts @ 9aa5381, vilt/config.py and vilt/modules/vilt_missing_aware_prompt_module.py).
 
 Map from the paper to this file:
     Sec. 3.4 complete-type prompts P_t^c, P_v^c                             -> `ModalityPrompt.complete`
@@ -11,29 +12,35 @@ Map from the paper to this file:
     Sec. 3.6 multi-step tuning: text-step, image-step, alignment stage      -> `main` (`set_stage`, `snapshot`)
     Sec. 3.6 alignment loss L = L_task + lambda_t KL(y_t||y) + lambda_v KL(y_v||y) -> `alignment_loss`, `kl`
 
-Deviations and assumptions (the paper leaves these open; each is marked ASSUMPTION where it happens):
-    - f_missing: one bottleneck MLP per target modality and prompted layer, token-wise,
-      Linear(D_other, D/16) -> GELU -> Linear(D/16, D).
-    - Single stages (text-step, image-step) use the task loss only; the paper's "contrastive learning" there
-      could not be read.
-    - Alignment: KL(teacher || student) with teachers = the detached predictions of the model snapshots after the
-      text-step and the image-step; multi-label tasks use the Bernoulli KL per class. lambda_t = lambda_v = 1.
-    - Stage lengths 5 / 5 / 10 epochs (MAP's 20 split 1:1:2); each stage restarts AdamW and the warm-up/decay
-      schedule and keeps its best validation state.
-    - MAP's recipe otherwise: AdamW lr 1e-2, weight decay 2e-2, batch 256, prompts in the first 6 layers, input-level
-      (prepended at each prompted layer, earlier prompts kept), ViLT pooler + MAP's MLP head, both trained in every
-      stage. Prompts are initialised N(0, 0.02).
-    - Head-fusion concatenates the two prompts ([P_t, P_v]); one review reads "adds".
-    - On ViLT, head- and cross-fusion compute the same function: self-attention is permutation-equivariant and the
-      prompts carry no position embedding, so only the token layout differs (tested). The paper reports different
-      numbers for them; whatever made them differ is not in the text we could read.
-    - CLIP (not in the paper): cross-fusion = the text prompt before the text tower's tokens, the image prompt before
-      the image tower's; head-fusion = [P_t, P_v] before the tokens of *each* tower, the other tower's prompt
-      mapped to the width by one linear map per direction, shared over layers. The two pooled features are
-      concatenated (DCP) and fed to MAP's MLP head.
-    - Validation once per epoch (MAP: every 0.2 epoch). The single-stage snapshots are also written to
-      OUT/teacher-{text,image}-step.safetensors, which --resume reads back.
+Deviations and assumptions (one line each; the paper leaves these open; ASSUMPTION marks the place in the code):
+    - f_missing: per target modality and prompted layer, token-wise Linear(D_other, D/16) -> GELU -> Linear(., D).
+    - Head-fusion adds the prompts, P_t + P_v: P tokens at the sequence start (--head-combine add; a review: "adds").
+    - add is the default: with [P_t, P_v] (concat, the summary's word) ViLT head-fusion is cross, and the paper differs.
+    - ViLT: head+concat == cross (attention is permutation-equivariant, prompts have no position embedding); warned.
+    - Single stages (text-step, image-step) use the task loss only: the paper's "contrastive learning" was not readable.
+    - Freezing is parameter-level: the text-step fixes P_v^c, f_v, yet P_v^miss = f_v(P_t^c) moves and feeds P_t^c.
+    - Teachers (--teachers snapshot, default): y_t, y_v = frozen deep copies of the text-step / image-step best states.
+    - So KL(y_v || y) starts at 0 (the image-step state starts the alignment: an anchor); y_t's image prompts: at init.
+    - --teachers live, the other reading: y_t / y_v = the model with only its text / only its image prompts, detached.
+    - snapshot is the default: there the single stages make the targets the alignment aligns to (live: +2 forwards).
+    - Snapshot teachers never change: their logits of all training samples are computed once per alignment stage.
+    - Exact for a deterministic pipeline; HF ViLT draws its patch order at random (multinomial): float rounding only.
+    - (That holds with all patches kept, max_image_length -1 as in MAP; a smaller cap would freeze one patch draw.)
+    - The table is computed in eval mode: a teacher's logits carry no dropout, whatever the student's backbone does.
+    - KL(teacher || student) in fp32, autocast off; multi-label: the per-class Bernoulli KL, averaged.
+    - lambda_t = lambda_v = 1.
+    - Stages 5 / 5 / 10 epochs (MAP's 20 as 1:1:2); each restarts AdamW and its schedule, and keeps its best state.
+    - --rounds R repeats text-step, image-step, alignment R times ("iteratively aligning"), each with its own teachers.
+    - --epochs (20) is the total: R equal rounds of >= 3 epochs, else an error; --stage-epochs T I A sets one round.
+    - MAP's recipe otherwise: AdamW lr 1e-2, weight decay 2e-2, batch 256, prompts in the first 6 layers; N(0, 0.02).
+    - Prompts are input-level as in MAP: prepended at each prompted layer, earlier prompts kept.
+    - ViLT pooler + MAP's MLP head, both trained in every stage.
+    - --prompt-depth 0 or --prompt-length 0: no prompts, the backbone with a trained pooler and head (warned).
+    - CLIP (not in the paper) cross-fusion: the text prompt before the text tower's tokens, the image prompt likewise.
+    - CLIP head-fusion: P_t + P_v before each tower's tokens, the other tower's prompt mapped by a Linear per direction.
+    - CLIP: the two pooled features are concatenated (DCP) and fed to MAP's MLP head.
     - Recipe as MAP's code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
+    - The single-stage snapshots are written to OUT/teacher-<stage>.safetensors, which --resume reads back.
 
 Usage: python muap.py --dataset food101 --missing both --rate 0.7 --fusion head     (ViLT, the paper's setting)
        python muap.py --dataset toy --backbone tiny-vilt --epochs 4 --batch-size 16   (offline, on CPU)
@@ -45,26 +52,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (build_parser, checkpoint_meta, cli, finish, fit, method_state, read_checkpoint, save_tensors, setup,
-                    task_loss)
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING
+from common import (autocast, build_parser, checkpoint_meta, cli, finish, fit, gather_rows, make_loader, method_state,
+                    rank_batches, read_checkpoint, save_tensors, setup, task_loss, to_device)
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
 def parser():
     p = build_parser("muap", __doc__, backbone="vilt")
     # Method-specific
     p.add_argument("--fusion", default="head", choices=["head", "cross"],
-                   help="head-fusion ([P_t, P_v] at the sequence start) or cross-fusion (each prompt before its "
+                   help="head-fusion (prompts at the sequence start) or cross-fusion (each prompt before its "
                         "modality's tokens), Sec. 3.5")
+    p.add_argument("--head-combine", default="add", choices=["add", "concat"],
+                   help="head-fusion only: P_t + P_v (P tokens) or [P_t, P_v] (2P tokens; on ViLT = cross-fusion)")
     p.add_argument("--prompt-length", type=int, default=16,
                    help="L_p, prompt tokens per modality and layer (the best of the paper's 8/16/24/32)")
     p.add_argument("--prompt-depth", type=int, default=6, help="N, prompted layers from the first (MAP's; not given)")
     p.add_argument("--stage-epochs", type=int, nargs=3, default=None, metavar=("TEXT", "IMAGE", "ALIGN"),
-                   help="epochs of the text-step, image-step and alignment stage (Sec. 3.6); "
-                        "default: --epochs split 1:1:2 (5 5 10 for 20); 0 skips a stage")
+                   help="epochs of the text-step, image-step and alignment stage per round (Sec. 3.6); default: "
+                        "--epochs (20) split into rounds of 1:1:2 (5 5 10); 0 skips a stage")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repetitions of text-step -> image-step -> alignment (1: the single pass of Sec. 3.6)")
+    p.add_argument("--teachers", default="snapshot", choices=["snapshot", "live"],
+                   help="y_t, y_v: the frozen text-step / image-step models, or the live model with only its "
+                        "text / only its image prompts (Sec. 3.6)")
     p.add_argument("--lambda-t", type=float, default=1.0, help="lambda_t, weight of KL(y_t || y) (Sec. 3.6)")
     p.add_argument("--lambda-v", type=float, default=1.0, help="lambda_v, weight of KL(y_v || y) (Sec. 3.6)")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=None, schedule="linear", warmup=0.1)
     p.set_defaults(backbone_dropout=0.1, val_interval={"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11})  # config.py
     return p
 
@@ -90,6 +104,8 @@ class ModalityPrompt(nn.Module):
         self.to_other = nn.Linear(width, other_width) if to_other else None        # ASSUMPTION (CLIP head)
 
     def missing_type(self, other_complete):                                        # (N, P, D_other) -> (N, P, D)
+        if not len(self.f_missing):                                                # N = 0: no prompted layer
+            return self.complete
         return torch.stack([f(p) for f, p in zip(self.f_missing, other_complete)])
 
 
@@ -127,13 +143,21 @@ def mlp_head(width, num_outputs):
     return head
 
 
+def prepend(p, x, mask=None):
+    """[p, x] along the sequence, ones in front of the key mask; p None: nothing inserted."""
+    if p is None:                                               # (B, P, D), (B, L, D), (B, L) -> (B, P + L, D), ...
+        return x, mask
+    x = torch.cat([p.to(x.dtype), x], dim=1)
+    return x, None if mask is None else torch.cat([mask.new_ones(p.shape[:2]), mask], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MuAP: forward (Sec. 3.5, prompt fusion)
 # ---------------------------------------------------------------------------------------------------------
 class MuAP(nn.Module):
-    def __init__(self, bb, num_outputs, fusion="head", length=16, depth=6):
+    def __init__(self, bb, num_outputs, fusion="head", length=16, depth=6, combine="add"):
         super().__init__()
-        self.bb, self.fusion, self.length = bb, fusion, length
+        self.bb, self.fusion, self.combine, self.length = bb, fusion, combine, length
         self.depth = min(depth, bb.num_layers)
         if bb.kind == "vilt":
             self.generator = PromptGenerator(self.depth, length, bb.width, bb.width)
@@ -142,53 +166,61 @@ class MuAP(nn.Module):
         else:
             self.generator = PromptGenerator(self.depth, length, bb.width_text, bb.width_image, fusion == "head")
             self.head = mlp_head(2 * bb.embed_dim, num_outputs)
-        self.teachers = []          # alignment stage: frozen text-step and image-step snapshots (a plain list, so
-                                    # they are neither trained nor saved in the checkpoint)
+        self.teachers = None        # alignment stage: (model, batch, P_t, P_v) -> (y_t, y_v); not a module, so
+                                    # neither trained nor saved in the checkpoint
 
     def forward(self, batch):
         P_t, P_v = self.generator(batch["missing"])
-        feature = self.forward_vilt(batch, P_t, P_v) if self.bb.kind == "vilt" else self.forward_clip(batch, P_t, P_v)
-        out = {"logits": self.head(feature)}
-        if self.training and self.teachers:                      # Sec. 3.6: y_t, y_v of the single-stage models
-            with torch.no_grad():
-                out["logits_t"], out["logits_v"] = (teacher(batch)["logits"] for teacher in self.teachers)
+        out = {"logits": self.logits(batch, P_t, P_v)}
+        if self.training and self.teachers is not None:          # Sec. 3.6: y_t, y_v of the alignment loss
+            out["logits_t"], out["logits_v"] = self.teachers(self, batch, P_t, P_v)
         return out
 
+    def logits(self, batch, P_t, P_v):                          # P_t or P_v None: that modality's prompts left out
+        encode = self.forward_vilt if self.bb.kind == "vilt" else self.forward_clip
+        return self.head(encode(batch, P_t, P_v))
+
+    def head_prompt(self, p_t, p_v):
+        """Head-fusion tokens of one layer: P_t + P_v (ASSUMPTION, --head-combine add) or [P_t, P_v] (concat)."""
+        present = [p for p in (p_t, p_v) if p is not None]
+        if len(present) == 1:
+            return present[0]
+        return p_t + p_v if self.combine == "add" else torch.cat([p_t, p_v], dim=-2)
+
     def forward_vilt(self, batch, P_t, P_v):                    # P_t, P_v: (B, N, P, D)
-        bb, P = self.bb, self.length
+        bb = self.bb
         x, mask = bb.embed(batch)                                # (B, L_t + L_v, D), text first; mask (B, L)
-        ones = mask.new_ones(mask.shape[0], P)
         cls, img = 0, batch["input_ids"].shape[1]                # text [CLS] position, start of the image part
         bias = bb.attention_bias(mask, x.dtype)
         for i in range(bb.num_layers):
             if i < self.depth:                                   # ASSUMPTION: MAP's input level, prompts accumulate
-                p_t, p_v = P_t[:, i].to(x.dtype), P_v[:, i].to(x.dtype)                # (B, P, D) each
-                if self.fusion == "head":                        # head-fusion: [P_t, P_v, <sequence>]
-                    x = torch.cat([p_t, p_v, x], dim=1)
-                    mask = torch.cat([ones, ones, mask], dim=1)
-                    cls, img = cls + 2 * P, img + 2 * P
+                p_t, p_v = (None if P is None else P[:, i] for P in (P_t, P_v))         # (B, P, D) each
+                if self.fusion == "head":                        # head-fusion: [P_t + P_v, <sequence>]
+                    p = self.head_prompt(p_t, p_v)                                      # (B, P or 2P, D)
+                    x, mask = prepend(p, x, mask)
+                    cls, img = cls + p.shape[1], img + p.shape[1]
                 else:                                            # cross-fusion: [P_t, <text part>, P_v, <image part>]
-                    x = torch.cat([p_t, x[:, :img], p_v, x[:, img:]], dim=1)
-                    mask = torch.cat([ones, mask[:, :img], ones, mask[:, img:]], dim=1)
-                    cls, img = cls + P, img + P
-                bias = bb.attention_bias(mask, x.dtype)          # (B, 1, 1, L + 2P(i+1))
+                    x_t, m_t = prepend(p_t, x[:, :img], mask[:, :img])
+                    x_v, m_v = prepend(p_v, x[:, img:], mask[:, img:])
+                    cls += x_t.shape[1] - img
+                    x, mask, img = torch.cat([x_t, x_v], dim=1), torch.cat([m_t, m_v], dim=1), x_t.shape[1]
+                bias = bb.attention_bias(mask, x.dtype)          # (B, 1, 1, L + prompts so far)
             x = bb.block(i, x, bias)
         return self.pooler(bb.final_norm(x)[:, cls:cls + 1])     # text [CLS] after the prompts in front of it
 
     def forward_clip(self, batch, P_t, P_v):                    # (B, N, P, D_t), (B, N, P, D_v)
         bb, gen = self.bb, self.generator
-        if self.fusion == "head":                                # ASSUMPTION: [P_t, P_v] before each tower's tokens
-            T = torch.cat([P_t, gen.image.to_other(P_v)], dim=2)                       # (B, N, 2P, D_t)
-            V = torch.cat([gen.text.to_other(P_t), P_v], dim=2)                        # (B, N, 2P, D_v)
-        else:                                                    # cross-fusion: each prompt into its own tower
-            T, V = P_t, P_v
+        T, V = P_t, P_v                                          # cross-fusion: each prompt into its own tower
+        if self.fusion == "head":                                # ASSUMPTION: P_t + P_v before each tower's tokens
+            T = self.head_prompt(P_t, None if P_v is None else gen.image.to_other(P_v))      # (B, N, P, D_t)
+            V = self.head_prompt(None if P_t is None else gen.text.to_other(P_t), P_v)      # (B, N, P, D_v)
         x, t = bb.image_embed(batch["image"]), bb.text_embed(batch["text"])           # (B, L_v, D_v), (B, 77, D_t)
         for i in range(bb.num_layers):
             if i < self.depth:                                   # prepend, earlier prompts kept
-                x = torch.cat([V[:, i].to(x.dtype), x], dim=1)
-                t = torch.cat([T[:, i].to(t.dtype), t], dim=1)
+                x, _ = prepend(None if V is None else V[:, i], x)
+                t, _ = prepend(None if T is None else T[:, i], t)
             x, t = bb.image_block(i, x), bb.text_block(i, t)
-        n_v, n_t = self.depth * V.shape[2], self.depth * T.shape[2]
+        n_v, n_t = (0 if P is None else self.depth * P.shape[2] for P in (V, T))
         return torch.cat([bb.image_pool(x, n_v), bb.text_pool(t, batch["text"], n_t)], dim=-1)   # (B, 2E)
 
 
@@ -202,10 +234,9 @@ def set_stage(model, text, image):
 
 
 def snapshot(model):
-    """A frozen copy of the model after a stage, sharing the (already frozen) backbone: a teacher of the
-    alignment stage."""
+    """A frozen deep copy of the model after a stage (prompts, pooler, head), sharing the frozen backbone."""
     teacher = copy.deepcopy(model, memo={id(model.bb): model.bb})
-    teacher.teachers = []
+    teacher.teachers = None
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -221,43 +252,117 @@ def stage_teacher(run, model, stage):
     return snapshot(model)
 
 
+class TeacherTable:
+    """Snapshot teachers: y_t, y_v of every training sample, (n, C) fp32 each, looked up by sample id."""
+
+    def __init__(self, ids, logits_t, logits_v):
+        self.row = {sid: k for k, sid in enumerate(ids)}
+        self.logits_t, self.logits_v = logits_t, logits_v
+
+    def __call__(self, model, batch, P_t, P_v):
+        rows = torch.tensor([self.row[sid] for sid in batch["ids"]], device=self.logits_t.device)
+        return self.logits_t[rows], self.logits_v[rows]
+
+
+@torch.no_grad()
+def teacher_table(run, teacher_t, teacher_v):
+    """The frozen teachers' logits of the whole training split, once per alignment stage (each rank its share)."""
+    ds = run.train_set
+    if len(set(ds.ids)) != len(ds):
+        raise DataError(f"{run.args.dataset} train has repeated sample ids; the teacher logits are keyed by id")
+    teacher_t.eval()
+    teacher_v.eval()
+    batches = rank_batches(run, len(ds))
+    rows = {"t": [], "v": []}
+    for batch in make_loader(run, ds, batches):
+        batch = to_device(batch, run.device)
+        with autocast(run):
+            rows["t"].append(teacher_t(batch)["logits"].float())
+            rows["v"].append(teacher_v(batch)["logits"].float())
+    rows = gather_rows(run, batches, {k: torch.cat(v) for k, v in rows.items()})
+    return TeacherTable(ds.ids, rows["t"].to(run.device), rows["v"].to(run.device))
+
+
+def live_teachers(model, batch, P_t, P_v):
+    """--teachers live: y_t, y_v = the model as it is, with only its text / only its image prompts inserted."""
+    with torch.no_grad():
+        return model.logits(batch, P_t, None), model.logits(batch, None, P_v)
+
+
 def stage_epochs(args):
-    """ASSUMPTION: the paper gives no split; MAP's 20 epochs as 5 / 5 / 10 (1:1:2), at least 1 per stage."""
+    """(text, image, alignment) epochs of one round; sets args.epochs to the total that runs (results.json)."""
+    if args.rounds < 1 or args.prompt_depth < 0 or args.prompt_length < 0:
+        raise DataError("--rounds must be >= 1 and --prompt-depth / --prompt-length >= 0")
     if args.stage_epochs:
+        total = args.rounds * sum(args.stage_epochs)
+        if min(args.stage_epochs) < 0 or total == 0:
+            raise DataError("--stage-epochs takes three counts >= 0, not all 0")
+        if args.epochs not in (None, total):
+            raise DataError(f"--epochs {args.epochs} contradicts --stage-epochs x --rounds = {total}: drop --epochs")
+        args.epochs = total
         return list(args.stage_epochs)
-    quarter = max(1, args.epochs // 4)
-    return [quarter, quarter, max(1, args.epochs - 2 * quarter)]
+    args.epochs = 20 if args.epochs is None else args.epochs
+    per_round, rest = divmod(args.epochs, args.rounds)
+    if rest or per_round < 3:
+        raise DataError(f"--epochs {args.epochs} cannot give each stage (text-step, image-step, alignment; Sec. 3.6) "
+                        f">= 1 epoch in {args.rounds} equal round(s): pass --epochs >= {3 * args.rounds} (a multiple "
+                        f"of --rounds) or --stage-epochs TEXT IMAGE ALIGN")
+    quarter = max(1, per_round // 4)                             # ASSUMPTION: MAP's 20 epochs as 5 / 5 / 10 (1:1:2)
+    return [quarter, quarter, per_round - 2 * quarter]
+
+
+def equivalences(args, bb, epochs):
+    """Configurations that provably compute what another one computes (printed, and saved in results.json)."""
+    notes = []
+    if args.prompt_length == 0 or args.prompt_depth == 0:
+        notes.append("no prompt tokens (--prompt-length or --prompt-depth 0): every fusion is the prompt-free "
+                     "backbone with the trained pooler and head")
+    elif bb.kind == "vilt" and args.fusion == "head" and args.head_combine == "concat":
+        notes.append("--fusion head --head-combine concat on ViLT is --fusion cross: the same tokens in another order, "
+                     "and ViLT's attention is permutation-equivariant with no position embedding on the prompts")
+    if args.lambda_t == args.lambda_v == 0:
+        notes.append("--lambda-t 0 --lambda-v 0: the alignment stage trains on the task loss only (no teachers)")
+    elif args.teachers == "snapshot" and epochs[1] == 0:
+        notes.append(f"a 0-epoch image-step: its teacher is the text-step's state, so the loss is that of --lambda-t "
+                     f"{args.lambda_t + args.lambda_v} --lambda-v 0")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------------
 # MuAP: loss (Sec. 3.6)
 # ---------------------------------------------------------------------------------------------------------
 def kl(teacher_logits, logits, task):
-    """KL(p || q), p = teacher, q = student, averaged over the batch. Softmax tasks: sum_c p_c log(p_c / q_c);
+    """KL(p || q), p = teacher, q = student, averaged over the batch, in fp32. Softmax tasks: sum_c p_c log(p_c / q_c);
     multi-label (ASSUMPTION): Bernoulli KL of each class, averaged over classes."""
-    teacher_logits, logits = teacher_logits.float(), logits.float()
-    if task == "multilabel":
-        log_p = F.logsigmoid(torch.stack([teacher_logits, -teacher_logits]))           # (2, B, C): log p, log(1-p)
-        log_q = F.logsigmoid(torch.stack([logits, -logits]))
-        return (log_p.exp() * (log_p - log_q)).sum(0).mean()
-    log_p, log_q = teacher_logits.log_softmax(-1), logits.log_softmax(-1)               # (B, C)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    with torch.autocast(logits.device.type, enabled=False):
+        teacher_logits, logits = teacher_logits.float(), logits.float()
+        if task == "multilabel":
+            log_p = F.logsigmoid(torch.stack([teacher_logits, -teacher_logits]))       # (2, B, C): log p, log(1-p)
+            log_q = F.logsigmoid(torch.stack([logits, -logits]))
+            return (log_p.exp() * (log_p - log_q)).sum(0).mean()
+        log_p, log_q = teacher_logits.log_softmax(-1), logits.log_softmax(-1)           # (B, C)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def alignment_loss(out, labels, task, lambda_t, lambda_v):
     """Alignment stage: L = L_task(y) + lambda_t KL(y_t || y) + lambda_v KL(y_v || y) (ASSUMPTION: the KL form)."""
     y = out["logits"]
-    return (task_loss(y, labels, task) + lambda_t * kl(out["logits_t"], y, task)
-            + lambda_v * kl(out["logits_v"], y, task))
+    loss = task_loss(y, labels, task)
+    if lambda_t or lambda_v:
+        loss = loss + lambda_t * kl(out["logits_t"], y, task) + lambda_v * kl(out["logits_v"], y, task)
+    return loss
 
 
 def main(args):
+    e_text, e_image, e_align = epochs = stage_epochs(args)     # checked before anything loads
     run = setup(args)
-    model = MuAP(run.bb, run.num_outputs, args.fusion, args.prompt_length, args.prompt_depth).to(run.device)
+    model = MuAP(run.bb, run.num_outputs, args.fusion, args.prompt_length, args.prompt_depth,
+                 args.head_combine).to(run.device)
     if model.depth < args.prompt_depth:
         run.log(f"prompt depth clamped to the backbone's {model.depth} layers")
-    e_text, e_image, e_align = stage_epochs(args)
-    args.epochs = e_text + e_image + e_align                     # recorded in results.json
+    warnings = equivalences(args, run.bb, epochs)
+    for note in warnings:
+        run.log(f"warning: {note}")
 
     def single_stage_loss(out, batch):                           # ASSUMPTION: task loss only
         return task_loss(out["logits"], batch["label"], run.task)
@@ -265,18 +370,22 @@ def main(args):
     def align_loss(out, batch):
         return alignment_loss(out, batch["label"], run.task, args.lambda_t, args.lambda_v)
 
-    set_stage(model, text=True, image=False)                     # single stage, text-step: image prompts frozen
-    fit(run, model, single_stage_loss, epochs=e_text, stage="text-step")
-    teacher_t = stage_teacher(run, model, "text-step")
-    set_stage(model, text=False, image=True)                     # single stage, image-step: text prompts frozen
-    fit(run, model, single_stage_loss, epochs=e_image, stage="image-step")
-    teacher_v = stage_teacher(run, model, "image-step")
-    set_stage(model, text=True, image=True)                      # alignment stage: both prompts, KL to the teachers
-    model.teachers = [teacher_t, teacher_v]
-    fit(run, model, align_loss, epochs=e_align, stage="alignment")
-    model.teachers = []
+    for r in range(args.rounds):
+        tag = "" if args.rounds == 1 else f"-{r + 1}"
+        set_stage(model, text=True, image=False)                 # single stage, text-step: image prompts frozen
+        fit(run, model, single_stage_loss, epochs=e_text, stage=f"text-step{tag}")
+        teacher_t = stage_teacher(run, model, f"text-step{tag}")
+        set_stage(model, text=False, image=True)                 # single stage, image-step: text prompts frozen
+        fit(run, model, single_stage_loss, epochs=e_image, stage=f"image-step{tag}")
+        teacher_v = stage_teacher(run, model, f"image-step{tag}")
+        set_stage(model, text=True, image=True)                  # alignment stage: both prompts, KL to the teachers
+        if e_align and (args.lambda_t or args.lambda_v) and not args.eval_only:
+            model.teachers = live_teachers if args.teachers == "live" else teacher_table(run, teacher_t, teacher_v)
+        fit(run, model, align_loss, epochs=e_align, stage=f"alignment{tag}")
+        model.teachers = None
     return finish(run, model, extra={"stage_epochs": {"text-step": e_text, "image-step": e_image,
-                                                      "alignment": e_align}})
+                                                      "alignment": e_align}, "rounds": args.rounds,
+                                     "warnings": warnings})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ per method x backbone, after the warm-ups, the median over the repeats, method a
              blocks during one method forward), for training and inference.
     memory   one training step: CUDA max_memory_allocated; CPU the peak sampled RSS minus the RSS at its start.
 Variants: map-attn (MAP's attention-level prompts); muap is a step with both prompts trainable, muap-align the
-alignment stage (two teacher forwards). PROMISE runs its encoder path (no --cache-features): batches carry aug_* copies.
+alignment stage (the teachers' logits looked up: muap.py computes them once per stage, one pass over train, not
+timed here). PROMISE runs its encoder path (no --cache-features): batches carry aug_* copies.
 
 Usage:
     python tests/benchmark.py                                 # GPU: batch 32, bf16, every method, both backbones
@@ -111,10 +112,11 @@ def synthetic_batch(bb, B, text_len, device):
                      pixel_mask=torch.ones(B, S, S, dtype=torch.long))
     batch["image"][missing == IMAGE_MISSING] = 1.0
     batch = {k: v.to(device) for k, v in batch.items()}
+    batch["ids"] = [f"sample-{k}" for k in range(B)]                # sample ids, as common.Collate gives them
     return {**batch, **{f"aug_{k}": v for k, v in batch.items()}}  # PROMISE's augmented view; others ignore it
 
 
-def build_method(name, bb, device):
+def build_method(name, bb, device, batch):
     """-> (model on device, loss_fn(out, batch), the method's args), through the method file's own classes."""
     mod = importlib.import_module(name.split("-")[0])
     kind = mod.__name__
@@ -125,11 +127,13 @@ def build_method(name, bb, device):
     if kind == "map":
         return mod.MAP(bb, NUM_CLASSES, a.prompt_type, a.prompt_length, a.prompt_depth).to(device), task_loss, a
     if kind == "muap":
-        model = mod.MuAP(bb, NUM_CLASSES, a.fusion, a.prompt_length, a.prompt_depth).to(device)
+        model = mod.MuAP(bb, NUM_CLASSES, a.fusion, a.prompt_length, a.prompt_depth, a.head_combine).to(device)
         mod.set_stage(model, text=True, image=True)
         if name != "muap-align":
             return model, task_loss, a
-        model.teachers = [mod.snapshot(model), mod.snapshot(model)]
+        with torch.no_grad():                                       # the teachers' logits, computed once per stage
+            y_t, y_v = (mod.snapshot(model)(batch)["logits"].float() for _ in range(2))
+        model.teachers = mod.TeacherTable(batch["ids"], y_t, y_v)
         return model, lambda out, batch: mod.alignment_loss(out, batch["label"], TASK, a.lambda_t, a.lambda_v), a
     if kind == "memprompt":
         a = mod.resolve_defaults(a)
@@ -309,7 +313,7 @@ def peak_memory(fn, device):
 def benchmark(name, bb, batch, args, device):
     precision = contextlib.nullcontext if args.dtype == "fp32" else \
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-    model, loss_fn, margs = build_method(name, bb, device)
+    model, loss_fn, margs = build_method(name, bb, device, batch)
     extra = extra_tokens(model, bb, batch)
     floor, token_floor = Floor(bb, NUM_CLASSES).to(device), Floor(bb, NUM_CLASSES, extra).to(device)
 
