@@ -764,6 +764,8 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
     """One epoch of optimiser steps over global batches, each accumulated from micro-batches; the loss of a
     micro-batch is weighted by its share of the global batch, so the step equals one big-batch step."""
     args = run.args
+    if hasattr(run.train_set, "set_epoch"):                # items that depend on the epoch (PROMISE's views)
+        run.train_set.set_epoch(epoch)
     net.train()
     batches = global_batches(len(run.train_set), args.batch_size, args.seed, epoch)
     micro = [rank_micro_batches(b, run.rank, run.world, args.micro_batch) for b in batches]
