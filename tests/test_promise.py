@@ -34,6 +34,8 @@ MUTATIONS = [
      "why": 'z_a generated everywhere'},
     {"file": "promise.py", "old": 'return {**self.ds[i], "view": view}', "new": 'return {**self.ds[i], "view": view and 0}',
      "why": 'Views always return view 0'},
+    {"file": "promise.py", "old": '        self.epoch = epoch\n', "new": '        self.epoch += 1\n',
+     "why": "a view counter (restarts at --resume) instead of the epoch fit is training"},
     {"file": "promise.py", "old": 'else self.epoch % self.cycle', "new": 'else 0',
      "why": 'the cached views never advance with the epoch'},
     {"file": "promise.py", "old": 'if not dist.is_initialized() or dist.get_world_size() == 1:', "new": 'if True:',
@@ -124,73 +126,6 @@ def test_supcon_excludes_anchors_without_positive():
     expected = supcon_loop(z, positive.tolist(), 0.07)
     assert float(promise.supcon(z, positive, 0.07)) == pytest.approx(expected, rel=1e-4)
     assert float(promise.supcon(z, torch.eye(6, dtype=torch.bool), 0.07)) == 0.0
-
-
-# --- mechanism -------------------------------------------------------------------------------------------------
-def build(backbone, n=16):
-    args = finalize_args(promise.parser().parse_args(["--backbone", backbone, "--fusion-layers", "2"]))
-    seed_everything(0)
-    bb = load_backbone(args)
-    model = promise.PROMISE(bb, 4, args)
-    ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
-    collate = promise.PromiseCollate(Collate(bb, args.max_text_len), args)
-    views = promise.Views(ds, 2)
-    return args, model, collate([views[i] for i in range(n)])
-
-
-@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
-def test_generated_features_replace_only_missing_ones(backbone):
-    """Perturb the generator of modality m: the fused feature changes exactly for the samples missing m."""
-    _, model, batch = build(backbone)
-    model.eval()
-    assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(batch["missing"].tolist())
-    for m, code in (("text", TEXT_MISSING), ("image", IMAGE_MISSING)):
-        with torch.no_grad():
-            torch.manual_seed(0)                                # ViLT draws its image-patch order at random
-            before = model(batch)["fused"]
-            model.gen[m].out.weight += torch.randn_like(model.gen[m].out.weight)
-            model.gen[m].out_a.weight += 1.0
-            torch.manual_seed(0)
-            after = model(batch)["fused"]
-        changed = (after - before).abs().amax(-1) > 1e-6
-        assert torch.equal(changed, batch["missing"] == code), m
-
-
-@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
-def test_encoder_never_sees_a_dummy_input(backbone, monkeypatch):
-    """The frozen blocks run only on the rows whose modality is present (the dummy rows are never encoded)."""
-    _, model, batch = build(backbone)
-    rows = []
-    if backbone == "tiny-clip":
-        monkeypatch.setattr(model.bb, "image_block", lambda i, x, f=model.bb.image_block: rows.append(("image", i, len(x))) or f(i, x))
-        monkeypatch.setattr(model.bb, "text_block", lambda i, x, f=model.bb.text_block: rows.append(("text", i, len(x))) or f(i, x))
-    else:
-        monkeypatch.setattr(model.bb, "block", lambda i, x, b, f=model.bb.block: rows.append(("any", i, len(x))) or f(i, x, b))
-    model.eval()
-    with torch.no_grad():
-        model(batch)
-    n_image = int((batch["missing"] != IMAGE_MISSING).sum())
-    n_text = int((batch["missing"] != TEXT_MISSING).sum())
-    assert n_image < len(batch["missing"]) and n_text < len(batch["missing"])
-    if backbone == "tiny-clip":
-        assert {r[2] for r in rows if r[0] == "image"} == {n_image} and {r[2] for r in rows if r[0] == "text"} == {n_text}
-    else:                                                       # one text-only and one image-only pass per layer
-        assert sorted(r[2] for r in rows if r[1] == 0) == sorted([n_text, n_image])
-
-
-@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
-def test_only_method_modules_get_gradients(backbone):
-    args, model, batch = build(backbone)
-    model.train()
-    loss = promise.promise_loss(model(batch), batch, "multiclass", args)
-    loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.bb.parameters())
-    own = [(n, p) for n, p in model.named_parameters() if not n.startswith("bb.")]
-    assert own and all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for _, p in own), \
-        [n for n, p in own if p.grad is None]
-    assert {n.split(".")[0] for n, _ in own} == {"proj", "gen", "cls", "pos", "fusion", "head"}
-    pool = model.gen["image"].pool
-    assert pool.shape == (args.num_prompts * args.prompt_length, model.bb.embed_dim if backbone == "tiny-clip" else 64)
 
 
 # --- wiring: the loss over exactly the chosen rows and tensors ------------------------------------------------
@@ -312,6 +247,73 @@ def test_ddp_gathers_the_contrastive_batch_with_gradients(tmp_path):
     assert float(ddp["loss"]) == pytest.approx(float(loss), rel=1e-5)
     for p, g in zip(model.parameters(), ddp["grads"]):
         assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+# --- mechanism -------------------------------------------------------------------------------------------------
+def build(backbone, n=16):
+    args = finalize_args(promise.parser().parse_args(["--backbone", backbone, "--fusion-layers", "2"]))
+    seed_everything(0)
+    bb = load_backbone(args)
+    model = promise.PROMISE(bb, 4, args)
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
+    collate = promise.PromiseCollate(Collate(bb, args.max_text_len), args)
+    views = promise.Views(ds, 2)
+    return args, model, collate([views[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_generated_features_replace_only_missing_ones(backbone):
+    """Perturb the generator of modality m: the fused feature changes exactly for the samples missing m."""
+    _, model, batch = build(backbone)
+    model.eval()
+    assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(batch["missing"].tolist())
+    for m, code in (("text", TEXT_MISSING), ("image", IMAGE_MISSING)):
+        with torch.no_grad():
+            torch.manual_seed(0)                                # ViLT draws its image-patch order at random
+            before = model(batch)["fused"]
+            model.gen[m].out.weight += torch.randn_like(model.gen[m].out.weight)
+            model.gen[m].out_a.weight += 1.0
+            torch.manual_seed(0)
+            after = model(batch)["fused"]
+        changed = (after - before).abs().amax(-1) > 1e-6
+        assert torch.equal(changed, batch["missing"] == code), m
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_encoder_never_sees_a_dummy_input(backbone, monkeypatch):
+    """The frozen blocks run only on the rows whose modality is present (the dummy rows are never encoded)."""
+    _, model, batch = build(backbone)
+    rows = []
+    if backbone == "tiny-clip":
+        monkeypatch.setattr(model.bb, "image_block", lambda i, x, f=model.bb.image_block: rows.append(("image", i, len(x))) or f(i, x))
+        monkeypatch.setattr(model.bb, "text_block", lambda i, x, f=model.bb.text_block: rows.append(("text", i, len(x))) or f(i, x))
+    else:
+        monkeypatch.setattr(model.bb, "block", lambda i, x, b, f=model.bb.block: rows.append(("any", i, len(x))) or f(i, x, b))
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    n_image = int((batch["missing"] != IMAGE_MISSING).sum())
+    n_text = int((batch["missing"] != TEXT_MISSING).sum())
+    assert n_image < len(batch["missing"]) and n_text < len(batch["missing"])
+    if backbone == "tiny-clip":
+        assert {r[2] for r in rows if r[0] == "image"} == {n_image} and {r[2] for r in rows if r[0] == "text"} == {n_text}
+    else:                                                       # one text-only and one image-only pass per layer
+        assert sorted(r[2] for r in rows if r[1] == 0) == sorted([n_text, n_image])
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_only_method_modules_get_gradients(backbone):
+    args, model, batch = build(backbone)
+    model.train()
+    loss = promise.promise_loss(model(batch), batch, "multiclass", args)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.bb.parameters())
+    own = [(n, p) for n, p in model.named_parameters() if not n.startswith("bb.")]
+    assert own and all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for _, p in own), \
+        [n for n, p in own if p.grad is None]
+    assert {n.split(".")[0] for n, _ in own} == {"proj", "gen", "cls", "pos", "fusion", "head"}
+    pool = model.gen["image"].pool
+    assert pool.shape == (args.num_prompts * args.prompt_length, model.bb.embed_dim if backbone == "tiny-clip" else 64)
 
 
 def test_training_step_has_no_host_device_sync_ops():
