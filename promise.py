@@ -153,28 +153,31 @@ def unimodal_features(bb, batch):
     rows = {m: present_rows(batch, m) for m in MODALITIES}
     width = bb.embed_dim if bb.kind == "clip" else bb.width
     f = {m: torch.zeros(len(batch["missing"]), width, device=batch["missing"].device) for m in MODALITIES}
-    if bb.kind == "clip":
-        x = bb.image_embed(batch["image"][rows["image"]])                  # (B_i, L_v, D_v)
-        for i in range(bb.num_layers):
-            x = bb.image_block(i, x)
-        f["image"][rows["image"]] = bb.image_pool(x).to(f["image"].dtype)
-        ids = batch["text"][rows["text"]]
-        t = bb.text_embed(ids)                                             # (B_t, 77, D_t)
-        for i in range(bb.num_layers):
-            t = bb.text_block(i, t)
-        f["text"][rows["text"]] = bb.text_pool(t, ids).to(f["text"].dtype)
+    if bb.kind == "clip":                                                  # len(rows): a shape, read without a sync
+        if len(rows["image"]):
+            x = bb.image_embed(batch["image"][rows["image"]])              # (B_i, L_v, D_v)
+            for i in range(bb.num_layers):
+                x = bb.image_block(i, x)
+            f["image"][rows["image"]] = bb.image_pool(x).to(f["image"].dtype)
+        if len(rows["text"]):
+            ids = batch["text"][rows["text"]]
+            t = bb.text_embed(ids)                                         # (B_t, 77, D_t)
+            for i in range(bb.num_layers):
+                t = bb.text_block(i, t)
+            f["text"][rows["text"]] = bb.text_pool(t, ids).to(f["text"].dtype)
         return f["image"], f["text"]
     # NON-PAPER ADAPTATION: ViLT's embedding layer embeds both parts at once (a dummy part is dropped before any
     # block); each modality then runs alone through the blocks and is mean-pooled over its valid tokens.
     x, mask = bb.embed(batch)                                              # (B, L_t + L_v, D), (B, L_t + L_v)
     L_t = batch["input_ids"].shape[1]
     for m, part in (("text", slice(0, L_t)), ("image", slice(L_t, None))):
-        h, valid = x[rows[m], part], mask[rows[m], part]
-        bias = bb.attention_bias(valid, h.dtype)
-        for i in range(bb.num_layers):
-            h = bb.block(i, h, bias)
-        valid = valid[..., None].to(h.dtype)
-        f[m][rows[m]] = ((bb.final_norm(h) * valid).sum(1) / valid.sum(1)).to(f[m].dtype)
+        if len(rows[m]):
+            h, valid = x[rows[m], part], mask[rows[m], part]
+            bias = bb.attention_bias(valid, h.dtype)
+            for i in range(bb.num_layers):
+                h = bb.block(i, h, bias)
+            valid = valid[..., None].to(h.dtype)
+            f[m][rows[m]] = ((bb.final_norm(h) * valid).sum(1) / valid.sum(1)).to(f[m].dtype)
     return f["image"], f["text"]
 
 
@@ -454,6 +457,9 @@ def cached_split(run, args, ds, split, views):
 def main(args):
     check_args(args)
     run = setup(args)
+    if min(args.batch_size, len(run.train_set)) % run.world:     # only a train split smaller than one batch
+        raise DataError(f"the train split ({len(run.train_set)} samples) does not split evenly over {run.world} "
+                        f"processes, and PROMISE gathers equal shares for its contrastive terms: change --nproc_per_node")
     model = PROMISE(run.bb, run.num_outputs, args).to(run.device)
     run.collate = PromiseCollate(run.collate, args)
     extra, views = {}, views_of(args)
