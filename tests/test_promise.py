@@ -362,8 +362,12 @@ def test_views_follow_the_epoch_and_differ():
 
 
 def test_aug_views_zero_means_x_a_equals_x():
+    """--aug-views 0: training items carry no view; the cached collate adds no x_a and the model uses x_a = x."""
     batch, model, _ = feature_model()
-    del batch["feat_image_a"], batch["feat_text_a"]
+    items = [{"id": str(k), "label": int(batch["label"][k]), "missing": int(batch["missing"][k]), "view": None,
+              "feat_image": batch["feat_image"][k], "feat_text": batch["feat_text"][k]} for k in range(12)]
+    batch = promise.PromiseCollate(None, promise.parser().parse_args([]))(items)
+    assert "feat_image_a" not in batch
     model.train()
     out = model(batch)
     for m in promise.MODALITIES:
