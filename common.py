@@ -896,6 +896,8 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
     A generator: at each validation check it yields (step, mean loss, seconds, samples) since the previous check.
     It starts where the schedule stands (the schedule counts the steps taken: a run resumed at a mid-epoch check)."""
     args = run.args
+    if hasattr(run.train_set, "set_epoch"):                # items that depend on the epoch (PROMISE's views)
+        run.train_set.set_epoch(epoch)
     batches = global_batches(len(run.train_set), args.batch_size, args.seed, epoch)
     checks, done = check_steps(len(batches), args.val_interval), schedule.last_epoch - epoch * len(batches)
     micro = [rank_micro_batches(b, run.rank, run.world, args.micro_batch) for b in batches[done:]]

@@ -1,7 +1,7 @@
 """PROMISE: Prompt-Attentive Hierarchical Contrastive Learning for Robust Cross-Modal Representation with Missing
 Modalities (Chen et al., AAAI 2026, arXiv 2511.10997).
 
-Official code: none: implemented from the paper (arXiv 2511.10997, Sec. Methodology).
+Official code: none: implemented from the paper (Sec. Prompt Attention, Sec. Hierarchical Contrastive Learning).
 
 Map from the paper to this file:
     frozen features of the present modalities (CLIP ViT-L/14)                   -> `unimodal_features`
@@ -13,22 +13,38 @@ Map from the paper to this file:
     L = L_cls + lambda [alpha FNCL + (1 - alpha) CCCL]                          -> `promise_loss`
 
 Deviations and assumptions:
-    - ASSUMPTION: augmented views: image random resized crop (area 0.5-1, ratio 3/4-4/3) + horizontal flip; text word
-      dropout 10%. Each sample has --aug-views fixed views (seeded by seed, id, view); each epoch draws one, so
-      training with and without --cache-features is the same computation (the cache only memoises the encoder).
-    - ASSUMPTION: each modality's feature is projected by its own linear layer (width d = E); Prompt Attention =
-      one multi-head self-attention over [pool of m2 (N*P tokens); projected x_m1], mean over its outputs.
-    - ASSUMPTION: fusion = 6-layer pre-LN transformer (8 heads; 2 for tiny widths; FFN 4d; dropout 0) over
-      [CLS, image token, text token] + learned position embeddings; linear head on the final-normed CLS.
-    - ASSUMPTION: NT-Xent is SimCLR's over the 2N vectors of a pair (symmetric by construction); FNCL averages it over
-      the four pairs and both directions m1 -> m2, each over the rows where m1 is present (complete rows give both).
+    - ASSUMPTION (FNCL partner): x^_m2 (generated from x_m1) is pulled toward the m2 of the same instance: the real
+      x_m2 / x_m2_a where m2 is present (complete rows: a reconstruction target), else x_m1 / x_m1_a (the paper's
+      pair, the only real evidence); the paper's consistency "between available and reconstructed modalities".
+    - ASSUMPTION: NT-Xent is SimCLR's over the 2n vectors of a pair (symmetric by construction); FNCL averages it over
+      the four pairs, then over the directions m1 -> m2 that have rows (rows where m1 is present).
     - ASSUMPTION: CCCL per modality over [z_m; z_m_a] (real where present, generated where missing); positives = the
       other view and same-label samples; multi-label (MM-IMDb): sharing >= 1 label; anchors without positives excluded.
+    - ASSUMPTION: augmented views: image random resized crop (area 0.5-1, ratio 3/4-4/3) + horizontal flip; text word
+      dropout 10%; view v of a sample is a pure function of (seed, id, v). Epoch e trains on view e: a fresh view each
+      epoch. --cache-features stores --aug-views views (default = --epochs, so no view repeats; epoch e uses view
+      e mod V, the same computation as without the cache while e < V). Disk: (V + 1) x N x 2 x E values in the autocast
+      dtype (bf16 on CUDA: lossless, the first trainable layer casts to it), ~4 GB for Food-101 train on ViT-L/14 and
+      V = 20, ~1 GB MM-IMDb, ~0.5 GB Hateful Memes. --aug-views 0: no augmentation, x_a = x.
+    - Cache key (--cache-features): every image file's path, size and mtime (common.image_cache_key), ids and texts,
+      data root, backbone and a digest of its weights, feature dtype, missing table, rate, seed, text length, views.
+    - --cache-images is refused with augmented views (its images are preprocessed tensors; the views crop the decoded
+      image); with --cache-features every image is decoded once anyway.
+    - ASSUMPTION: each modality's feature is projected by its own linear layer (width d = E); Prompt Attention =
+      one multi-head self-attention (8 heads; 2 below width 256) over [pool of m2 (N*P tokens); projected x_m1], mean
+      over its outputs. The pool is one flat set of N*P tokens, so only N*P matters (4 x 16 == 16 x 4); N*P = 0 is the
+      no-prompt ablation (attention over x_m1 alone).
+    - ASSUMPTION: fusion = 6-layer pre-LN transformer (8 heads; 2 for tiny widths; FFN 4d; dropout 0) over
+      [CLS, image token, text token] + learned position embeddings; linear head on the final-normed CLS.
     - ASSUMPTION: alpha = 0.5 and lambda (--contrast-weight) = 1: the paper gives no value; equal weights, L = L_cls +
-      L_contrast as written. Contrastive terms use the micro-batch (default = the paper's batch of 64).
+      L_contrast as written. Contrastive terms use the micro-batch (default = the paper's batch of 64), gathered from
+      every process under torchrun (with gradients): the same loss as one process while --micro-batch >= batch / world.
+      Contrastive logits in fp32, autocast off.
     - ASSUMPTION: Adam, weight decay 0, cosine schedule without warm-up, 20 epochs (not stated in the paper).
     - NON-PAPER ADAPTATION (ViLT is single-stream): unimodal features from single-modality passes over ViLT's own
-      tokens: text-only pass -> mean of the text tokens; image-only pass -> mean of the image tokens.
+      tokens: text-only pass -> mean of the text tokens; image-only pass -> mean of the image tokens. ViLT's embedding
+      layer embeds the whole batch, dummy parts included (per-token, so they do not change the present part); its
+      blocks never see a dummy.
     - Recipe (README): Adam without weight decay, val once per epoch, MM-IMDb per plot; ViLT: LN eps 1e-6, no dropout.
 
 Usage: python promise.py --dataset food101 --missing both --rate 0.7 --cache-features    (CLIP ViT-L/14)
@@ -44,14 +60,16 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (autocast, build_parser, cli, finish, fit, gather_rows, rank_batches, read_checkpoint, save_tensors,
-                    setup, task_loss, to_device)
-from data import IMAGE_MISSING, TEXT_MISSING
+from common import (autocast, build_parser, cli, finish, fit, gather_rows, image_cache_key, rank_batches,
+                    read_checkpoint, save_tensors, setup, task_loss, to_device)
+from data import IMAGE_MISSING, TEXT_MISSING, DataError
 
 MODALITIES = ("image", "text")
 OTHER = {"image": "text", "text": "image"}
@@ -69,7 +87,9 @@ def parser():
     p.add_argument("--alpha", type=float, default=0.5,                     # ASSUMPTION: not given in the paper
                    help="alpha, FNCL weight in L_contrast (CCCL: 1 - alpha)")
     p.add_argument("--contrast-weight", type=float, default=1.0, help="lambda, weight of L_contrast in the total loss")
-    p.add_argument("--aug-views", type=int, default=2, help="fixed augmented views x_a per training sample")
+    p.add_argument("--aug-views", type=int, default=None,
+                   help="augmented views x_a per sample kept by --cache-features (epoch e uses view e mod V; default: "
+                        "--epochs, no repeat); without the cache every epoch draws a fresh view; 0 = no augmentation")
     p.add_argument("--text-dropout", type=float, default=0.1, help="word dropout of the augmented text view")
     p.add_argument("--crop-scale", type=float, default=0.5, help="smallest area fraction of the augmented image crop")
     p.add_argument("--cache-features", action="store_true", help="encode every split once with the frozen encoder")
@@ -77,6 +97,26 @@ def parser():
     p.set_defaults(lr=1e-4, weight_decay=0.0, batch_size=64, micro_batch=64, epochs=20, optimizer="adam",
                    schedule="cosine", warmup=0.0, clip_model="ViT-L-14")
     return p
+
+
+def check_args(args):
+    """Bad values fail here, naming the flag (a clear error instead of a crash or a silent no-op)."""
+    if args.num_prompts < 0 or args.prompt_length < 0:
+        raise DataError("--num-prompts and --prompt-length must be >= 0 (N * P = 0: the no-prompt ablation)")
+    if args.fusion_layers < 1:
+        raise DataError("--fusion-layers must be >= 1: the crossmodal transformer is the only place the modalities meet")
+    if args.tau <= 0 or not 0.0 <= args.alpha <= 1.0:
+        raise DataError("--tau must be > 0 and --alpha in [0, 1]")
+    if args.aug_views is not None and args.aug_views < 0:
+        raise DataError("--aug-views must be >= 0 (0: no augmentation)")
+    if args.cache_images and views_of(args) and not args.eval_only:
+        raise DataError("--cache-images holds preprocessed tensors and PROMISE's augmented views crop the decoded image: "
+                        "drop --cache-images (with --cache-features every image is decoded once anyway) or pass "
+                        "--aug-views 0")
+
+
+def views_of(args):
+    return args.epochs if args.aug_views is None else args.aug_views
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,47 +141,53 @@ class PromptAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # PROMISE: forward
 # ---------------------------------------------------------------------------------------------------------
+def present_rows(batch, m):
+    """Indices of the rows that have m: from the collate (host-side lengths: no GPU sync), else from the codes."""
+    key = f"rows_{m}"
+    return batch[key] if key in batch else (batch["missing"] != ABSENT[m]).nonzero()[:, 0]
+
+
 @torch.no_grad()
 def unimodal_features(bb, batch):
     """Frozen features of the present modalities only, (B, E) each with zeros where missing: the encoder never
     sees a dummy input."""
-    has = {m: batch["missing"] != ABSENT[m] for m in MODALITIES}
+    rows = {m: present_rows(batch, m) for m in MODALITIES}
     width = bb.embed_dim if bb.kind == "clip" else bb.width
     f = {m: torch.zeros(len(batch["missing"]), width, device=batch["missing"].device) for m in MODALITIES}
-    if bb.kind == "clip":
-        if has["image"].any():
-            x = bb.image_embed(batch["image"][has["image"]])              # (B_i, L_v, D_v)
+    if bb.kind == "clip":                                                  # len(rows): a shape, read without a sync
+        if len(rows["image"]):
+            x = bb.image_embed(batch["image"][rows["image"]])              # (B_i, L_v, D_v)
             for i in range(bb.num_layers):
                 x = bb.image_block(i, x)
-            f["image"][has["image"]] = bb.image_pool(x).to(f["image"].dtype)
-        if has["text"].any():
-            ids = batch["text"][has["text"]]
+            f["image"][rows["image"]] = bb.image_pool(x).to(f["image"].dtype)
+        if len(rows["text"]):
+            ids = batch["text"][rows["text"]]
             t = bb.text_embed(ids)                                         # (B_t, 77, D_t)
             for i in range(bb.num_layers):
                 t = bb.text_block(i, t)
-            f["text"][has["text"]] = bb.text_pool(t, ids).to(f["text"].dtype)
+            f["text"][rows["text"]] = bb.text_pool(t, ids).to(f["text"].dtype)
         return f["image"], f["text"]
     # NON-PAPER ADAPTATION: ViLT's embedding layer embeds both parts at once (a dummy part is dropped before any
     # block); each modality then runs alone through the blocks and is mean-pooled over its valid tokens.
     x, mask = bb.embed(batch)                                              # (B, L_t + L_v, D), (B, L_t + L_v)
     L_t = batch["input_ids"].shape[1]
     for m, part in (("text", slice(0, L_t)), ("image", slice(L_t, None))):
-        if has[m].any():
-            h, valid = x[has[m], part], mask[has[m], part]
+        if len(rows[m]):
+            h, valid = x[rows[m], part], mask[rows[m], part]
             bias = bb.attention_bias(valid, h.dtype)
             for i in range(bb.num_layers):
                 h = bb.block(i, h, bias)
             valid = valid[..., None].to(h.dtype)
-            f[m][has[m]] = ((bb.final_norm(h) * valid).sum(1) / valid.sum(1)).to(f[m].dtype)
+            f[m][rows[m]] = ((bb.final_norm(h) * valid).sum(1) / valid.sum(1)).to(f[m].dtype)
     return f["image"], f["text"]
 
 
 class PROMISE(nn.Module):
     def __init__(self, bb, num_outputs, args):
         super().__init__()
-        self.bb, self.views = bb, None
+        self.bb = bb
         d = bb.embed_dim if bb.kind == "clip" else bb.width
-        heads = 8 if d >= 256 else 2
+        heads = 8 if d >= 256 else 2                                       # ASSUMPTION: heads not given
         self.proj = nn.ModuleDict({m: nn.Linear(d, d) for m in MODALITIES})
         self.gen = nn.ModuleDict({m: PromptAttention(d, args.num_prompts, args.prompt_length, heads)  # m's pool
                                   for m in MODALITIES})
@@ -153,21 +199,17 @@ class PROMISE(nn.Module):
         self.fusion = nn.TransformerEncoder(layer, args.fusion_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
         self.head = nn.Linear(d, num_outputs)
 
-    def train(self, mode=True):
-        """fit() calls train() at the start of every epoch: the training set draws each sample's view anew."""
-        if mode and self.views is not None:
-            self.views.epoch += 1
-        return super().train(mode)
-
     def features(self, batch):
-        """{m: (B, E)} and, for training batches, {m_a: (B, E)}: from the cache or from the frozen encoder."""
+        """{m: (B, E)} and, for training batches, {m_a: (B, E)}: from the cache or from the frozen encoder; a training
+        batch without an augmented view (--aug-views 0) uses x_a = x."""
         if "feat_image" in batch:
-            return {k[5:]: v for k, v in batch.items() if k.startswith("feat_")}
-        f = dict(zip(MODALITIES, unimodal_features(self.bb, batch)))
-        if self.training and "aug_missing" in batch:
-            aug = unimodal_features(self.bb, {k[4:]: v for k, v in batch.items() if k.startswith("aug_")})
-            f.update({f"{m}_a": v for m, v in zip(MODALITIES, aug)})
-        return f
+            f = {k[5:]: v for k, v in batch.items() if k.startswith("feat_")}
+        else:
+            f = dict(zip(MODALITIES, unimodal_features(self.bb, batch)))
+            if self.training and "aug_missing" in batch:
+                aug = unimodal_features(self.bb, {k[4:]: v for k, v in batch.items() if k.startswith("aug_")})
+                f.update({f"{m}_a": v for m, v in zip(MODALITIES, aug)})
+        return {**{f"{m}_a": f[m] for m in MODALITIES}, **f}
 
     def forward(self, batch):
         f = self.features(batch)
@@ -186,34 +228,41 @@ class PROMISE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# PROMISE: loss (FNCL, CCCL Eq. (9), total)
+# PROMISE: loss (FNCL, CCCL Eq. (9), total). Row selections are masks (no host-device sync); logits in fp32.
 # ---------------------------------------------------------------------------------------------------------
-def nt_xent(u, v, tau):
-    """SimCLR's NT-Xent over the 2N vectors [u; v]: positive = the pair partner, negatives = the other 2N - 2.
-    ASSUMPTION: this is the paper's "symmetric NT-Xent" (every vector of both sides is an anchor)."""
-    z = F.normalize(torch.cat([u, v]).float(), dim=-1)                    # (2N, d)
+EXCLUDED = -1e9          # a masked logit: exp underflows to exactly 0 in fp32, like -inf, without NaN rows
+
+
+def nt_xent(u, v, tau, rows=None):
+    """SimCLR's NT-Xent over the 2n vectors [u; v] of the rows in `rows` (boolean (n,), default all): positive = the
+    pair partner, negatives = the other selected vectors. ASSUMPTION: the paper's "symmetric NT-Xent"."""
     n = len(u)
-    sim = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    keep = torch.ones(2 * n, dtype=torch.bool, device=u.device) if rows is None else torch.cat([rows, rows])
+    with torch.autocast(u.device.type, enabled=False):
+        z = F.normalize(torch.cat([u, v]).float(), dim=-1)                # (2n, d)
+        valid = keep[:, None] & keep[None, :] & ~torch.eye(2 * n, dtype=torch.bool, device=z.device)
+        sim = (z @ z.T / tau).masked_fill(~valid, EXCLUDED)
+        per_anchor = F.cross_entropy(sim, torch.arange(2 * n, device=z.device).roll(n), reduction="none")
+    return (per_anchor * keep).sum() / keep.sum().clamp(min=1)
 
 
-def fncl(x, x_a, g, g_a, tau):
+def fncl(x, x_a, g, g_a, tau, rows=None):
     """FNCL: mean symmetric NT-Xent of (x_m1, x^_m2), (x_m1, x^_m2_a), (x_m1_a, x^_m2), (x_m1_a, x^_m2_a)."""
-    return torch.stack([nt_xent(a, b, tau) for a in (x, x_a) for b in (g, g_a)]).mean()
+    return torch.stack([nt_xent(a, b, tau, rows) for a in (x, x_a) for b in (g, g_a)]).mean()
 
 
 def supcon(z, positive, tau):
     """Supervised contrastive loss (Khosla et al., L_out) over z (n, d) with a boolean (n, n) positive mask; the
     denominator runs over all k != a; anchors without a positive are excluded."""
-    z = F.normalize(z.float(), dim=-1)
-    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
-    log_prob = (z @ z.T / tau).masked_fill(self_mask, float("-inf")).log_softmax(-1)
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=-1)
+        self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        log_prob = (z @ z.T / tau).masked_fill(self_mask, float("-inf")).log_softmax(-1)
     positive = positive & ~self_mask
     count = positive.sum(1)
     per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(1) / count.clamp(min=1)
     keep = count > 0
-    return per_anchor[keep].mean() if keep.any() else z.sum() * 0.0
+    return (per_anchor * keep).sum() / keep.sum().clamp(min=1)
 
 
 def cccl(z, z_a, label, task, tau):
@@ -225,17 +274,35 @@ def cccl(z, z_a, label, task, tau):
     return supcon(torch.cat([z, z_a]), same | other_view, tau)
 
 
+def gather(t):
+    """Every process's rows of t in rank order (torchrun): with gradients for the method's tensors, so the contrastive
+    batch and its gradient are the single-process ones. One process: t itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    if t.requires_grad:
+        return torch.cat(dist_nn.all_gather(t))
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def promise_loss(out, batch, task, args):
-    """L = L_cls + lambda [alpha FNCL + (1 - alpha) CCCL]."""
+    """L = L_cls + lambda [alpha FNCL + (1 - alpha) CCCL]; the contrastive terms over every process's rows."""
     L_cls = task_loss(out["logits"], batch["label"], task)
-    L_fncl = []
+    x, x_a, z, z_a = ({m: gather(out[k][m]) for m in MODALITIES} for k in ("x", "x_a", "z", "z_a"))
+    gen = {m: tuple(gather(g) for g in out["gen"][m]) for m in MODALITIES}
+    missing, label = gather(batch["missing"]), gather(batch["label"])
+    L_fncl, directions = [], []
     for m1 in MODALITIES:                                                   # m2 = OTHER[m1], generated from m1
-        rows = batch["missing"] != ABSENT[m1]
-        if rows.any():
-            g, g_a = out["gen"][OTHER[m1]]
-            L_fncl.append(fncl(out["x"][m1][rows], out["x_a"][m1][rows], g[rows], g_a[rows], args.tau))  # FNCL
-    L_cccl = [cccl(out["z"][m], out["z_a"][m], batch["label"], task, args.tau) for m in MODALITIES]   # Eq. (9)
-    L_contrast = args.alpha * torch.stack(L_fncl).mean() + (1 - args.alpha) * torch.stack(L_cccl).mean()
+        m2, rows = OTHER[m1], missing != ABSENT[m1]
+        has_m2 = (missing != ABSENT[m2])[:, None]
+        t, t_a = torch.where(has_m2, x[m2], x[m1]), torch.where(has_m2, x_a[m2], x_a[m1])   # ASSUMPTION: partner
+        L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau, rows))                 # FNCL
+        directions.append(rows.any())
+    directions = torch.stack(directions).float()                          # mean over the directions that have rows
+    L_fncl = (torch.stack(L_fncl) * directions).sum() / directions.sum().clamp(min=1)
+    L_cccl = torch.stack([cccl(z[m], z_a[m], label, task, args.tau) for m in MODALITIES]).mean()   # Eq. (9)
+    L_contrast = args.alpha * L_fncl + (1 - args.alpha) * L_cccl
     return L_cls + args.contrast_weight * L_contrast                       # L = L_cls + lambda L_contrast
 
 
@@ -259,19 +326,23 @@ def augment(item, seed, view, text_dropout, crop_scale):
 
 
 class Views(torch.utils.data.Dataset):
-    """The training split; each item carries the index of its augmented view for this epoch, a seeded draw among
-    --aug-views. PROMISE.train() advances `epoch` (fit calls it at the start of every epoch)."""
+    """The training split; each item carries the index of the augmented view of the epoch being trained (fit calls
+    set_epoch): view e, or e mod `cycle` for a cache of `cycle` views; None when there are no views (x_a = x)."""
 
-    def __init__(self, ds, seed, views):
-        self.ds, self.seed, self.views, self.epoch = ds, seed, views, -1
+    def __init__(self, ds, views, cycle=None):
+        self.ds, self.views, self.cycle, self.epoch = ds, views, cycle, 0
         for name in SPLIT_ATTRS:
             setattr(self, name, getattr(ds, name))
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return {**self.ds[i], "view": random.Random(f"{self.seed}/{self.epoch}/{i}").randrange(self.views)}
+        view = None if not self.views else self.epoch if self.cycle is None else self.epoch % self.cycle
+        return {**self.ds[i], "view": view}
 
     def labels(self):
         return self.ds.labels()
@@ -297,29 +368,38 @@ class CachedSet(torch.utils.data.Dataset):
 
 
 class PromiseCollate:
-    """Raw items -> the backbone's batch, plus `aug_*` keys (the item's augmented view) for training items.
-    Cached items -> feat_image / feat_text, plus feat_image_a / feat_text_a of the drawn view for training items."""
+    """Raw items -> the backbone's batch plus `rows_<m>` (indices of the rows that have m), and `aug_*` keys (the
+    epoch's augmented view) for training items. Cached items -> feat_image / feat_text, plus feat_image_a /
+    feat_text_a of the epoch's view for training items."""
 
     def __init__(self, base, args):
         self.base, self.seed, self.text_dropout, self.crop_scale = base, args.seed, args.text_dropout, args.crop_scale
 
+    def encoder_batch(self, items):
+        batch = self.base(items)
+        for m in MODALITIES:
+            batch[f"rows_{m}"] = torch.tensor([k for k, it in enumerate(items) if it["missing"] != ABSENT[m]],
+                                              dtype=torch.long)
+        return batch
+
     def augment(self, items, view):
-        return self.base([augment(it, self.seed, view(it), self.text_dropout, self.crop_scale) for it in items])
+        return self.encoder_batch([augment(it, self.seed, view(it), self.text_dropout, self.crop_scale) for it in items])
 
     def all_views(self, views, items):                          # cache building: the original and every view
-        return [self.base(items)] + [self.augment(items, lambda it: v) for v in range(views)]
+        return [self.encoder_batch(items)] + [self.augment(items, lambda it: v) for v in range(views)]
 
     def __call__(self, items):
+        train = items[0].get("view") is not None
         if "feat_image" in items[0]:
             batch = {"ids": [it["id"] for it in items], "missing": torch.tensor([it["missing"] for it in items]),
                      "label": torch.as_tensor(np.stack([np.asarray(it["label"]) for it in items]))}
             for m in MODALITIES:
                 batch[f"feat_{m}"] = torch.stack([it[f"feat_{m}"] for it in items])
-                if "view" in items[0]:
+                if train:
                     batch[f"feat_{m}_a"] = torch.stack([it[f"feat_{m}_a"][it["view"]] for it in items])
             return batch
-        batch = self.base(items)
-        if "view" in items[0]:
+        batch = self.encoder_batch(items)
+        if train:
             aug = self.augment(items, lambda it: it["view"])
             batch.update({f"aug_{k}": v for k, v in aug.items() if torch.is_tensor(v)})
         return batch
@@ -329,22 +409,35 @@ def digest(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_split(run, args, ds, split, views):
-    """Encode `ds` once (original + `views` augmented views) to a file keyed like a build artefact; reuse it while
-    the key (backbone and weights, data, missing table, augmentation, seed) is unchanged."""
+def feature_dtype(run):
+    """The autocast dtype: what the first trainable layer (proj) casts the features to, so storing it loses nothing."""
+    return torch.bfloat16 if run.device.type == "cuda" and run.args.precision == "bf16" else torch.float32
+
+
+def cache_key(run, args, ds, split, views):
+    """Everything the cached features depend on: the image files (path, size, mtime), ids and texts, data root,
+    backbone and weights, feature dtype, missing table, rate, seed, text length and the augmentation."""
     weights = torch.stack([p.detach().float().sum() for p in run.bb.parameters()]).cpu().numpy()
-    key = json.loads(json.dumps({
+    return json.loads(json.dumps({
         "backbone": run.bb.info, "weights": hashlib.sha256(weights.tobytes()).hexdigest()[:16],
-        "dataset": args.dataset, "split": split, "data": digest([ds.ids, ds.texts]), "table_hash": ds.table_hash,
-        "max_text_len": args.max_text_len, "seed": args.seed, "augment": None if not views else
+        "dtype": str(feature_dtype(run)), "dataset": args.dataset, "data_root": os.path.abspath(args.data_root),
+        "split": split, "images": image_cache_key(ds, run.bb), "data": digest([ds.ids, ds.texts]),
+        "missing": ds.missing_type, "rate": ds.rate, "table_hash": ds.table_hash, "seed": args.seed,
+        "max_text_len": args.max_text_len, "augment": None if not views else
         {"views": views, "text_dropout": args.text_dropout, "crop_scale": args.crop_scale}}))
+
+
+def cached_split(run, args, ds, split, views):
+    """Encode `ds` once (original + `views` augmented views) to a file keyed like a build artefact (`cache_key`);
+    reuse it while the key is unchanged."""
+    key = cache_key(run, args, ds, split, views)
     path = os.path.join(args.cache_dir, f"promise-{args.dataset}-{split}-{digest(key)}.safetensors")
     if os.path.isfile(path):
         tensors, meta = read_checkpoint(path)
         if meta.get("key") == key:
             run.log(f"{split} features: reusing {path}")
             return CachedSet(ds, tensors), {"path": path, "hit": True, "build_s": 0.0}
-    t0, parts = time.time(), {}
+    t0, parts, dtype = time.time(), {}, feature_dtype(run)
     mine = rank_batches(run, len(ds))                                  # under torchrun each rank encodes its share
     loader = torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=args.num_workers,
                                          collate_fn=partial(run.collate.all_views, views))
@@ -352,9 +445,9 @@ def cached_split(run, args, ds, split, views):
         with autocast(run):
             feats = [unimodal_features(run.bb, to_device(b, run.device)) for b in batches]
         for k, m in enumerate(MODALITIES):
-            parts.setdefault(f"feat_{m}", []).append(feats[0][k].float().cpu())
+            parts.setdefault(f"feat_{m}", []).append(feats[0][k].to(dtype).cpu())
             if views:
-                parts.setdefault(f"feat_{m}_a", []).append(torch.stack([f[k] for f in feats[1:]], 1).float().cpu())
+                parts.setdefault(f"feat_{m}_a", []).append(torch.stack([f[k] for f in feats[1:]], 1).to(dtype).cpu())
     tensors = gather_rows(run, mine, {k: torch.cat(v) for k, v in parts.items()})
     if run.main:
         save_tensors(path, tensors, {"key": key})
@@ -363,15 +456,20 @@ def cached_split(run, args, ds, split, views):
 
 
 def main(args):
+    check_args(args)
     run = setup(args)
+    if min(args.batch_size, len(run.train_set)) % run.world:     # only a train split smaller than one batch
+        raise DataError(f"the train split ({len(run.train_set)} samples) does not split evenly over {run.world} "
+                        f"processes, and PROMISE gathers equal shares for its contrastive terms: change --nproc_per_node")
     model = PROMISE(run.bb, run.num_outputs, args).to(run.device)
     run.collate = PromiseCollate(run.collate, args)
-    extra = {}
-    if args.cache_features:
-        for split, views in (("train", args.aug_views), ("val", 0), ("test", 0)):
-            ds, extra[f"cache_{split}"] = cached_split(run, args, getattr(run, f"{split}_set"), split, views)
+    extra, views = {}, views_of(args)
+    if args.cache_features:                                        # --eval-only never encodes the training split
+        for split in ("val", "test") if args.eval_only else ("train", "val", "test"):
+            ds, extra[f"cache_{split}"] = cached_split(run, args, getattr(run, f"{split}_set"), split,
+                                                       views if split == "train" else 0)
             setattr(run, f"{split}_set", ds)
-    run.train_set = model.views = Views(run.train_set, args.seed, args.aug_views)
+    run.train_set = Views(run.train_set, views, cycle=views if args.cache_features else None)
     fit(run, model, lambda out, batch: promise_loss(out, batch, run.task, args))
     return finish(run, model, extra)
 

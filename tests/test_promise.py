@@ -1,16 +1,62 @@
-"""PROMISE: FNCL / CCCL against brute-force loops, generated features only where a modality is missing, the
-encoder never sees a dummy input, cached and uncached training agree, CLI outputs, frozen backbone, toy learning."""
+"""PROMISE: FNCL / CCCL against brute-force loops, the loss wired over exactly the chosen rows and tensors, the
+generator tied to its own row, generated features only where a modality is missing, the encoder never sees a dummy
+input, views per epoch across --resume, the cache key, DDP gather, no host-device syncs, CLI outputs, toy learning."""
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import common
 import promise
 from common import Collate, cli, finalize_args, load_backbone, seed_everything
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from tests.fixtures import make_food101
+
+MUTATIONS = [
+    {"file": "promise.py", "old": 'L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau, rows))', "new": 'L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau))',
+     "why": 'FNCL over all rows, incl. the zero features of rows missing m1'},
+    {"file": "promise.py", "old": 't, t_a = torch.where(has_m2, x[m2], x[m1]), torch.where(has_m2, x_a[m2], x_a[m1])', "new": 't, t_a = x[m1], x_a[m1]',
+     "why": 'FNCL partner x_m1 everywhere: x^_m2 never meets the real x_m2 (the previous reading)'},
+    {"file": "promise.py", "old": 't, t_a = torch.where(has_m2, x[m2], x[m1]), torch.where(has_m2, x_a[m2], x_a[m1])', "new": 't, t_a = x[m2], x_a[m2]',
+     "why": 'FNCL partner the real x_m2 everywhere, zeros where m2 is missing'},
+    {"file": "promise.py", "old": 'cccl(z[m], z_a[m], label', "new": 'cccl(x[m], x_a[m], label',
+     "why": 'CCCL on x instead of z (generated features never enter)'},
+    {"file": "promise.py", "old": 'L_contrast = args.alpha * L_fncl + (1 - args.alpha) * L_cccl', "new": 'L_contrast = args.alpha * L_fncl',
+     "why": 'CCCL removed'},
+    {"file": "promise.py", "old": 'x_m1[:, None]], 1)', "new": '0 * x_m1[:, None]], 1)',
+     "why": 'Prompt Attention ignores its input: a constant generator'},
+    {"file": "promise.py", "old": 'z_a = {m: torch.where(has[m], x_a[m], gen[m][1]) for m in MODALITIES}', "new": 'z_a = {m: gen[m][1] for m in MODALITIES}',
+     "why": 'z_a generated everywhere'},
+    {"file": "promise.py", "old": 'return {**self.ds[i], "view": view}', "new": 'return {**self.ds[i], "view": view and 0}',
+     "why": 'Views always return view 0'},
+    {"file": "promise.py", "old": '        self.epoch = epoch\n', "new": '        self.epoch += 1\n',
+     "why": "a view counter (restarts at --resume) instead of the epoch fit is training"},
+    {"file": "promise.py", "old": 'else self.epoch % self.cycle', "new": 'else 0',
+     "why": 'the cached views never advance with the epoch'},
+    {"file": "promise.py", "old": 'if not dist.is_initialized() or dist.get_world_size() == 1:', "new": 'if True:',
+     "why": 'no gather under torchrun: each rank contrasts only its own rows'},
+    {"file": "promise.py", "old": '    if t.requires_grad:\n', "new": '    if False:\n',
+     "why": "gathered without gradients: other ranks' rows are constants"},
+    {"file": "promise.py", "old": '"images": image_cache_key(ds, run.bb), ', "new": '',
+     "why": 'cache key without the image files: replaced images reuse old features'},
+    {"file": "promise.py", "old": '"missing": ds.missing_type, "rate": ds.rate, "table_hash": ds.table_hash, ', "new": '',
+     "why": 'cache key without the missing table / rate'},
+    {"file": "promise.py", "old": 'for split in ("val", "test") if args.eval_only else ("train", "val", "test"):', "new": 'for split in ("train", "val", "test"):',
+     "why": '--eval-only --cache-features encodes the training split'},
+    {"file": "promise.py", "old": 'directions.append(rows.any())', "new": 'directions.append(rows.any() | True)',
+     "why": "FNCL averages in a direction without rows (as a zero)"},
+    {"file": "promise.py", "old": '    keep = count > 0\n', "new": '    keep = count >= 0\n',
+     "why": 'CCCL keeps anchors without a positive'},
+    {"file": "promise.py", "old": 'valid = keep[:, None] & keep[None, :] & ~torch.eye', "new": 'valid = keep[:, None] & ~torch.eye',
+     "why": 'NT-Xent: rows outside the selection stay in as negatives'},
+    {"file": "promise.py", "old": 'return {**{f"{m}_a": f[m] for m in MODALITIES}, **f}', "new": 'return {**f, **{f"{m}_a": f[m] for m in MODALITIES}}',
+     "why": 'the augmented view is ignored: x_a = x always'},
+]
 
 FAST = ["--epochs", "1", "--batch-size", "512", "--micro-batch", "128"]   # toy train = 512: one optimiser step
 
@@ -84,6 +130,131 @@ def test_supcon_excludes_anchors_without_positive():
     assert float(promise.supcon(z, torch.eye(6, dtype=torch.bool), 0.07)) == 0.0
 
 
+# --- wiring: the loss over exactly the chosen rows and tensors ------------------------------------------------
+def feature_model(n=12, d=8, seed=0, cases=(COMPLETE, TEXT_MISSING, IMAGE_MISSING), **flags):
+    """PROMISE on cached-style features (no backbone): a (batch, model, args), rows cycling through `cases`."""
+    args = promise.parser().parse_args(["--fusion-layers", "1", *sum(([f"--{k.replace('_', '-')}", str(v)]
+                                                                       for k, v in flags.items()), [])])
+    torch.manual_seed(seed)
+    model = promise.PROMISE(types.SimpleNamespace(kind="clip", embed_dim=d), 3, args)
+    g = torch.Generator().manual_seed(seed + 1)
+    missing = torch.tensor(list(cases) * (n // len(cases)))
+    batch = {"missing": missing, "label": torch.randint(0, 3, (n,), generator=g)}
+    for m in promise.MODALITIES:
+        absent = (missing == promise.ABSENT[m])[:, None]
+        for k in (f"feat_{m}", f"feat_{m}_a"):
+            batch[k] = torch.randn(n, d, generator=g).masked_fill(absent, 0.0)   # zeros where missing, as encoded
+    return batch, model, args
+
+
+@pytest.mark.parametrize("alpha,cases", [(1.0, (COMPLETE, TEXT_MISSING, IMAGE_MISSING)), (0.0, (COMPLETE, TEXT_MISSING,
+                                          IMAGE_MISSING)), (1.0, (TEXT_MISSING,))])
+def test_total_loss_equals_hand_wired_terms(alpha, cases):
+    """alpha = 1: L_cls + FNCL, direction m1 -> m2 over the rows that have m1 (directions without rows left out),
+    x^_m2's partner the real m2 where present else x_m1; alpha = 0: L_cls + CCCL on z, z_a (real where present,
+    generated where missing)."""
+    batch, model, args = feature_model(alpha=alpha, contrast_weight=0.5, cases=cases)
+    model.train()
+    out = model(batch)
+    codes = batch["missing"].tolist()
+    has = lambda m, k: codes[k] != promise.ABSENT[m]                   # noqa: E731
+    x, x_a = {m: model.proj[m](batch[f"feat_{m}"]) for m in promise.MODALITIES}, \
+        {m: model.proj[m](batch[f"feat_{m}_a"]) for m in promise.MODALITIES}
+    L_cls = float(F.cross_entropy(out["logits"].detach(), batch["label"]))
+    if alpha == 1.0:
+        directions = []
+        for m1, m2 in (("image", "text"), ("text", "image")):
+            rows = [k for k in range(len(codes)) if has(m1, k)]
+            if not rows:
+                continue
+            t = torch.stack([x[m2][k] if has(m2, k) else x[m1][k] for k in rows])
+            t_a = torch.stack([x_a[m2][k] if has(m2, k) else x_a[m1][k] for k in rows])
+            g, g_a = (model.gen[m2](x[m1])[i][rows] for i in (0, 1))
+            directions.append(np.mean([nt_xent_loop(a.detach(), b.detach(), args.tau) for a in (t, t_a)
+                                       for b in (g, g_a)]))
+        contrast = np.mean(directions)
+    else:
+        terms = []
+        for m in promise.MODALITIES:
+            g, g_a = model.gen[m](x[promise.OTHER[m]])
+            z = torch.stack([x[m][k] if has(m, k) else g[k] for k in range(len(codes))])
+            z_a = torch.stack([x_a[m][k] if has(m, k) else g_a[k] for k in range(len(codes))])
+            y = batch["label"].tolist() * 2
+            positive = [[y[a] == y[b] or (a != b and a % len(codes) == b % len(codes)) for b in range(len(y))]
+                        for a in range(len(y))]
+            terms.append(supcon_loop(torch.cat([z, z_a]).detach(), positive, args.tau))
+        contrast = np.mean(terms)
+    total = float(promise.promise_loss(out, batch, "multiclass", args))
+    assert total == pytest.approx(L_cls + 0.5 * contrast, rel=1e-4)
+
+
+def test_generator_reads_its_row_and_z_a_is_real_where_present():
+    """Perturbing one row's image feature changes that row's generated text (both heads) and nothing else; in training
+    z / z_a are the real x / x_a where present and the generated ones where missing."""
+    batch, model, _ = feature_model()
+    model.train()
+    k = 0                                                       # a complete row
+    before = model(batch)
+    batch["feat_image"] = batch["feat_image"].clone()
+    batch["feat_image"][k] += 1.0
+    after = model(batch)
+    for i in (0, 1):
+        changed = (after["gen"]["text"][i] - before["gen"]["text"][i]).abs().amax(-1) > 1e-6
+        assert changed.tolist() == [r == k for r in range(len(changed))]
+        assert torch.equal(after["gen"]["image"][i], before["gen"]["image"][i])
+    for m in promise.MODALITIES:
+        present = (batch["missing"] != promise.ABSENT[m])[:, None]
+        assert torch.equal(after["z_a"][m], torch.where(present, after["x_a"][m], after["gen"][m][1]))
+        assert torch.equal(after["z"][m], torch.where(present, after["x"][m], after["gen"][m][0]))
+        assert not torch.allclose(after["x_a"][m], after["x"][m])
+
+
+def test_no_prompt_pool_is_a_working_ablation():
+    batch, model, args = feature_model(num_prompts=0)
+    model.train()
+    assert model.gen["image"].pool.shape[0] == 0
+    loss = promise.promise_loss(model(batch), batch, "multiclass", args)
+    loss.backward()
+    assert torch.isfinite(loss) and model.gen["image"].attn.in_proj_weight.grad.abs().sum() > 0
+    for flag, value in (("--fusion-layers", "0"), ("--aug-views", "-1"), ("--num-prompts", "-1")):
+        with pytest.raises(SystemExit, match=flag):
+            cli(promise.parser(), promise.main, ["--backbone", "tiny-clip", flag, value])
+
+
+def _ddp_worker(rank, world, store, batch, state, args, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = promise.PROMISE(types.SimpleNamespace(kind="clip", embed_dim=8), 3, args)
+    model.load_state_dict(state)
+    model.train()
+    share = len(batch["missing"]) // world
+    mine = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+    loss = promise.promise_loss(model(mine), mine, "multiclass", args)
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    for g in grads + [loss.detach()]:                          # what DistributedDataParallel does: the mean
+        dist.all_reduce(g)
+    if rank == 0:
+        torch.save({"loss": loss.detach() / world, "grads": [g / world for g in grads]}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_gathers_the_contrastive_batch_with_gradients(tmp_path):
+    """Two gloo processes with half the batch each: the loss and gradient equal one process on the whole batch."""
+    import torch.multiprocessing as mp
+    batch, model, args = feature_model()
+    model.train()
+    loss = promise.promise_loss(model(batch), batch, "multiclass", args)
+    loss.backward()
+    out = str(tmp_path / "ddp.pt")
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), batch, model.state_dict(), args, out),
+                       nprocs=2, start_method="fork")
+    ddp = torch.load(out)
+    assert float(ddp["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    for p, g in zip(model.parameters(), ddp["grads"]):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
 # --- mechanism -------------------------------------------------------------------------------------------------
 def build(backbone, n=16):
     args = finalize_args(promise.parser().parse_args(["--backbone", backbone, "--fusion-layers", "2"]))
@@ -92,7 +263,7 @@ def build(backbone, n=16):
     model = promise.PROMISE(bb, 4, args)
     ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
     collate = promise.PromiseCollate(Collate(bb, args.max_text_len), args)
-    views = promise.Views(ds, 0, 2)
+    views = promise.Views(ds, 2)
     return args, model, collate([views[i] for i in range(n)])
 
 
@@ -151,6 +322,128 @@ def test_only_method_modules_get_gradients(backbone):
     assert pool.shape == (args.num_prompts * args.prompt_length, model.bb.embed_dim if backbone == "tiny-clip" else 64)
 
 
+def test_training_step_has_no_host_device_sync_ops():
+    """The uncached CLIP path selects rows with the collate's index tensors and the losses use masked reductions: no
+    op that needs the host to read a device value (nonzero, .item(), boolean indexing). ViLT's own embedding layer
+    samples patches with such ops (HF's code), so only CLIP is checked."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    syncing = {"nonzero", "_local_scalar_dense", "is_nonzero", "masked_select", "unique", "_unique2"}
+
+    class Record(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            bool_index = name.startswith("index") and any(
+                torch.is_tensor(t) and t.dtype == torch.bool for a in args if isinstance(a, (list, tuple)) for t in a)
+            if name in syncing or bool_index:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+    args, model, batch = build("tiny-clip")
+    model.train()
+    with Record():
+        promise.promise_loss(model(batch), batch, "multiclass", args).backward()
+    assert Record.ops == []
+
+
+# --- views: fresh per epoch, from the epoch being trained, continued by --resume -----------------------------------
+def test_views_follow_the_epoch_and_differ():
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
+    fresh, cached, none = promise.Views(ds, 3), promise.Views(ds, 3, cycle=3), promise.Views(ds, 0)
+    seen = []
+    for epoch in range(5):
+        for v in (fresh, cached, none):
+            v.set_epoch(epoch)
+        seen.append((fresh[7]["view"], cached[7]["view"], none[7]["view"]))
+    assert seen == [(e, e % 3, None) for e in range(5)]
+    item = ds[7]
+    images = [np.asarray(promise.augment(item, 0, v, 0.1, 0.5)["image"]) for v in range(3)]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+
+
+def test_aug_views_zero_means_x_a_equals_x():
+    """--aug-views 0: training items carry no view; the cached collate adds no x_a and the model uses x_a = x."""
+    batch, model, _ = feature_model()
+    items = [{"id": str(k), "label": int(batch["label"][k]), "missing": int(batch["missing"][k]), "view": None,
+              "feat_image": batch["feat_image"][k], "feat_text": batch["feat_text"][k]} for k in range(12)]
+    batch = promise.PromiseCollate(None, promise.parser().parse_args([]))(items)
+    assert "feat_image_a" not in batch
+    model.train()
+    out = model(batch)
+    for m in promise.MODALITIES:
+        assert torch.equal(out["x_a"][m], out["x"][m])
+
+
+CACHED = ["--backbone", "tiny-clip", "--cache-features", "--epochs", "2", "--batch-size", "256", "--micro-batch", "256"]
+
+
+def test_resume_continues_the_views_bit_for_bit(tmp_path, monkeypatch):
+    full = run_cli(tmp_path, "full", *CACHED)
+    original = common.save_last
+
+    def save_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt                                 # the process dies right after epoch 1's checkpoint
+    monkeypatch.setattr(common, "save_last", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tmp_path, "resumed", *CACHED)
+    monkeypatch.setattr(common, "save_last", original)
+    resumed = run_cli(tmp_path, "resumed", *CACHED, "--resume")
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / n / "checkpoint.safetensors")) for n in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --eval-only --cache-features encodes val and test only
+    evaluated = run_cli(tmp_path, "eval", "--eval-only", "--checkpoint", str(tmp_path / "full" / "checkpoint.safetensors"),
+                        "--cache-features", "--cache-dir", str(tmp_path / "eval-cache"))
+    assert "cache_train" not in evaluated and sorted(os.listdir(tmp_path / "eval-cache")) == sorted(
+        os.path.basename(evaluated[f"cache_{s}"]["path"]) for s in ("val", "test"))
+    assert evaluated["metrics"]["test"] == full["metrics"]["test"]
+
+
+# --- the feature cache key -------------------------------------------------------------------------------------------
+def cache_run(backbone, **over):
+    args = finalize_args(promise.parser().parse_args(["--backbone", backbone]))
+    vars(args).update(over)
+    seed_everything(0)
+    bb = load_backbone(args)
+    run = types.SimpleNamespace(args=args, bb=bb, device=torch.device("cpu"), rank=0, world=1, main=True,
+                                log=lambda *a: None, collate=promise.PromiseCollate(Collate(bb, args.max_text_len), args))
+    return run, args
+
+
+def test_cache_key_misses_when_images_rate_seed_or_backbone_change(tmp_path):
+    root = make_food101(tmp_path / "food", n_train=4, n_test=2)
+    run, args = cache_run("tiny-clip", dataset="food101", data_root=root, cache_dir=str(tmp_path / "cache"))
+
+    def split(rate=0.6, seed=0):
+        return load_split("food101", root, "train", missing_type="both", rate=rate, seed=seed)
+    key = promise.cache_key(run, args, split(), "train", 2)
+    assert promise.cache_key(run, args, split(), "train", 2) == key
+    assert promise.cache_key(run, args, split(rate=0.3), "train", 2) != key
+    assert promise.cache_key(run, args, split(), "train", 3) != key
+    run_s, args_s = cache_run("tiny-clip", dataset="food101", data_root=root, seed=1)
+    assert promise.cache_key(run_s, args_s, split(), "train", 2) != key
+    run_v, args_v = cache_run("tiny-vilt", dataset="food101", data_root=root)
+    assert promise.cache_key(run_v, args_v, split(), "train", 2) != key
+    assert not promise.cached_split(run, args, split(), "train", 2)[1]["hit"]
+    assert promise.cached_split(run, args, split(), "train", 2)[1]["hit"]
+    image = split().images[0]                                   # replace one image: a miss, with new features
+    from PIL import Image
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(image)
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10 ** 9))
+    assert promise.cache_key(run, args, split(), "train", 2) != key
+    assert not promise.cached_split(run, args, split(), "train", 2)[1]["hit"]
+
+
+def test_parser_defaults_are_the_papers():
+    a = promise.parser().parse_args([])
+    assert (a.optimizer, a.lr, a.weight_decay, a.batch_size, a.tau, a.num_prompts, a.prompt_length,
+            a.fusion_layers, a.clip_model, a.backbone or a.paper_backbone) == \
+        ("adam", 1e-4, 0.0, 64, 0.07, 4, 16, 6, "ViT-L-14", "clip")
+    assert a.aug_views is None and promise.views_of(a) == a.epochs == 20
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
 def test_cached_and_uncached_agree_and_write_outputs(tmp_path, backbone, monkeypatch):
@@ -161,9 +454,11 @@ def test_cached_and_uncached_agree_and_write_outputs(tmp_path, backbone, monkeyp
         models[run.args.out] = (run, model)
         return real_finish(run, model, extra)
     monkeypatch.setattr(promise, "finish", spy)
-    plain = run_cli(tmp_path, "plain", "--backbone", backbone, *FAST)
-    cached = run_cli(tmp_path, "cached", "--backbone", backbone, "--cache-features", *FAST)
-    assert cached["history"][0]["train_loss"] == pytest.approx(plain["history"][0]["train_loss"], rel=1e-4)
+    steps = FAST if backbone == "tiny-vilt" else ["--epochs", "2", "--batch-size", "256", "--micro-batch", "128"]
+    plain = run_cli(tmp_path, "plain", "--backbone", backbone, *steps)          # CLIP: 4 steps over 2 epochs' views
+    cached = run_cli(tmp_path, "cached", "--backbone", backbone, "--cache-features", *steps)
+    for a, b in zip(cached["history"], plain["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     assert cached["metrics"]["val"]["accuracy"] == pytest.approx(plain["metrics"]["val"]["accuracy"], abs=1 / 64)
     for name in ("plain", "cached"):
         out = tmp_path / name
@@ -180,7 +475,7 @@ def test_cached_and_uncached_agree_and_write_outputs(tmp_path, backbone, monkeyp
 
 def test_toy_beats_majority_and_cache_is_reused(tmp_path):
     args = ["--backbone", "tiny-clip", "--cache-features", "--lr", "1e-3", "--batch-size", "32", "--micro-batch", "32",
-            "--rate", "0.3"]
+            "--rate", "0.3", "--aug-views", "2"]
     res = run_cli(tmp_path, "toy", *args, "--epochs", "6")
     labels = load_split("toy", None, "test", missing_type="none", rate=0.0, seed=0).labels()
     majority = np.bincount(labels).max() / len(labels)
