@@ -737,10 +737,11 @@ def autocast(run):
 
 
 def make_optimizer(params, args):
-    """AdamW with MAP's betas (0.9, 0.98), eps 1e-8; or Adam (PROMISE)."""
+    """AdamW with MAP's betas (0.9, 0.98) unless a method sets `betas` (AOEPT: torch's), eps 1e-8; or Adam (PROMISE)."""
     if args.optimizer == "adam":
         return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay)
+    betas = tuple(getattr(args, "betas", (0.9, 0.98)))
+    return torch.optim.AdamW(params, lr=args.lr, betas=betas, eps=1e-8, weight_decay=args.weight_decay)
 
 
 def make_schedule(optimizer, total_steps, args):

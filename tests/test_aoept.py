@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
 import aoept
@@ -88,17 +89,21 @@ def brute_force_info_nce(u, z, present, s):
 
 def test_consistency_loss_equals_brute_force_and_ignores_missing_samples():
     g = torch.Generator().manual_seed(0)
-    u, z = torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64)
+    u, z = torch.randn(7, 6, generator=g), torch.randn(7, 6, generator=g)
     present = torch.tensor([True, False, True, True, False, True, False])
     s = torch.tensor(np.log(100.0))
-    loss = aoept.consistency_loss(u, z, present, s)
-    assert float(loss) == pytest.approx(brute_force_info_nce(u, z, present, float(s)), rel=1e-6)
+    loss, valid = aoept.consistency_loss(u, z, present, s)
+    assert float(loss) == pytest.approx(brute_force_info_nce(u.double(), z.double(), present, float(s)), rel=1e-5)
+    assert float(valid) == 1.0
     u2, z2 = u.clone(), z.clone()
-    u2[~present], z2[~present] = 1e3 * torch.randn(3, 6, dtype=torch.float64), -7.0
-    assert torch.equal(aoept.consistency_loss(u2, z2, present, s), loss)
+    u2[~present], z2[~present] = 1e3 * torch.randn(3, 6), -7.0
+    assert torch.equal(aoept.consistency_loss(u2, z2, present, s)[0], loss)
     u2[0] += 1.0                                            # a sample that has the modality does count
-    assert not torch.equal(aoept.consistency_loss(u2, z2, present, s), loss)
-    assert aoept.consistency_loss(u, z, torch.tensor([True] + [False] * 6), s) is None
+    assert not torch.equal(aoept.consistency_loss(u2, z2, present, s)[0], loss)
+    one = torch.tensor([True] + [False] * 6)
+    assert float(aoept.consistency_loss(u, z, one, s)[1]) == 0.0      # fewer than 2 samples: no term
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # CR logits stay fp32 under bf16 autocast
+        assert torch.equal(aoept.consistency_loss(u, z, present, s)[0], loss)
 
 
 def test_total_loss_ignores_features_of_samples_missing_the_modality():
@@ -113,14 +118,17 @@ def test_total_loss_ignores_features_of_samples_missing_the_modality():
         u[~present], z[~present] = 99.0, -3.0
     assert torch.equal(loss_fn(out, batch), before)
     no_cr = aoept.make_loss(0.0, "multiclass")(out, batch)
-    assert float(before - no_cr) > 0                         # alpha * L_CR is added
+    expected = np.mean([brute_force_info_nce(u.double(), z.double(), present, 4.6052) for u, z, _ in pairs])
+    assert float(before - no_cr) == pytest.approx(0.05 * expected, rel=1e-4)   # alpha * mean of the terms
+    out["cr"].append((pairs[0][0], pairs[0][1], torch.tensor([False, True, False, False, False])))
+    assert torch.equal(loss_fn(out, batch), before)                  # a term with one sample is left out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Model: gates, variants, what trains
 # ---------------------------------------------------------------------------------------------------------
-def build(backbone, mcp="attention", K=32):
-    args = finalize_args(aoept.parser().parse_args(["--backbone", backbone, "--mcp", mcp]))
+def build(backbone, mcp="attention", K=32, argv=()):
+    args = finalize_args(aoept.parser().parse_args(["--backbone", backbone, "--mcp", mcp, *argv]))
     torch.manual_seed(0)
     bb = load_backbone(args)
     depth = min(args.prompt_depth, bb.num_layers)
@@ -141,6 +149,7 @@ def test_gate_in_unit_interval_instance_dependent_and_one_when_missing():
     assert g.shape == (6, 24) and g.min() >= 0 and g.max() <= 1
     assert torch.equal(g[~present], torch.ones(2, 24))
     assert (g[0] - g[1]).abs().max() > 1e-4                 # different instances, different gates
+    assert torch.allclose(g[present], torch.sigmoid(gate.mlp[1](h[present])), atol=1e-6)   # layer 1 MLP
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -164,7 +173,7 @@ def test_prompts_depend_on_the_instance_unless_the_gating_modality_is_missing(ba
 
 @pytest.mark.parametrize("mcp", ["attention", "mlp", "init"])
 def test_mcp_variants(mcp):
-    model, batch, bank = build("tiny-clip", mcp)
+    model, batch, bank = build("tiny-clip", mcp, argv=["--prompt-length", "16"])
     names = {n.split(".")[1] for n, p in model.named_parameters() if n.startswith("tcp.")}
     assert names == {"attention": {"Q", "norm"}, "mlp": {"mlp"}, "init": {"P"}}[mcp]
     assert not model.tcp.C.requires_grad and torch.equal(model.tcp.C, bank["text"])
@@ -172,8 +181,43 @@ def test_mcp_variants(mcp):
     assert P.shape == (4, 16, model.bb.width_text)
     if mcp == "init":                                        # K = 32 prototypes pooled to M = 16: pairs
         assert torch.allclose(P, bank["text"].view(4, 16, 2, -1).mean(2), atol=1e-6)
+    if mcp == "mlp":                                         # official: GELU in the text MLP, ReLU in the image MLP
+        c = bank["image"][1]
+        mlp = model.icp.mlp[1]
+        ref = mlp[2](torch.relu(mlp[0](c)))
+        assert torch.allclose(model.icp()[1], ref.view(16, 2, -1).mean(1), atol=1e-6)
+        mlp = model.tcp.mlp[1]
+        ref = mlp[2](F.gelu(mlp[0](bank["text"][1])))
+        assert torch.allclose(P[1], ref.view(16, 2, -1).mean(1), atol=1e-6)
     model.eval()
     assert model(batch)["logits"].shape == (12, 4)
+
+
+def per_head_attention(Q, C, heads, norm):
+    """softmax(Q_h C_h^T / sqrt d) C_h per head, concatenated, + Q, then LN: a loop over layers and heads."""
+    N, M, D = Q.shape
+    d = D // heads
+    layers = []
+    for l in range(N):
+        out = []
+        for j in range(heads):
+            q, c = Q[l, :, j * d:(j + 1) * d], C[l, :, j * d:(j + 1) * d]
+            out.append(torch.softmax(q @ c.T / d ** 0.5, -1) @ c)
+        layers.append(norm(torch.cat(out, -1) + Q[l]))
+    return torch.stack(layers)
+
+
+@pytest.mark.parametrize("backbone, heads", [("tiny-clip", 8), ("tiny-vilt", 4)])
+def test_mcp_attention_equals_per_head_softmax_with_residual_then_layer_norm(backbone, heads):
+    model, _, bank = build(backbone)
+    with torch.no_grad():
+        model.tcp.norm.weight.normal_()                      # a non-trivial LN
+        for mcp, m in ((model.tcp, "text"), (model.icp, "image")):
+            mcp.Q.normal_()                                  # queries at the scale of the prototypes: peaked softmax
+            ref = per_head_attention(mcp.Q, bank[m], heads, mcp.norm)
+            assert torch.allclose(mcp(), ref, atol=1e-5), (backbone, m)
+            with torch.autocast("cpu", dtype=torch.bfloat16):    # fp32 logits under bf16 autocast
+                assert torch.allclose(mcp(), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -194,6 +238,109 @@ def test_only_method_modules_train_backbone_untouched(backbone):
     assert all(p.grad is None and not p.requires_grad for p in model.bb.parameters())
     for k, v in model.bb.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wiring, seen from forward hooks on the frozen layers and the gates
+# ---------------------------------------------------------------------------------------------------------
+def record(model):
+    """Forward hooks: each frozen block's input and output, each gate call's (layer, source h, present)."""
+    seen = {"in": {}, "out": {}, "gate_t": {}, "gate_v": {}}
+    blocks = ({"text": model.bb.model.transformer.resblocks, "image": model.bb.model.visual.transformer.resblocks}
+              if model.bb.kind == "clip" else {"joint": model.bb.vilt.encoder.layer})
+    handles = []
+    for tower, layers in blocks.items():
+        for l, block in enumerate(layers):
+            def hook(module, args, output, key=(tower, l)):
+                seen["in"][key] = args[0].detach().clone()
+                seen["out"][key] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+            handles.append(block.register_forward_hook(hook))
+    for name in ("gate_t", "gate_v"):
+        def gate_hook(module, args, output, name=name):
+            seen[name][args[0]] = (args[1].detach().clone(), args[2].clone(), output.detach().clone())
+        handles.append(getattr(model, name).register_forward_hook(gate_hook))
+    return seen, handles
+
+
+def mean_of(h, mask=None):
+    return h.mean(1) if mask is None else (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("recipe", ["official", "paper"])
+def test_clip_wiring_replace_then_carry_gate_sources_and_cr_pairs(recipe):
+    """N = 2 of 4 layers: fresh gated prompts enter layers 0, 1 (replacing the old), layers 2, 3 carry the block
+    output's prompt tokens. Text gate reads the image input of layer l; image gate reads the text input (paper) or
+    the text output of layer l (official), text means over SOT..EOT (paper) or all 77 positions (official).
+    CR pairs: u the gated prompt mean, z the detached tower-output mean of the real tokens."""
+    model, batch, _ = build("tiny-clip", argv=["--recipe", recipe, "--prompt-depth", "2", "--prompt-length", "3"])
+    model.train()
+    seen, handles = record(model)
+    out = model(batch)
+    for h in handles:
+        h.remove()
+    M, P_t, P_v = 3, model.tcp().detach(), model.icp().detach()
+    ids = batch["text"]
+    real = (torch.arange(77)[None] <= ids.argmax(-1, keepdim=True)).float() if recipe == "paper" else None
+    has = {"text": batch["missing"] != TEXT_MISSING, "image": batch["missing"] != IMAGE_MISSING}
+    assert len(model.gate_t.mlp) == 2
+    for l in range(4):
+        t_in, v_in = seen["in"]["text", l], seen["in"]["image", l]
+        if l < 2:
+            h_v, present, g_t = seen["gate_t"][l]
+            assert torch.equal(present, has["image"])
+            assert torch.allclose(h_v, v_in[:, M:].mean(1), atol=1e-6)                    # image input of layer l
+            text_source = seen["out" if recipe == "official" else "in"]["text", l][:, M:]
+            h_t, present, g_v = seen["gate_v"][l]
+            assert torch.equal(present, has["text"])
+            assert torch.allclose(h_t, mean_of(text_source, real), atol=1e-6)
+            assert torch.allclose(t_in[:, :M], P_t[l] * g_t[:, None], atol=1e-6)          # replaced: fresh prompts
+            assert torch.allclose(v_in[:, :M], P_v[l] * g_v[:, None], atol=1e-6)
+            for m, (u, z, present) in zip(("text", "image"), (out["cr"][l], out["cr"][2 + l])):
+                p = (P_t[l] * g_t[:, None]) if m == "text" else (P_v[l] * g_v[:, None])
+                assert torch.allclose(u, p.mean(1), atol=1e-6) and u.requires_grad
+                assert not z.requires_grad and torch.equal(present, has[m])
+                o = seen["out"][m, l][:, M:]
+                assert torch.allclose(z, mean_of(o, real) if m == "text" else o.mean(1), atol=1e-6)
+        else:                                                                                # carried on
+            assert torch.equal(t_in[:, :M], seen["out"]["text", l - 1][:, :M])
+            assert torch.equal(v_in[:, :M], seen["out"]["image", l - 1][:, :M])
+            assert t_in.shape[1] == 77 + M and v_in.shape[1] == seen["in"]["image", 0].shape[1]
+
+
+@pytest.mark.parametrize("recipe", ["official", "paper"])
+def test_vilt_wiring_replace_then_carry_mix_gate_sources_and_cr_pairs(recipe):
+    """ViLT, N = 2 of 4: the prompt tokens entering layer l < N are TCP for text-missing samples, ICP for
+    image-missing, their mean for complete ones; layers >= N carry them. Text prompt gate reads the image slice
+    of layer l's input, image prompt gate the text slice (masked means); one gate for all layers (official)."""
+    model, batch, _ = build("tiny-vilt", argv=["--recipe", recipe, "--prompt-depth", "2", "--prompt-length", "3"])
+    model.train()
+    seen, handles = record(model)
+    out = model(batch)
+    for h in handles:
+        h.remove()
+    M, P_t, P_v, L_t = 3, model.tcp().detach(), model.icp().detach(), batch["input_ids"].shape[1]
+    mask_t = batch["text_mask"].float()
+    assert len(model.gate_t.mlp) == (1 if recipe == "official" else 2)
+    code = batch["missing"]
+    w_t = torch.where(code == TEXT_MISSING, 1.0, torch.where(code == IMAGE_MISSING, 0.0, 0.5))[:, None, None]
+    for l in range(4):
+        x_in = seen["in"]["joint", l]
+        if l < 2:
+            h_v, present_v, g_t = seen["gate_t"][l]
+            h_t, present_t, g_v = seen["gate_v"][l]
+            assert torch.equal(present_v, code != IMAGE_MISSING) and torch.equal(present_t, code != TEXT_MISSING)
+            assert torch.allclose(h_v, x_in[:, M + L_t:].mean(1), atol=1e-6)       # image slice (no padding here)
+            assert torch.allclose(h_t, mean_of(x_in[:, M:M + L_t], mask_t), atol=1e-6)
+            p_t, p_v = P_t[l] * g_t[:, None], P_v[l] * g_v[:, None]
+            assert torch.allclose(x_in[:, :M], w_t * p_t + (1 - w_t) * p_v, atol=1e-6)
+            (u_t, z_t, _), (u_v, z_v, _) = out["cr"][l], out["cr"][2 + l]
+            assert torch.allclose(u_t, p_t.mean(1), atol=1e-6) and torch.allclose(u_v, p_v.mean(1), atol=1e-6)
+            o = seen["out"]["joint", l]
+            assert not z_t.requires_grad and not z_v.requires_grad
+            assert torch.allclose(z_t, mean_of(o[:, M:M + L_t], mask_t), atol=1e-6)
+            assert torch.allclose(z_v, o[:, M + L_t:].mean(1), atol=1e-6)
+        else:
+            assert torch.equal(x_in[:, :M], seen["out"]["joint", l - 1][:, :M])
 
 
 # ---------------------------------------------------------------------------------------------------------
