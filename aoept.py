@@ -332,17 +332,34 @@ def consistency_loss(u, z, present, logit_scale):
         return nll.sum() / n.clamp_min(1), (n >= 2).float()
 
 
+class GatherRows(torch.autograd.Function):
+    """Every rank's rows in rank order (equal counts); backward: this rank's rows of the gradient summed over ranks
+    (each rank computes the same global L_CR; DDP's average then gives the single-process gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n = len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()                                          # all_reduce works in place
+        dist.all_reduce(grad)
+        return grad[dist.get_rank() * ctx.n:(dist.get_rank() + 1) * ctx.n]
+
+
 def gather_global(cr):
-    """Under torchrun: each (u, z, present) with the rows of every rank (padded to one length, padding absent);
-    u keeps its gradient (torch.distributed.nn all_gather), so L_CR sees the global batch. One process: as is."""
+    """Under torchrun: each (u, z, present) with the rows of every rank (padded to one length, padding absent), u
+    keeping its gradient, so L_CR sees the global batch of the step. One process: unchanged."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return cr
-    from torch.distributed.nn.functional import all_gather
     n = torch.tensor(len(cr[0][0]), device=cr[0][0].device)
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     pad = lambda x: torch.cat([x, x.new_zeros(int(n) - len(x), *x.shape[1:])])   # noqa: E731
-    return [(torch.cat(all_gather(pad(u))), torch.cat(all_gather(pad(z.contiguous()))),
-             torch.cat(all_gather(pad(p.to(torch.uint8)))).bool()) for u, z, p in cr]
+    return [(GatherRows.apply(pad(u)), GatherRows.apply(pad(z)), GatherRows.apply(pad(p.to(torch.uint8))).bool())
+            for u, z, p in cr]
 
 
 def make_loss(alpha, task):

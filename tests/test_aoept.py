@@ -1,6 +1,7 @@
 """AOEPT: K-means against a brute-force Lloyd step, NMI against scikit-learn, L_CR against a brute-force loop and
 its masking, gates, MCP variants, the cached MCP bank, what trains, CLI outputs with NM2I, toy learning."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import common
 from common import Collate, cli, finalize_args, load_backbone
 from data import IMAGE_MISSING, TEXT_MISSING, load_split
 
-FAST = ["--epochs", "1", "--batch-size", "128", "--micro-batch", "128"]
+FAST = ["--epochs", "1", "--batch-size", "128"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,6 +123,62 @@ def test_total_loss_ignores_features_of_samples_missing_the_modality():
     assert float(before - no_cr) == pytest.approx(0.05 * expected, rel=1e-4)   # alpha * mean of the terms
     out["cr"].append((pairs[0][0], pairs[0][1], torch.tensor([False, True, False, False, False])))
     assert torch.equal(loss_fn(out, batch), before)                  # a term with one sample is left out
+
+
+class CRToy(torch.nn.Module):
+    """u = a linear map of the input (it carries the gradient), z fixed targets, two CR terms and a task head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(5, 6), torch.nn.Linear(5, 3)
+        self.s = torch.nn.Parameter(torch.tensor(np.log(10.0), dtype=torch.float32))
+
+    def forward(self, x, z, present):
+        u = self.proj(x)
+        return {"logits": self.head(x), "s": self.s.clone(), "cr": [(u, z, present), (u.tanh(), z.flip(1), ~present)]}
+
+
+def cr_inputs():
+    g = torch.Generator().manual_seed(3)
+    present = torch.tensor([True, False, True, True] * 4)
+    return torch.randn(16, 5, generator=g), torch.randn(16, 6, generator=g), present, torch.arange(16) % 3
+
+
+def cr_rank(rank, world, port, state, path):
+    """One torchrun-like process: DDP over CRToy, this rank's contiguous quarter of the batch, make_loss, backward."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = CRToy()
+    model.load_state_dict(state)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    x, z, present, labels = (v[rank * 4:(rank + 1) * 4] for v in cr_inputs())
+    aoept.make_loss(0.5, "multiclass")(net(x, z, present), {"label": labels}).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+    dist.destroy_process_group()
+
+
+def test_cr_gradient_of_a_global_batch_equals_four_ranks_of_a_quarter(tmp_path):
+    """L_CR over the global batch: the gradient of one 16-sample step equals that of 4 gloo processes x 4 samples
+    under DDP (the CR vectors gathered across ranks, u with its gradient). Without the gather, each rank's InfoNCE
+    would only see its own 4 samples and the gradients would differ."""
+    import socket
+    import torch._dynamo  # noqa: F401  (DDP's first construction imports it: once here, not in each forked rank)
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    model = CRToy()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, z, present, labels = cr_inputs()
+    aoept.make_loss(0.5, "multiclass")(model(x, z, present), {"label": labels}).backward()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(cr_rank, args=(4, port, state, str(tmp_path / "g.pt")), nprocs=4, start_method="fork")
+    grads = torch.load(tmp_path / "g.pt")
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-5), n
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,19 +404,23 @@ def test_vilt_wiring_replace_then_carry_mix_gate_sources_and_cr_pairs(recipe):
 # MCP bank cache, CLI outputs, NM2I, toy learning
 # ---------------------------------------------------------------------------------------------------------
 def test_mcp_bank_cached_reused_and_invalidated(tmp_path, monkeypatch, food101_root):
-    """On a fixture tree in the Food-101 layout: the second identical run makes no token pass and reuses the
-    bank; a different missing table (another rate) makes a new pass and a new cache file."""
+    """On a fixture tree in the Food-101 layout: the second identical run makes no token pass, reuses the bank and
+    writes the same checkpoint bit for bit (the bank pass leaves the global RNG as it found it); a different
+    missing table (another rate) makes a new pass and a new cache file."""
+    from safetensors.torch import load_file
     passes = []
     original = aoept.collect_tokens
     monkeypatch.setattr(aoept, "collect_tokens", lambda run, depth: passes.append(1) or original(run, depth))
     cache = tmp_path / "cache"
     argv = ["--dataset", "food101", "--data-root", food101_root, "--backbone", "tiny-vilt", "--cache-dir", str(cache),
-            "--epochs", "1", "--batch-size", "16", "--micro-batch", "16"]
+            "--epochs", "1", "--batch-size", "16", "--prompt-length", "2"]
     first = cli(aoept.parser(), aoept.main, argv + ["--out", str(tmp_path / "a")])
     assert len(passes) == 1 and len(list(cache.iterdir())) == 1
     second = cli(aoept.parser(), aoept.main, argv + ["--out", str(tmp_path / "b")])
     assert len(passes) == 1
     assert second["metrics"]["test"] == first["metrics"]["test"]
+    a, b = (load_file(str(tmp_path / r / "checkpoint.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     third = cli(aoept.parser(), aoept.main, argv + ["--rate", "0.4", "--out", str(tmp_path / "c")])
     assert len(passes) == 2 and len(list(cache.iterdir())) == 2
     assert third["protocol"]["splits"]["train"]["table_hash"] != first["protocol"]["splits"]["train"]["table_hash"]
@@ -368,8 +429,80 @@ def test_mcp_bank_cached_reused_and_invalidated(tmp_path, monkeypatch, food101_r
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
-def test_cli_writes_outputs_and_nm2i(tmp_path, backbone):
+def test_bank_with_K_n_is_the_pooled_inputs_of_each_layer(backbone, food101_root, tmp_path):
+    """With K >= n the prototypes are the tokens themselves: per layer l and modality m, the bank's rows are (as a
+    set) the mean-pooled inputs of layer l of the training samples that have m, read by forward pre-hooks on the
+    library's own layers during its own forward (CLIP: encode_image / encode_text; ViLT: ViltModel)."""
+    args = finalize_args(aoept.parser().parse_args(
+        ["--dataset", "food101", "--data-root", food101_root, "--backbone", backbone, "--missing", "both",
+         "--rate", "0.5", "--clusters", "1000", "--prompt-depth", "3", "--cache-dir", str(tmp_path),
+         "--out", str(tmp_path / "run")]))
+    run = common.setup(args)
+    run.args.micro_batch = 64
+    bank = aoept.mcp_bank(run, 3, 1000)
+    ds, bb = run.train_set, run.bb
+    batch = run.collate([ds[i] for i in range(len(ds))])
+    inputs = {}
+    if bb.kind == "clip":
+        towers = {"image": bb.model.visual.transformer.resblocks, "text": bb.model.transformer.resblocks}
+    else:
+        towers = {"joint": bb.vilt.encoder.layer}
+    handles = [block.register_forward_pre_hook(lambda mod, a, key=(m, l): inputs.__setitem__(key, a[0]))
+               for m, blocks in towers.items() for l, block in enumerate(blocks)]
+    with torch.no_grad():
+        if bb.kind == "clip":
+            bb.model.encode_image(batch["image"]), bb.model.encode_text(batch["text"])
+            real = (torch.arange(77)[None] <= batch["text"].argmax(-1, keepdim=True)).float()
+            truth = {"image": [inputs["image", l].mean(1) for l in range(3)],
+                     "text": [mean_of(inputs["text", l], real) for l in range(3)]}
+        else:
+            bb.vilt(input_ids=batch["input_ids"], attention_mask=batch["text_mask"], pixel_values=batch["image"],
+                    pixel_mask=batch["pixel_mask"])
+            L_t, mask_t = batch["input_ids"].shape[1], batch["text_mask"].float()
+            truth = {"text": [mean_of(inputs["joint", l][:, :L_t], mask_t) for l in range(3)],
+                     "image": [inputs["joint", l][:, L_t:].mean(1) for l in range(3)]}
+    for h in handles:
+        h.remove()
+    has = {"text": torch.as_tensor(ds.missing) != TEXT_MISSING, "image": torch.as_tensor(ds.missing) != IMAGE_MISSING}
+    for m in ("text", "image"):
+        assert bank[m].shape[:2] == (3, int(has[m].sum()))                    # K clamped to n
+        for l in range(3):
+            T = truth[m][l][has[m]].float()
+            d = torch.cdist(bank[m][l], T)
+            assert d.min(1).values.max() < 1e-4, (m, l)                       # every prototype is a token...
+            assert sorted(d.argmin(1).tolist()) == list(range(len(T)))        # ...and every token is one
+
+
+def test_recipe_defaults_and_explicit_flags():
+    def parse(*argv):
+        return aoept.parser().parse_args(list(argv))
+    official = {("clip", "hatememes", "text"): (14, 4, 128, 1e-2, 2e-2, 77),       # AOEPT_CLIP_HateMemes_text.yaml
+                ("clip", "hatememes", "both"): (6, 4, 128, 5e-3, 2e-2, 77),
+                ("clip", "mmimdb", "both"): (5, 4, 128, 2e-2, 1e-4, 77),
+                ("clip", "mmimdb", "text"): (12, 4, 128, 1e-2, 1e-4, 77),
+                ("clip", "food101", "image"): (6, 4, 256, 1e-2, 2e-2, 77),
+                ("vilt", "food101", "text"): (16, 6, 256, 1e-2, 2e-2, 40),
+                ("vilt", "hatememes", "image"): (16, 6, 256, 1e-2, 2e-2, 40),
+                ("vilt", "mmimdb", "both"): (8, 6, 256, 1e-2, 2e-2, 77)}
+    for (backbone, dataset, missing), want in official.items():
+        a = parse("--backbone", backbone, "--dataset", dataset, "--missing", missing)
+        assert (a.prompt_length, a.prompt_depth, a.clusters, a.lr, a.weight_decay, a.max_text_len) == want
+        assert a.recipe == "official" and tuple(a.betas) == (0.9, 0.999) and a.batch_size == 128
+        p = parse("--backbone", backbone, "--dataset", dataset, "--missing", missing, "--recipe", "paper")
+        assert (p.prompt_length, p.prompt_depth, p.clusters) == (16, 6, 256)
+    a = parse("--dataset", "mmimdb", "--prompt-length", "3", "--lr", "7e-4", "--max-text-len", "60", "--clusters", "9")
+    assert (a.prompt_length, a.prompt_depth, a.lr, a.weight_decay, a.max_text_len, a.clusters) == (3, 4, 7e-4, 1e-4, 60, 9)
+    assert parse().micro_batch is None                      # main sets it to the per-process share of the batch
+    with pytest.raises(SystemExit):
+        parse("--prompt-depth", "0")
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_cli_writes_outputs_and_nm2i(tmp_path, backbone, monkeypatch):
     out = tmp_path / "run"
+    sizes, forward = [], aoept.AOEPT.forward                  # one training forward per step: the global batch
+    monkeypatch.setattr(aoept.AOEPT, "forward", lambda self, b: (sizes.append(len(b["missing"])) if self.training
+                                                                  else None) or forward(self, b))
     res = cli(aoept.parser(), aoept.main, ["--backbone", backbone, "--nm2i", "--cache-dir", str(tmp_path / "cache"),
                                            "--out", str(out)] + FAST)
     for name in ("results.json", "predictions_test.csv", "checkpoint.safetensors"):
@@ -377,6 +510,7 @@ def test_cli_writes_outputs_and_nm2i(tmp_path, backbone):
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"]["test"]["accuracy"] == res["metrics"]["test"]["accuracy"]
     assert len((out / "predictions_test.csv").read_text().splitlines()) == 1 + 128
+    assert sizes == [128] * 4                                 # toy train = 512: four steps of 128, no micro-batches
     nm2i = saved["nm2i"]
     assert nm2i["estimator"].startswith("this repository's estimator")
     counts = saved["protocol"]["splits"]["test"]["counts"]
