@@ -23,9 +23,8 @@ core/model/AOEPT/AOEPT_<CLIP|ViLT>_<dataset>_<missing>.yaml; paper: the sizes of
   Both: r = 16, alpha 0.05, AdamW betas (0.9, 0.999), batch 128, 20 epochs, cosine after 10 % warm-up, grad norm 5.
   ASSUMPTION: the paper recipe takes lr, weight decay and text length from official (the paper states none);
   toy uses Food-101's row, --missing none the row of both. Attention heads: CLIP 8, ViLT 4 (official), both recipes.
-  official wiring: CLIP's image gate reads the text output of layer l; CLIP text means average all 77 positions;
-  ViLT has one gate MLP per modality for all layers. paper wiring: both gates read the inputs of layer l (h^{l-1}),
-  one gate per layer, text means over the real tokens (ASSUMPTION: the paper's "mean" of a modality's tokens).
+  official wiring: CLIP's image gate reads the text output of layer l, ViLT has one gate MLP per modality for all
+  layers. paper wiring: both gates read the inputs of layer l (h^{l-1}), one gate MLP per layer (ASSUMPTION).
   L_CR sees the global batch of each step: --micro-batch defaults to batch / processes, and under torchrun the CR
   vectors of all ranks are gathered (u with its gradient). A smaller --micro-batch gives L_CR over micro-batches.
 
@@ -34,6 +33,8 @@ Deviations and assumptions (one line each):
 - CLIP: prompts are prepended after the positional embedding; text keeps positions 0..76 of the frozen table
   (official: positions M..M+76 of the table stretched to 77 + M), so the backbone stays unmodified.
 - CLIP: projections and final norms stay frozen (official: trained); text pooled at the true EOT (not eos id 2).
+- CLIP: text means (gate source, L_CR target) over SOT..EOT (official: all 77 positions, the padding states computed
+  under HF's key padding mask, which open_clip's text tower does not have).
 - ViLT: image means (gate source, L_CR target) skip padded patches (official: include them, so a sample's gate
   depends on the image sizes of its batch-mates).
 - ViLT: MM-IMDb text positions 40 -> 77 by linear interpolation with aligned corners (common; official: bilinear).
@@ -263,7 +264,7 @@ class AOEPT(nn.Module):
         bb, M, ids, P_t, P_v = self.bb, self.M, batch["text"], self.tcp(), self.icp()  # (N, M, D_t), (N, M, D_v)
         present, u, z = presence(batch["missing"]), {"text": [], "image": []}, {"text": [], "image": []}
         x, t = bb.image_embed(batch["image"]), bb.text_embed(ids)           # (B, L_v, D_v), (B, 77, D_t)
-        tmask = torch.ones_like(ids, dtype=torch.bool) if self.official else clip_text_mask(ids)  # official: all 77
+        tmask = clip_text_mask(ids)                                         # text means: SOT..EOT
         for l in range(bb.num_layers):
             if l < self.depth:                                              # (INS) replace the previous prompts
                 x, t = x[:, M if l else 0:], t[:, M if l else 0:]

@@ -327,7 +327,7 @@ def mean_of(h, mask=None):
 def test_clip_wiring_replace_then_carry_gate_sources_and_cr_pairs(recipe):
     """N = 2 of 4 layers: fresh gated prompts enter layers 0, 1 (replacing the old), layers 2, 3 carry the block
     output's prompt tokens. Text gate reads the image input of layer l; image gate reads the text input (paper) or
-    the text output of layer l (official), text means over SOT..EOT (paper) or all 77 positions (official).
+    the text output of layer l (official), text means over SOT..EOT.
     CR pairs: u the gated prompt mean, z the detached tower-output mean of the real tokens."""
     model, batch, _ = build("tiny-clip", argv=["--recipe", recipe, "--prompt-depth", "2", "--prompt-length", "3"])
     model.train()
@@ -337,7 +337,7 @@ def test_clip_wiring_replace_then_carry_gate_sources_and_cr_pairs(recipe):
         h.remove()
     M, P_t, P_v = 3, model.tcp().detach(), model.icp().detach()
     ids = batch["text"]
-    real = (torch.arange(77)[None] <= ids.argmax(-1, keepdim=True)).float() if recipe == "paper" else None
+    real = (torch.arange(77)[None] <= ids.argmax(-1, keepdim=True)).float()
     has = {"text": batch["missing"] != TEXT_MISSING, "image": batch["missing"] != IMAGE_MISSING}
     assert len(model.gate_t.mlp) == 2
     for l in range(4):
