@@ -165,7 +165,7 @@ def test_official_forward_logits_loss_and_gradients(backbone, depth):
     ref_loss = F.cross_entropy(logits, batch["label"]) + 0.05 * aux
     ref = grads(model, ref_loss)
     assert torch.allclose(out["logits"], logits, atol=1e-4)
-    assert float(aux) > 0 and abs(float(loss.detach()) - float(ref_loss.detach())) < 1e-4
+    assert float(aux.detach()) > 0 and abs(float(loss.detach()) - float(ref_loss.detach())) < 1e-4
     assert ours.keys() == ref.keys() and len(ours) >= 8
     for n in ours:
         assert torch.allclose(ours[n], ref[n], atol=1e-4, rtol=1e-4), n
