@@ -12,7 +12,7 @@ Equation numbers were not readable here, so equations are named after the method
     NM2I  this repository's estimator (METHODS.md 8.5; the official code has none) -> `common.nm2i`
 
 Recipes (`--recipe`, default official; an explicit flag overrides its value). official: the per-setting configs
-core/model/AOEPT/AOEPT_<CLIP|ViLT>_<dataset>_<missing>.yaml; paper: the sizes of Sec. 4 (M = 16, N = 6, K = 256).
+core/model/AOEPT/AOEPT_<CLIP|ViLT>_<dataset>_<missing>.yaml; paper: the implementation details (M 16, N 6, K 256).
     backbone dataset    M text/image/both  N  K    lr text/image/both   wd    ViLT text | paper: M, N, K
     clip     food101    6 / 6 / 6          4  256  1e-2 / 1e-2 / 1e-2   2e-2  -         |  16, 6, 256
     clip     hatememes  14 / 6 / 6         4  128  1e-2 / 2e-2 / 5e-3   2e-2  -         |  16, 6, 256
@@ -77,7 +77,7 @@ OFFICIAL = {
     ("vilt", "hatememes"): dict(M=(16, 16, 16), lr=(1e-2, 1e-2, 1e-2), N=6, K=256, wd=2e-2, text=40),
     ("vilt", "mmimdb"): dict(M=(8, 8, 8), lr=(1e-2, 1e-2, 1e-2), N=6, K=256, wd=2e-2, text=77),
 }
-PAPER = dict(prompt_length=16, prompt_depth=6, clusters=256)      # Sec. 4: M = 16, N = 6, K = 256
+PAPER = dict(prompt_length=16, prompt_depth=6, clusters=256)      # implementation details: M 16, N 6, K 256
 MCP_HEADS = {"clip": 8, "vilt": 4}                                # parameter-free heads of the MCP attention (official)
 
 
