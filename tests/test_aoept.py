@@ -103,6 +103,10 @@ MUTATIONS = [
      "old": "self.mlp[l if len(self.mlp) > 1 else 0](h)",
      "new": "self.mlp[0](h)",
      "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MAP's AdamW betas (0.9, 0.98) instead of torch's",
+     "old": "betas=(0.9, 0.999)",
+     "new": "betas=(0.9, 0.98)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
 ]
 
 
@@ -582,6 +586,8 @@ def test_recipe_defaults_and_explicit_flags():
     a = parse("--dataset", "mmimdb", "--prompt-length", "3", "--lr", "7e-4", "--max-text-len", "60", "--clusters", "9")
     assert (a.prompt_length, a.prompt_depth, a.lr, a.weight_decay, a.max_text_len, a.clusters) == (3, 4, 7e-4, 1e-4, 60, 9)
     assert parse().micro_batch is None                      # main sets it to the per-process share of the batch
+    opt = common.make_optimizer([torch.nn.Parameter(torch.zeros(1))], parse("--dataset", "mmimdb"))
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["weight_decay"] == 1e-4   # torch's AdamW betas
     with pytest.raises(SystemExit):
         parse("--prompt-depth", "0")
 
