@@ -9,7 +9,7 @@ Equation numbers were not readable here, so equations are named after the method
     (INS) fresh prompts replace the old in layers < N, later layers carry them -> `AOEPT.forward_clip / _vilt`
     (CR)  L_CR = InfoNCE(mean_M P_{m,i}^l, z_{m,i}^l), samples that have m     -> `consistency_loss`
     (L)   L = L_task + alpha * L_CR                                            -> `make_loss`
-    NM2I  this repository's estimator (METHODS.md 8.5; the official code has none) -> `common.nm2i`
+    NM2I  this repository's estimator (the official code has none)           -> `common.nm2i`
 
 Recipes (`--recipe`, default official; an explicit flag overrides its value). official: the per-setting configs
 core/model/AOEPT/AOEPT_<CLIP|ViLT>_<dataset>_<missing>.yaml; paper: the implementation details (M 16, N 6, K 256).
@@ -37,7 +37,7 @@ Deviations and assumptions (one line each):
   under HF's key padding mask, which open_clip's text tower does not have).
 - ViLT: image means (gate source, L_CR target) skip padded patches (official: include them, so a sample's gate
   depends on the image sizes of its batch-mates).
-- ViLT: MM-IMDb text positions 40 -> 77 by linear interpolation with aligned corners (common; official: bilinear).
+- ViLT: MM-IMDb text positions 40 -> 77 by linear interpolation, corners aligned (common; official: not aligned).
 - ViLT: one pass collects both slices of the joint sequence (official: single-modality copies of complete samples).
 - ViLT: prototypes [layer l, all K] (not the official cluster-axis bug).
 - ViLT: prompts prepended (= after [CLS], bidirectional): TCP if text missing, ICP if image missing, mean if complete.
