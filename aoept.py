@@ -346,7 +346,7 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()                                          # all_reduce works in place
+        grad = grad.clone()                                  # autograd's buffer: not to be modified in place
         dist.all_reduce(grad)
         return grad[dist.get_rank() * ctx.n:(dist.get_rank() + 1) * ctx.n]
 
