@@ -9,26 +9,47 @@ Equation numbers were not readable here, so equations are named after the method
     (INS) fresh prompts replace the old in layers < N, later layers carry them -> `AOEPT.forward_clip / _vilt`
     (CR)  L_CR = InfoNCE(mean_M P_{m,i}^l, z_{m,i}^l), samples that have m     -> `consistency_loss`
     (L)   L = L_task + alpha * L_CR                                            -> `make_loss`
-    NM2I  this repository's estimator (the paper defines NM2I; the official code has none) -> `common.nm2i`
+    NM2I  this repository's estimator (the official code has none)           -> `common.nm2i`
+
+Recipes (`--recipe`, default official; an explicit flag overrides its value). official: the per-setting configs
+core/model/AOEPT/AOEPT_<CLIP|ViLT>_<dataset>_<missing>.yaml; paper: the implementation details (M 16, N 6, K 256).
+    backbone dataset    M text/image/both  N  K    lr text/image/both   wd    ViLT text | paper: M, N, K
+    clip     food101    6 / 6 / 6          4  256  1e-2 / 1e-2 / 1e-2   2e-2  -         |  16, 6, 256
+    clip     hatememes  14 / 6 / 6         4  128  1e-2 / 2e-2 / 5e-3   2e-2  -         |  16, 6, 256
+    clip     mmimdb     12 / 6 / 5         4  128  1e-2 / 2e-2 / 2e-2   1e-4  -         |  16, 6, 256
+    vilt     food101    16                 6  256  1e-2                 2e-2  40        |  16, 6, 256
+    vilt     hatememes  16                 6  256  1e-2                 2e-2  40        |  16, 6, 256
+    vilt     mmimdb     8                  6  256  1e-2                 2e-2  77        |  16, 6, 256
+  Both: r = 16, alpha 0.05, AdamW betas (0.9, 0.999), batch 128, 20 epochs, cosine after 10 % warm-up, grad norm 5.
+  ASSUMPTION: the paper recipe takes lr, weight decay and text length from official (the paper states none);
+  toy uses Food-101's row, --missing none the row of both. Attention heads: CLIP 8, ViLT 4 (official), both recipes.
+  official wiring: CLIP's image gate reads the text output of layer l, ViLT has one gate MLP per modality for all
+  layers. paper wiring: both gates read the inputs of layer l (h^{l-1}), one gate MLP per layer (ASSUMPTION).
+  L_CR sees the global batch of each step: --micro-batch defaults to batch / processes, and under torchrun the CR
+  vectors of all ranks are gathered (u with its gradient). A smaller --micro-batch gives L_CR over micro-batches.
 
 Deviations and assumptions (one line each):
-- Paper sizes M = 16, N = 6, K = 256 (official CLIP configs: depth 4, M 5-14, K 128 on some datasets).
-- No shared prompts: an official-code extension that the paper does not describe.
-- CLIP: prompts are prepended after the positional embedding (official: before it, with an interpolated table).
+- No shared prompts (official: L_shared = M more tokens per tower, gated like the modality prompts): absent here.
+- CLIP: prompts are prepended after the positional embedding; text keeps positions 0..76 of the frozen table
+  (official: positions M..M+76 of the table stretched to 77 + M), so the backbone stays unmodified.
 - CLIP: projections and final norms stay frozen (official: trained); text pooled at the true EOT (not eos id 2).
-- ASSUMPTION: gates read the other stream's input of layer l (official CLIP: image gate reads the text output).
-- ASSUMPTION: text means count real tokens only (official gates also average PAD positions).
+- CLIP: text means (gate source, L_CR target) over SOT..EOT (official: all 77 positions, the padding states computed
+  under HF's key padding mask, which open_clip's text tower does not have).
+- ViLT: image means (gate source, L_CR target) skip padded patches (official: include them, so a sample's gate
+  depends on the image sizes of its batch-mates).
 - ViLT: one pass collects both slices of the joint sequence (official: single-modality copies of complete samples).
-- ViLT: prototypes [layer l, all K] (not the official cluster-axis bug); one gate per layer (official: one for all).
+- ViLT: prototypes [layer l, all K] (not the official cluster-axis bug).
 - ViLT: prompts prepended (= after [CLS], bidirectional): TCP if text missing, ICP if image missing, mean if complete.
 - K-means in torch: k-means++, one init, <= 300 Lloyd steps, empty clusters kept (official: sklearn, n_init 10).
 - K is clamped to the number of samples that have the modality on tiny data (logged).
-- ASSUMPTION: mlp = token-wise MLP D -> D/r -> D on the prototypes, pooled K -> M; init = pooled prototypes.
+- ASSUMPTION: mlp = token-wise MLP D -> D/r -> D (GELU for text, ReLU for image, official) on the prototypes, pooled
+  K -> M; init = pooled prototypes.
 - ASSUMPTION: NM2I's ground truth is the prompt-free input of layer l (the bank's); L_CR's z is the prompted output.
-- Heads use PyTorch's default initialisation (official: N(0, 0.02)).
+- Heads use PyTorch's default initialisation (official: N(0, 0.02)); no early stopping (official patience 5 / 20),
+  the best validation epoch is kept.
 - Recipe (README): ViLT LN eps 1e-6 (official: HF's 1e-12); as official: all params decayed, 1 plot/movie, no dropout.
 
-Usage: python aoept.py --dataset food101 --missing text --rate 0.7 [--backbone vilt] [--mcp mlp] [--nm2i]
+Usage: python aoept.py --dataset food101 --missing text --rate 0.7 [--backbone vilt] [--recipe paper] [--nm2i]
 """
 import hashlib
 import json
@@ -37,6 +58,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -46,20 +68,61 @@ from common import (autocast, build_parser, cli, clip_text_mask, finish, fit, ga
                     to_device)
 from data import IMAGE_MISSING, TEXT_MISSING, DataError
 
+# --recipe official (header table): (backbone, dataset) -> M and lr per missing type (text, image, both), N, K, wd
+OFFICIAL = {
+    ("clip", "food101"): dict(M=(6, 6, 6), lr=(1e-2, 1e-2, 1e-2), N=4, K=256, wd=2e-2, text=77),
+    ("clip", "hatememes"): dict(M=(14, 6, 6), lr=(1e-2, 2e-2, 5e-3), N=4, K=128, wd=2e-2, text=77),
+    ("clip", "mmimdb"): dict(M=(12, 6, 5), lr=(1e-2, 2e-2, 2e-2), N=4, K=128, wd=1e-4, text=77),
+    ("vilt", "food101"): dict(M=(16, 16, 16), lr=(1e-2, 1e-2, 1e-2), N=6, K=256, wd=2e-2, text=40),
+    ("vilt", "hatememes"): dict(M=(16, 16, 16), lr=(1e-2, 1e-2, 1e-2), N=6, K=256, wd=2e-2, text=40),
+    ("vilt", "mmimdb"): dict(M=(8, 8, 8), lr=(1e-2, 1e-2, 1e-2), N=6, K=256, wd=2e-2, text=77),
+}
+PAPER = dict(prompt_length=16, prompt_depth=6, clusters=256)      # implementation details: M 16, N 6, K 256
+MCP_HEADS = {"clip": 8, "vilt": 4}                                # parameter-free heads of the MCP attention (official)
+
 
 def parser():
     p = build_parser("aoept", __doc__, "clip")
-    # Method-specific
-    p.add_argument("--prompt-length", type=int, default=16, help="M, prompt tokens per modality (implementation)")
-    p.add_argument("--prompt-depth", type=int, default=6, help="N, layers given fresh prompts (adaptive insertion)")
-    p.add_argument("--clusters", type=int, default=256, help="K, prototypes per layer and modality (MCP capacity)")
+    # Method-specific (None: the --recipe's value)
+    p.add_argument("--recipe", default="official", choices=["official", "paper"],
+                   help="official: per-setting configs of the official code; paper: M = 16, N = 6, K = 256 (header)")
+    p.add_argument("--prompt-length", type=int, default=None, help="M, prompt tokens per modality (implementation)")
+    p.add_argument("--prompt-depth", type=int, default=None, help="N, layers given fresh prompts (adaptive insertion)")
+    p.add_argument("--clusters", type=int, default=None, help="K, prototypes per layer and modality (MCP capacity)")
     p.add_argument("--mcp", default="attention", choices=["attention", "mlp", "init"], help="MCP construction variant")
     p.add_argument("--cr-weight", type=float, default=0.05, help="alpha, weight of the consistency loss L_CR")
     p.add_argument("--gate-reduction", type=int, default=16, help="r, gate MLP bottleneck D/r (official code)")
     p.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the MCP bank is cached")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=128, epochs=20, schedule="cosine", clip_grad=5.0,
+    p.set_defaults(lr=None, weight_decay=None, betas=(0.9, 0.999), batch_size=128, micro_batch=None, epochs=20,
+                   schedule="cosine", clip_grad=5.0,
                    decay_exempt="none", mmimdb_plots="first")   # the official get_optimizer, one plot per movie
+    parse = p.parse_args
+    p.parse_args = lambda argv=None, namespace=None: apply_recipe(parse(argv, namespace))
     return p
+
+
+def apply_recipe(args):
+    """Fill each recipe-controlled flag the command line left unset (None) from --recipe (header table)."""
+    kind = "vilt" if "vilt" in (args.backbone or args.paper_backbone) else "clip"
+    dataset = args.dataset if (kind, args.dataset) in OFFICIAL else "food101"          # ASSUMPTION: toy as Food-101
+    k = ("text", "image", "both").index(args.missing if args.missing != "none" else "both")
+    r = OFFICIAL[kind, dataset]
+    values = dict(prompt_length=r["M"][k], prompt_depth=r["N"], clusters=r["K"], lr=r["lr"][k], weight_decay=r["wd"])
+    if args.dataset != "toy":
+        values["max_text_len"] = r["text"]
+    if args.recipe == "paper":
+        values.update(PAPER)
+    for name, value in values.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.prompt_depth < 1 or args.prompt_length < 1:
+        raise SystemExit("aoept.py: error: --prompt-depth and --prompt-length must be >= 1 (AOEPT without prompts is "
+                         "the frozen backbone with a head: use a prompt-free baseline instead)")
+    return args
+
+
+def full_precision(x):                                        # attention / CR logits in fp32 under bf16 autocast
+    return torch.autocast(x.device.type, enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,10 +154,13 @@ def collect_tokens(run, depth):
 
 
 def mcp_bank(run, depth, K):
-    """Prototypes (N, K, D_m) per modality, cached under (backbone, dataset, split, missing table, N, K, seed)."""
+    """Prototypes (N, K, D_m) per modality, cached under (backbone, data, missing table, N, K, seed, precision).
+    The global RNG is restored afterwards, so a cache hit and a miss initialise the model identically."""
     args, ds = run.args, run.train_set
+    precision = "bf16" if run.device.type == "cuda" and args.precision == "bf16" else "fp32"
     key = {"backbone": run.bb.info, "dataset": args.dataset, "root": os.path.abspath(args.data_root), "split": "train",
-           "size": len(ds), "table_hash": ds.table_hash, "depth": depth, "clusters": K, "seed": args.seed}
+           "size": len(ds), "table_hash": ds.table_hash, "depth": depth, "clusters": K, "seed": args.seed,
+           "precision": precision}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"aoept-mcp-{digest}.safetensors")
     if os.path.isfile(path):
@@ -103,7 +169,9 @@ def mcp_bank(run, depth, K):
             run.log(f"MCP bank: reusing {path}")
             return {m: v.to(run.device) for m, v in tensors.items()}
     bank = {}
-    for m, X in collect_tokens(run, depth).items():
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):   # loaders draw seeds
+        tokens = collect_tokens(run, depth)
+    for m, X in tokens.items():
         if len(X) == 0:
             raise DataError(f"MCP bank: no training sample has its {m}; lower --rate or change --missing")
         k = min(K, len(X))
@@ -122,17 +190,17 @@ def mcp_bank(run, depth, K):
 class ModalContextPrompt(nn.Module):
     """The N layers' global prompts of one modality, (N, M, D), built from its frozen prototypes C (N, K, D)."""
 
-    def __init__(self, C, M, variant, r):
+    def __init__(self, C, M, variant, r, heads, act):
         super().__init__()
         N, _, D = C.shape
-        self.variant, self.M = variant, M
-        self.heads = next(h for h in (8, 4, 2, 1) if D % h == 0)   # parameter-free heads: 8, fewer if D needs
+        assert D % heads == 0, f"width {D} is not divisible by {heads} MCP heads"
+        self.variant, self.M, self.heads = variant, M, heads
         self.register_buffer("C", C.detach().clone())              # (N, K, D), never trained
         if variant == "attention":
             self.Q = nn.Parameter(torch.randn(N, M, D) * 0.02)      # learnable queries Q_m^l
             self.norm = nn.LayerNorm(D)
         elif variant == "mlp":
-            self.mlp = nn.ModuleList(bottleneck(D, D, r, nn.GELU()) for _ in range(N))   # ASSUMPTION: as official
+            self.mlp = nn.ModuleList(bottleneck(D, D, r, act) for _ in range(N))
         else:
             self.P = nn.Parameter(self.pool(C))                     # prototypes pooled K -> M, then trained
 
@@ -146,21 +214,23 @@ class ModalContextPrompt(nn.Module):
             return self.pool(torch.stack([mlp(c) for mlp, c in zip(self.mlp, self.C)]))
         N, M, D = self.Q.shape
         h, d = self.heads, D // self.heads
-        q = self.Q.view(N, M, h, d).transpose(1, 2)                 # (N, h, M, d)
-        kv = self.C.view(N, -1, h, d).transpose(1, 2)               # (N, h, K, d)
-        attn = (q @ kv.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
-        return self.norm((attn @ kv).transpose(1, 2).reshape(N, M, D) + self.Q)  # (MCP): LN(Attn(Q, C) + Q)
+        with full_precision(self.Q):
+            q = self.Q.float().view(N, M, h, d).transpose(1, 2)     # (N, h, M, d)
+            kv = self.C.float().view(N, -1, h, d).transpose(1, 2)   # (N, h, K, d), keys = values = prototypes
+            attn = (q @ kv.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
+            return self.norm((attn @ kv).transpose(1, 2).reshape(N, M, D) + self.Q)  # (MCP): LN(Attn(Q, C) + Q)
 
 
 class InstanceGate(nn.Module):
-    """(IA) per layer: sigmoid(MLP(pooled other modality)); 1 (the global prompt) where that modality is missing."""
+    """(IA) sigmoid(MLP_l(pooled other modality)); 1 (the global prompt) where that modality is missing.
+    One MLP per layer, or one for all layers (official ViLT)."""
 
-    def __init__(self, N, d_in, d_out, r):
+    def __init__(self, n_mlps, d_in, d_out, r):
         super().__init__()
-        self.mlp = nn.ModuleList(bottleneck(d_in, d_out, r, nn.ReLU()) for _ in range(N))
+        self.mlp = nn.ModuleList(bottleneck(d_in, d_out, r, nn.ReLU()) for _ in range(n_mlps))
 
     def forward(self, l, h, present):                               # (B, D_in), (B,) bool -> (B, D_out)
-        g = torch.sigmoid(self.mlp[l](h))
+        g = torch.sigmoid(self.mlp[l if len(self.mlp) > 1 else 0](h))
         return torch.where(present[:, None], g, torch.ones_like(g))
 
 
@@ -170,13 +240,14 @@ class InstanceGate(nn.Module):
 class AOEPT(nn.Module):
     def __init__(self, bb, bank, num_outputs, args, depth):
         super().__init__()
-        self.bb, self.M, self.depth = bb, args.prompt_length, depth
+        self.bb, self.M, self.depth, self.official = bb, args.prompt_length, depth, args.recipe == "official"
         D_t, D_v = (bb.width_text, bb.width_image) if bb.kind == "clip" else (bb.width, bb.width)
-        r = args.gate_reduction                                             # gate / mlp bottleneck D / r
-        self.tcp = ModalContextPrompt(bank["text"], self.M, args.mcp, r)    # text-contextualised prompts
-        self.icp = ModalContextPrompt(bank["image"], self.M, args.mcp, r)   # image-contextualised prompts
-        self.gate_t = InstanceGate(depth, D_v, D_t, r)                      # text prompts, gated by the image
-        self.gate_v = InstanceGate(depth, D_t, D_v, r)                      # image prompts, gated by the text
+        r, heads = args.gate_reduction, MCP_HEADS[bb.kind]                  # gate / mlp bottleneck D / r
+        self.tcp = ModalContextPrompt(bank["text"], self.M, args.mcp, r, heads, nn.GELU())   # text-contextualised
+        self.icp = ModalContextPrompt(bank["image"], self.M, args.mcp, r, heads, nn.ReLU())  # image-contextualised
+        n_gates = 1 if self.official and bb.kind == "vilt" else depth       # official ViLT: one gate for all layers
+        self.gate_t = InstanceGate(n_gates, D_v, D_t, r)                    # text prompts, gated by the image
+        self.gate_v = InstanceGate(n_gates, D_t, D_v, r)                    # image prompts, gated by the text
         self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))       # (CR) temperature, init ln 100
         if bb.kind == "clip":
             self.head = nn.Linear(2 * bb.embed_dim, num_outputs)            # [image; text] -> C
@@ -194,16 +265,22 @@ class AOEPT(nn.Module):
         bb, M, ids, P_t, P_v = self.bb, self.M, batch["text"], self.tcp(), self.icp()  # (N, M, D_t), (N, M, D_v)
         present, u, z = presence(batch["missing"]), {"text": [], "image": []}, {"text": [], "image": []}
         x, t = bb.image_embed(batch["image"]), bb.text_embed(ids)           # (B, L_v, D_v), (B, 77, D_t)
-        tmask = clip_text_mask(ids)
+        tmask = clip_text_mask(ids)                                         # text means: SOT..EOT
         for l in range(bb.num_layers):
-            if l < self.depth:                  # (INS) replace; ASSUMPTION: both gates read the inputs of layer l
+            if l < self.depth:                                              # (INS) replace the previous prompts
                 x, t = x[:, M if l else 0:], t[:, M if l else 0:]
-                p_t = P_t[l] * self.gate_t(l, x.mean(1), present["image"])[:, None]              # (IA) (B, M, D_t)
-                p_v = P_v[l] * self.gate_v(l, masked_mean(t, tmask), present["text"])[:, None]  # (IA) (B, M, D_v)
-                x, t = torch.cat([p_v.to(x.dtype), x], 1), torch.cat([p_t.to(t.dtype), t], 1)  # prepend
+                h_t = masked_mean(t, tmask)                                 # text input of layer l
+                p_t = P_t[l] * self.gate_t(l, x.mean(1), present["image"])[:, None]  # (IA) (B, M, D_t)
+                t = torch.cat([p_t.to(t.dtype), t], 1)
                 u["text"].append(p_t.mean(1))                               # (B, D_t), for (CR) and NM2I
+            t = bb.text_block(l, t)                                         # layers >= N carry the prompts on
+            if l < self.depth:
+                if self.official:                                           # official: the text output of layer l
+                    h_t = masked_mean(t[:, M:], tmask)
+                p_v = P_v[l] * self.gate_v(l, h_t, present["text"])[:, None]          # (IA) (B, M, D_v)
+                x = torch.cat([p_v.to(x.dtype), x], 1)
                 u["image"].append(p_v.mean(1))
-            x, t = bb.image_block(l, x), bb.text_block(l, t)                # layers >= N carry the prompts on
+            x = bb.image_block(l, x)
             if self.training and l < self.depth:
                 z["image"].append(x[:, M:].mean(1).detach())
                 z["text"].append(masked_mean(t[:, M:], tmask).detach())
@@ -246,24 +323,65 @@ class AOEPT(nn.Module):
 # AOEPT: loss (CR and L)
 # ---------------------------------------------------------------------------------------------------------
 def consistency_loss(u, z, present, logit_scale):
-    """(CR) over the samples that have the modality only (the others' rows are dropped); None if fewer than 2."""
-    if int(present.sum()) < 2:
-        return None
-    u, z = F.normalize(u[present].float(), dim=-1), F.normalize(z[present].float(), dim=-1)
-    logits = u @ z.T * logit_scale.exp()                            # (n, n) cosine * exp(s)
-    return F.cross_entropy(logits, torch.arange(len(u), device=u.device))
+    """(CR) InfoNCE over the samples that have the modality (the others' rows and columns are left out), in fp32
+    and without host syncs. -> (loss, valid): valid is 0. when fewer than 2 samples have m (no term, as official)."""
+    with full_precision(u):
+        u, z = F.normalize(u.float(), dim=-1), F.normalize(z.float(), dim=-1)
+        logits = u @ z.T * logit_scale.float().exp()                            # (B, B) cosine * exp(s)
+        logits = logits.masked_fill(~present[None], torch.finfo(logits.dtype).min)  # negatives: samples with m
+        nll = torch.where(present, logits.logsumexp(-1) - logits.diagonal(), 0.0)  # positives: (u_i, z_i)
+        n = present.sum()
+        return nll.sum() / n.clamp_min(1), (n >= 2).float()
+
+
+class GatherRows(torch.autograd.Function):
+    """Every rank's rows in rank order (equal counts); backward: this rank's rows of the gradient summed over ranks
+    (each rank computes the same global L_CR; DDP's average then gives the single-process gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n = len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()                                  # autograd's buffer: not to be modified in place
+        dist.all_reduce(grad)
+        return grad[dist.get_rank() * ctx.n:(dist.get_rank() + 1) * ctx.n]
+
+
+def gather_global(cr):
+    """Under torchrun: each (u, z, present) with the rows of every rank (padded to one length, padding absent), u
+    keeping its gradient, so L_CR sees the global batch of the step. One process: unchanged."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return cr
+    n = torch.tensor(len(cr[0][0]), device=cr[0][0].device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    pad = lambda x: torch.cat([x, x.new_zeros(int(n) - len(x), *x.shape[1:])])   # noqa: E731
+    return [(GatherRows.apply(pad(u)), GatherRows.apply(pad(z)), GatherRows.apply(pad(p.to(torch.uint8))).bool())
+            for u, z, p in cr]
 
 
 def make_loss(alpha, task):
     def loss_fn(out, batch):
         loss = task_loss(out["logits"], batch["label"], task)
-        terms = [c for c in (consistency_loss(*cr, out["s"]) for cr in out["cr"]) if c is not None]
-        return loss + alpha * torch.stack(terms).mean() if terms else loss  # (L): L_task + alpha * L_CR
+        terms = [consistency_loss(u, z, p, out["s"]) for u, z, p in gather_global(out["cr"])]
+        L, valid = torch.stack([t[0] for t in terms]), torch.stack([t[1] for t in terms])
+        L_CR = (L * valid).sum() / valid.sum().clamp_min(1)             # mean over the (layer, modality) terms
+        return loss + alpha * L_CR                                      # (L): L_task + alpha * L_CR
     return loss_fn
 
 
 def main(args):
     run = setup(args)
+    share = args.batch_size // run.world
+    if args.micro_batch is None:
+        args.micro_batch = share                                     # one forward per step: L_CR on the global batch
+    elif args.micro_batch < share:
+        run.log(f"--micro-batch {args.micro_batch} < {share}: L_CR sees {args.micro_batch * run.world} samples per "
+                f"term, not the global batch of {args.batch_size}")
     depth = min(args.prompt_depth, run.bb.num_layers)
     if depth < args.prompt_depth:
         run.log(f"prompt depth clamped from {args.prompt_depth} to {depth}: the backbone has {depth} layers")

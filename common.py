@@ -860,10 +860,12 @@ def decay_groups(model, args):
 
 
 def make_optimizer(model, args):
-    """AdamW with MAP's betas (0.9, 0.98), eps 1e-8; or Adam (PROMISE). Weight decay by `decay_groups`."""
+    """AdamW with MAP's betas (0.9, 0.98) unless a method sets `betas` (AOEPT: torch's), eps 1e-8; or Adam (PROMISE).
+    Weight decay by `decay_groups`."""
     if args.optimizer == "adam":
         return torch.optim.Adam(decay_groups(model, args), lr=args.lr)
-    return torch.optim.AdamW(decay_groups(model, args), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    return torch.optim.AdamW(decay_groups(model, args), lr=args.lr, betas=tuple(getattr(args, "betas", (0.9, 0.98))),
+                             eps=1e-8)
 
 
 def make_schedule(optimizer, total_steps, args):

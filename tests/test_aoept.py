@@ -1,10 +1,12 @@
 """AOEPT: K-means against a brute-force Lloyd step, NMI against scikit-learn, L_CR against a brute-force loop and
 its masking, gates, MCP variants, the cached MCP bank, what trains, CLI outputs with NM2I, toy learning."""
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
 
 import aoept
@@ -12,7 +14,100 @@ import common
 from common import Collate, cli, finalize_args, load_backbone
 from data import IMAGE_MISSING, TEXT_MISSING, load_split
 
-FAST = ["--epochs", "1", "--batch-size", "128", "--micro-batch", "128"]
+FAST = ["--epochs", "1", "--batch-size", "128"]
+
+# Breaks of the mechanisms tested here (python tests/mutations.py --file aoept.py; the common.py one with
+# --file common.py): each must make a test fail.
+MUTATIONS = [
+    {"file": "aoept.py", "why": "ViLT mix rows swapped: ICP for text-missing samples",
+     "old": "mix = [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]",
+     "new": "mix = [[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]]",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MCP residual removed: LN(Attn(Q, C)) without + Q",
+     "old": ".reshape(N, M, D) + self.Q)",
+     "new": ".reshape(N, M, D))",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "common.py", "why": "ViLT bank from the output of layer l instead of its input",
+     "old": "x = bb.block(l - 1, x, bias) if l else x",
+     "new": "x = bb.block(l, x, bias)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT image-prompt gate reads the image instead of the text",
+     "old": "self.gate_v(l, masked_mean(x[:, :L_t], mask_t), present[\"text\"])",
+     "new": "self.gate_v(l, masked_mean(x[:, L_t:], mask_v), present[\"text\"])",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT MCP attention with 8 heads (official: 4)",
+     "old": "MCP_HEADS = {\"clip\": 8, \"vilt\": 4}",
+     "new": "MCP_HEADS = {\"clip\": 8, \"vilt\": 8}",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "image MLP with GELU (official: ReLU)",
+     "old": "r, heads, nn.ReLU())",
+     "new": "r, heads, nn.GELU())",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "L_CR over micro-batches of 32 by default",
+     "old": "args.micro_batch = share ",
+     "new": "args.micro_batch = min(share, 32) ",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "no gather under torchrun: L_CR per rank",
+     "old": "    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:\n        return cr",
+     "new": "    if True:\n        return cr",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "gathered rows: the gradient of this rank's rows not summed over ranks",
+     "old": "        dist.all_reduce(grad)\n",
+     "new": "",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "bank pass draws from the global RNG: a cache hit initialises differently",
+     "old": "with torch.random.fork_rng(devices=[run.device] if run.device.type == \"cuda\" else []):",
+     "new": "if True:",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "CLIP L_CR target z not detached",
+     "old": "z[\"image\"].append(x[:, M:].mean(1).detach())",
+     "new": "z[\"image\"].append(x[:, M:].mean(1))",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "CLIP official image gate reads the text input instead of the output of layer l",
+     "old": "                if self.official:                                           # official: the text output of layer l",
+     "new": "                if False:",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT official: one gate per layer instead of one for all",
+     "old": "n_gates = 1 if self.official and bb.kind == \"vilt\" else depth",
+     "new": "n_gates = depth",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "L_CR negatives include samples without the modality",
+     "old": "logits = logits.masked_fill(~present[None], torch.finfo(logits.dtype).min)",
+     "new": "logits = logits",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "L_CR term counted with a single sample",
+     "old": "(n >= 2).float()",
+     "new": "(n >= 1).float()",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "CR logits in bf16 under autocast",
+     "old": "    with full_precision(u):",
+     "new": "    if True:",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MCP attention logits in bf16 under autocast",
+     "old": "        with full_precision(self.Q):",
+     "new": "        if True:",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "official Hateful Memes text recipe with M = 6 (config: 14)",
+     "old": "dict(M=(14, 6, 6)",
+     "new": "dict(M=(6, 6, 6)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "the recipe overrides explicit flags",
+     "old": "        if getattr(args, name) is None:",
+     "new": "        if True:",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "CLIP fresh prompts added to the old instead of replacing them",
+     "old": "x, t = x[:, M if l else 0:], t[:, M if l else 0:]",
+     "new": "x, t = x, t",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "per-layer gates all use the MLP of layer 0",
+     "old": "self.mlp[l if len(self.mlp) > 1 else 0](h)",
+     "new": "self.mlp[0](h)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MAP's AdamW betas (0.9, 0.98) instead of torch's",
+     "old": "betas=(0.9, 0.999)",
+     "new": "betas=(0.9, 0.98)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,17 +183,21 @@ def brute_force_info_nce(u, z, present, s):
 
 def test_consistency_loss_equals_brute_force_and_ignores_missing_samples():
     g = torch.Generator().manual_seed(0)
-    u, z = torch.randn(7, 6, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64)
+    u, z = torch.randn(7, 6, generator=g), torch.randn(7, 6, generator=g)
     present = torch.tensor([True, False, True, True, False, True, False])
     s = torch.tensor(np.log(100.0))
-    loss = aoept.consistency_loss(u, z, present, s)
-    assert float(loss) == pytest.approx(brute_force_info_nce(u, z, present, float(s)), rel=1e-6)
+    loss, valid = aoept.consistency_loss(u, z, present, s)
+    assert float(loss) == pytest.approx(brute_force_info_nce(u.double(), z.double(), present, float(s)), rel=1e-5)
+    assert float(valid) == 1.0
     u2, z2 = u.clone(), z.clone()
-    u2[~present], z2[~present] = 1e3 * torch.randn(3, 6, dtype=torch.float64), -7.0
-    assert torch.equal(aoept.consistency_loss(u2, z2, present, s), loss)
+    u2[~present], z2[~present] = 1e3 * torch.randn(3, 6), -7.0
+    assert torch.equal(aoept.consistency_loss(u2, z2, present, s)[0], loss)
     u2[0] += 1.0                                            # a sample that has the modality does count
-    assert not torch.equal(aoept.consistency_loss(u2, z2, present, s), loss)
-    assert aoept.consistency_loss(u, z, torch.tensor([True] + [False] * 6), s) is None
+    assert not torch.equal(aoept.consistency_loss(u2, z2, present, s)[0], loss)
+    one = torch.tensor([True] + [False] * 6)
+    assert float(aoept.consistency_loss(u, z, one, s)[1]) == 0.0      # fewer than 2 samples: no term
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # CR logits stay fp32 under bf16 autocast
+        assert torch.equal(aoept.consistency_loss(u, z, present, s)[0], loss)
 
 
 def test_total_loss_ignores_features_of_samples_missing_the_modality():
@@ -113,14 +212,73 @@ def test_total_loss_ignores_features_of_samples_missing_the_modality():
         u[~present], z[~present] = 99.0, -3.0
     assert torch.equal(loss_fn(out, batch), before)
     no_cr = aoept.make_loss(0.0, "multiclass")(out, batch)
-    assert float(before - no_cr) > 0                         # alpha * L_CR is added
+    expected = np.mean([brute_force_info_nce(u.double(), z.double(), present, 4.6052) for u, z, _ in pairs])
+    assert float(before - no_cr) == pytest.approx(0.05 * expected, rel=1e-4)   # alpha * mean of the terms
+    out["cr"].append((pairs[0][0], pairs[0][1], torch.tensor([False, True, False, False, False])))
+    assert torch.equal(loss_fn(out, batch), before)                  # a term with one sample is left out
+
+
+class CRToy(torch.nn.Module):
+    """u = a linear map of the input (it carries the gradient), z fixed targets, two CR terms and a task head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(5, 6), torch.nn.Linear(5, 3)
+        self.s = torch.nn.Parameter(torch.tensor(np.log(10.0), dtype=torch.float32))
+
+    def forward(self, x, z, present):
+        u = self.proj(x)
+        return {"logits": self.head(x), "s": self.s.clone(), "cr": [(u, z, present), (u.tanh(), z.flip(1), ~present)]}
+
+
+def cr_inputs():
+    g = torch.Generator().manual_seed(3)
+    present = torch.tensor([True, False, True, True] * 4)
+    return torch.randn(16, 5, generator=g), torch.randn(16, 6, generator=g), present, torch.arange(16) % 3
+
+
+def cr_rank(rank, world, port, state, path):
+    """One torchrun-like process: DDP over CRToy, this rank's contiguous quarter of the batch, make_loss, backward."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = CRToy()
+    model.load_state_dict(state)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    x, z, present, labels = (v[rank * 4:(rank + 1) * 4] for v in cr_inputs())
+    aoept.make_loss(0.5, "multiclass")(net(x, z, present), {"label": labels}).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+    dist.destroy_process_group()
+
+
+def test_cr_gradient_of_a_global_batch_equals_four_ranks_of_a_quarter(tmp_path):
+    """L_CR over the global batch: the gradient of one 16-sample step equals that of 4 gloo processes x 4 samples
+    under DDP (the CR vectors gathered across ranks, u with its gradient). Without the gather, each rank's InfoNCE
+    would only see its own 4 samples and the gradients would differ."""
+    import socket
+    import torch._dynamo  # noqa: F401  (DDP's first construction imports it: once here, not in each forked rank)
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    model = CRToy()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, z, present, labels = cr_inputs()
+    aoept.make_loss(0.5, "multiclass")(model(x, z, present), {"label": labels}).backward()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(cr_rank, args=(4, port, state, str(tmp_path / "g.pt")), nprocs=4, start_method="fork")
+    grads = torch.load(tmp_path / "g.pt")
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-5), n
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Model: gates, variants, what trains
 # ---------------------------------------------------------------------------------------------------------
-def build(backbone, mcp="attention", K=32):
-    args = finalize_args(aoept.parser().parse_args(["--backbone", backbone, "--mcp", mcp]))
+def build(backbone, mcp="attention", K=32, argv=()):
+    args = finalize_args(aoept.parser().parse_args(["--backbone", backbone, "--mcp", mcp, *argv]))
     torch.manual_seed(0)
     bb = load_backbone(args)
     depth = min(args.prompt_depth, bb.num_layers)
@@ -141,6 +299,7 @@ def test_gate_in_unit_interval_instance_dependent_and_one_when_missing():
     assert g.shape == (6, 24) and g.min() >= 0 and g.max() <= 1
     assert torch.equal(g[~present], torch.ones(2, 24))
     assert (g[0] - g[1]).abs().max() > 1e-4                 # different instances, different gates
+    assert torch.allclose(g[present], torch.sigmoid(gate.mlp[1](h[present])), atol=1e-6)   # layer 1 MLP
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -164,7 +323,7 @@ def test_prompts_depend_on_the_instance_unless_the_gating_modality_is_missing(ba
 
 @pytest.mark.parametrize("mcp", ["attention", "mlp", "init"])
 def test_mcp_variants(mcp):
-    model, batch, bank = build("tiny-clip", mcp)
+    model, batch, bank = build("tiny-clip", mcp, argv=["--prompt-length", "16"])
     names = {n.split(".")[1] for n, p in model.named_parameters() if n.startswith("tcp.")}
     assert names == {"attention": {"Q", "norm"}, "mlp": {"mlp"}, "init": {"P"}}[mcp]
     assert not model.tcp.C.requires_grad and torch.equal(model.tcp.C, bank["text"])
@@ -172,8 +331,43 @@ def test_mcp_variants(mcp):
     assert P.shape == (4, 16, model.bb.width_text)
     if mcp == "init":                                        # K = 32 prototypes pooled to M = 16: pairs
         assert torch.allclose(P, bank["text"].view(4, 16, 2, -1).mean(2), atol=1e-6)
+    if mcp == "mlp":                                         # official: GELU in the text MLP, ReLU in the image MLP
+        c = bank["image"][1]
+        mlp = model.icp.mlp[1]
+        ref = mlp[2](torch.relu(mlp[0](c)))
+        assert torch.allclose(model.icp()[1], ref.view(16, 2, -1).mean(1), atol=1e-6)
+        mlp = model.tcp.mlp[1]
+        ref = mlp[2](F.gelu(mlp[0](bank["text"][1])))
+        assert torch.allclose(P[1], ref.view(16, 2, -1).mean(1), atol=1e-6)
     model.eval()
     assert model(batch)["logits"].shape == (12, 4)
+
+
+def per_head_attention(Q, C, heads, norm):
+    """softmax(Q_h C_h^T / sqrt d) C_h per head, concatenated, + Q, then LN: a loop over layers and heads."""
+    N, M, D = Q.shape
+    d = D // heads
+    layers = []
+    for l in range(N):
+        out = []
+        for j in range(heads):
+            q, c = Q[l, :, j * d:(j + 1) * d], C[l, :, j * d:(j + 1) * d]
+            out.append(torch.softmax(q @ c.T / d ** 0.5, -1) @ c)
+        layers.append(norm(torch.cat(out, -1) + Q[l]))
+    return torch.stack(layers)
+
+
+@pytest.mark.parametrize("backbone, heads", [("tiny-clip", 8), ("tiny-vilt", 4)])
+def test_mcp_attention_equals_per_head_softmax_with_residual_then_layer_norm(backbone, heads):
+    model, _, bank = build(backbone)
+    with torch.no_grad():
+        model.tcp.norm.weight.normal_()                      # a non-trivial LN
+        for mcp, m in ((model.tcp, "text"), (model.icp, "image")):
+            mcp.Q.normal_()                                  # queries at the scale of the prototypes: peaked softmax
+            ref = per_head_attention(mcp.Q, bank[m], heads, mcp.norm)
+            assert torch.allclose(mcp(), ref, atol=1e-5), (backbone, m)
+            with torch.autocast("cpu", dtype=torch.bfloat16):    # fp32 logits under bf16 autocast
+                assert torch.allclose(mcp(), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -197,22 +391,129 @@ def test_only_method_modules_train_backbone_untouched(backbone):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Wiring, seen from forward hooks on the frozen layers and the gates
+# ---------------------------------------------------------------------------------------------------------
+def record(model):
+    """Forward hooks: each frozen block's input and output, each gate call's (layer, source h, present)."""
+    seen = {"in": {}, "out": {}, "gate_t": {}, "gate_v": {}}
+    blocks = ({"text": model.bb.model.transformer.resblocks, "image": model.bb.model.visual.transformer.resblocks}
+              if model.bb.kind == "clip" else {"joint": model.bb.vilt.encoder.layer})
+    handles = []
+    for tower, layers in blocks.items():
+        for l, block in enumerate(layers):
+            def hook(module, args, output, key=(tower, l)):
+                seen["in"][key] = args[0].detach().clone()
+                seen["out"][key] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+            handles.append(block.register_forward_hook(hook))
+    for name in ("gate_t", "gate_v"):
+        def gate_hook(module, args, output, name=name):
+            seen[name][args[0]] = (args[1].detach().clone(), args[2].clone(), output.detach().clone())
+        handles.append(getattr(model, name).register_forward_hook(gate_hook))
+    return seen, handles
+
+
+def mean_of(h, mask=None):
+    return h.mean(1) if mask is None else (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("recipe", ["official", "paper"])
+def test_clip_wiring_replace_then_carry_gate_sources_and_cr_pairs(recipe):
+    """N = 2 of 4 layers: fresh gated prompts enter layers 0, 1 (replacing the old), layers 2, 3 carry the block
+    output's prompt tokens. Text gate reads the image input of layer l; image gate reads the text input (paper) or
+    the text output of layer l (official), text means over SOT..EOT.
+    CR pairs: u the gated prompt mean, z the detached tower-output mean of the real tokens."""
+    model, batch, _ = build("tiny-clip", argv=["--recipe", recipe, "--prompt-depth", "2", "--prompt-length", "3"])
+    model.train()
+    seen, handles = record(model)
+    out = model(batch)
+    for h in handles:
+        h.remove()
+    M, P_t, P_v = 3, model.tcp().detach(), model.icp().detach()
+    ids = batch["text"]
+    real = (torch.arange(77)[None] <= ids.argmax(-1, keepdim=True)).float()
+    has = {"text": batch["missing"] != TEXT_MISSING, "image": batch["missing"] != IMAGE_MISSING}
+    assert len(model.gate_t.mlp) == 2
+    for l in range(4):
+        t_in, v_in = seen["in"]["text", l], seen["in"]["image", l]
+        if l < 2:
+            h_v, present, g_t = seen["gate_t"][l]
+            assert torch.equal(present, has["image"])
+            assert torch.allclose(h_v, v_in[:, M:].mean(1), atol=1e-6)                    # image input of layer l
+            text_source = seen["out" if recipe == "official" else "in"]["text", l][:, M:]
+            h_t, present, g_v = seen["gate_v"][l]
+            assert torch.equal(present, has["text"])
+            assert torch.allclose(h_t, mean_of(text_source, real), atol=1e-6)
+            assert torch.allclose(t_in[:, :M], P_t[l] * g_t[:, None], atol=1e-6)          # replaced: fresh prompts
+            assert torch.allclose(v_in[:, :M], P_v[l] * g_v[:, None], atol=1e-6)
+            for m, (u, z, present) in zip(("text", "image"), (out["cr"][l], out["cr"][2 + l])):
+                p = (P_t[l] * g_t[:, None]) if m == "text" else (P_v[l] * g_v[:, None])
+                assert torch.allclose(u, p.mean(1), atol=1e-6) and u.requires_grad
+                assert not z.requires_grad and torch.equal(present, has[m])
+                o = seen["out"][m, l][:, M:]
+                assert torch.allclose(z, mean_of(o, real) if m == "text" else o.mean(1), atol=1e-6)
+        else:                                                                                # carried on
+            assert torch.equal(t_in[:, :M], seen["out"]["text", l - 1][:, :M])
+            assert torch.equal(v_in[:, :M], seen["out"]["image", l - 1][:, :M])
+            assert t_in.shape[1] == 77 + M and v_in.shape[1] == seen["in"]["image", 0].shape[1]
+
+
+@pytest.mark.parametrize("recipe", ["official", "paper"])
+def test_vilt_wiring_replace_then_carry_mix_gate_sources_and_cr_pairs(recipe):
+    """ViLT, N = 2 of 4: the prompt tokens entering layer l < N are TCP for text-missing samples, ICP for
+    image-missing, their mean for complete ones; layers >= N carry them. Text prompt gate reads the image slice
+    of layer l's input, image prompt gate the text slice (masked means); one gate for all layers (official)."""
+    model, batch, _ = build("tiny-vilt", argv=["--recipe", recipe, "--prompt-depth", "2", "--prompt-length", "3"])
+    model.train()
+    seen, handles = record(model)
+    out = model(batch)
+    for h in handles:
+        h.remove()
+    M, P_t, P_v, L_t = 3, model.tcp().detach(), model.icp().detach(), batch["input_ids"].shape[1]
+    mask_t = batch["text_mask"].float()
+    assert len(model.gate_t.mlp) == (1 if recipe == "official" else 2)
+    code = batch["missing"]
+    w_t = torch.where(code == TEXT_MISSING, 1.0, torch.where(code == IMAGE_MISSING, 0.0, 0.5))[:, None, None]
+    for l in range(4):
+        x_in = seen["in"]["joint", l]
+        if l < 2:
+            h_v, present_v, g_t = seen["gate_t"][l]
+            h_t, present_t, g_v = seen["gate_v"][l]
+            assert torch.equal(present_v, code != IMAGE_MISSING) and torch.equal(present_t, code != TEXT_MISSING)
+            assert torch.allclose(h_v, x_in[:, M + L_t:].mean(1), atol=1e-6)       # image slice (no padding here)
+            assert torch.allclose(h_t, mean_of(x_in[:, M:M + L_t], mask_t), atol=1e-6)
+            p_t, p_v = P_t[l] * g_t[:, None], P_v[l] * g_v[:, None]
+            assert torch.allclose(x_in[:, :M], w_t * p_t + (1 - w_t) * p_v, atol=1e-6)
+            (u_t, z_t, _), (u_v, z_v, _) = out["cr"][l], out["cr"][2 + l]
+            assert torch.allclose(u_t, p_t.mean(1), atol=1e-6) and torch.allclose(u_v, p_v.mean(1), atol=1e-6)
+            o = seen["out"]["joint", l]
+            assert not z_t.requires_grad and not z_v.requires_grad
+            assert torch.allclose(z_t, mean_of(o[:, M:M + L_t], mask_t), atol=1e-6)
+            assert torch.allclose(z_v, o[:, M + L_t:].mean(1), atol=1e-6)
+        else:
+            assert torch.equal(x_in[:, :M], seen["out"]["joint", l - 1][:, :M])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # MCP bank cache, CLI outputs, NM2I, toy learning
 # ---------------------------------------------------------------------------------------------------------
 def test_mcp_bank_cached_reused_and_invalidated(tmp_path, monkeypatch, food101_root):
-    """On a fixture tree in the Food-101 layout: the second identical run makes no token pass and reuses the
-    bank; a different missing table (another rate) makes a new pass and a new cache file."""
+    """On a fixture tree in the Food-101 layout: the second identical run makes no token pass, reuses the bank and
+    writes the same checkpoint bit for bit (the bank pass leaves the global RNG as it found it); a different
+    missing table (another rate) makes a new pass and a new cache file."""
+    from safetensors.torch import load_file
     passes = []
     original = aoept.collect_tokens
     monkeypatch.setattr(aoept, "collect_tokens", lambda run, depth: passes.append(1) or original(run, depth))
     cache = tmp_path / "cache"
     argv = ["--dataset", "food101", "--data-root", food101_root, "--backbone", "tiny-vilt", "--cache-dir", str(cache),
-            "--epochs", "1", "--batch-size", "16", "--micro-batch", "16"]
+            "--epochs", "1", "--batch-size", "16", "--prompt-length", "2"]
     first = cli(aoept.parser(), aoept.main, argv + ["--out", str(tmp_path / "a")])
     assert len(passes) == 1 and len(list(cache.iterdir())) == 1
     second = cli(aoept.parser(), aoept.main, argv + ["--out", str(tmp_path / "b")])
     assert len(passes) == 1
     assert second["metrics"]["test"] == first["metrics"]["test"]
+    a, b = (load_file(str(tmp_path / r / "checkpoint.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     third = cli(aoept.parser(), aoept.main, argv + ["--rate", "0.4", "--out", str(tmp_path / "c")])
     assert len(passes) == 2 and len(list(cache.iterdir())) == 2
     assert third["protocol"]["splits"]["train"]["table_hash"] != first["protocol"]["splits"]["train"]["table_hash"]
@@ -221,8 +522,82 @@ def test_mcp_bank_cached_reused_and_invalidated(tmp_path, monkeypatch, food101_r
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
-def test_cli_writes_outputs_and_nm2i(tmp_path, backbone):
+def test_bank_with_K_n_is_the_pooled_inputs_of_each_layer(backbone, food101_root, tmp_path):
+    """With K >= n the prototypes are the tokens themselves: per layer l and modality m, the bank's rows are (as a
+    set) the mean-pooled inputs of layer l of the training samples that have m, read by forward pre-hooks on the
+    library's own layers during its own forward (CLIP: encode_image / encode_text; ViLT: ViltModel)."""
+    args = finalize_args(aoept.parser().parse_args(
+        ["--dataset", "food101", "--data-root", food101_root, "--backbone", backbone, "--missing", "both",
+         "--rate", "0.5", "--clusters", "1000", "--prompt-depth", "3", "--cache-dir", str(tmp_path),
+         "--out", str(tmp_path / "run")]))
+    run = common.setup(args)
+    run.args.micro_batch = 64
+    bank = aoept.mcp_bank(run, 3, 1000)
+    ds, bb = run.train_set, run.bb
+    batch = run.collate([ds[i] for i in range(len(ds))])
+    inputs = {}
+    if bb.kind == "clip":
+        towers = {"image": bb.model.visual.transformer.resblocks, "text": bb.model.transformer.resblocks}
+    else:
+        towers = {"joint": bb.vilt.encoder.layer}
+    handles = [block.register_forward_pre_hook(lambda mod, a, key=(m, l): inputs.__setitem__(key, a[0]))
+               for m, blocks in towers.items() for l, block in enumerate(blocks)]
+    with torch.no_grad():
+        if bb.kind == "clip":
+            bb.model.encode_image(batch["image"]), bb.model.encode_text(batch["text"])
+            real = (torch.arange(77)[None] <= batch["text"].argmax(-1, keepdim=True)).float()
+            truth = {"image": [inputs["image", l].mean(1) for l in range(3)],
+                     "text": [mean_of(inputs["text", l], real) for l in range(3)]}
+        else:
+            bb.vilt(input_ids=batch["input_ids"], attention_mask=batch["text_mask"], pixel_values=batch["image"],
+                    pixel_mask=batch["pixel_mask"])
+            L_t, mask_t = batch["input_ids"].shape[1], batch["text_mask"].float()
+            truth = {"text": [mean_of(inputs["joint", l][:, :L_t], mask_t) for l in range(3)],
+                     "image": [inputs["joint", l][:, L_t:].mean(1) for l in range(3)]}
+    for h in handles:
+        h.remove()
+    has = {"text": torch.as_tensor(ds.missing) != TEXT_MISSING, "image": torch.as_tensor(ds.missing) != IMAGE_MISSING}
+    for m in ("text", "image"):
+        assert bank[m].shape[:2] == (3, int(has[m].sum()))                    # K clamped to n
+        for l in range(3):
+            T = truth[m][l][has[m]].float()
+            d = torch.cdist(bank[m][l], T)
+            assert d.min(1).values.max() < 1e-4, (m, l)                       # every prototype is a token...
+            assert sorted(d.argmin(1).tolist()) == list(range(len(T)))        # ...and every token is one
+
+
+def test_recipe_defaults_and_explicit_flags():
+    def parse(*argv):
+        return aoept.parser().parse_args(list(argv))
+    official = {("clip", "hatememes", "text"): (14, 4, 128, 1e-2, 2e-2, 77),       # AOEPT_CLIP_HateMemes_text.yaml
+                ("clip", "hatememes", "both"): (6, 4, 128, 5e-3, 2e-2, 77),
+                ("clip", "mmimdb", "both"): (5, 4, 128, 2e-2, 1e-4, 77),
+                ("clip", "mmimdb", "text"): (12, 4, 128, 1e-2, 1e-4, 77),
+                ("clip", "food101", "image"): (6, 4, 256, 1e-2, 2e-2, 77),
+                ("vilt", "food101", "text"): (16, 6, 256, 1e-2, 2e-2, 40),
+                ("vilt", "hatememes", "image"): (16, 6, 256, 1e-2, 2e-2, 40),
+                ("vilt", "mmimdb", "both"): (8, 6, 256, 1e-2, 2e-2, 77)}
+    for (backbone, dataset, missing), want in official.items():
+        a = parse("--backbone", backbone, "--dataset", dataset, "--missing", missing)
+        assert (a.prompt_length, a.prompt_depth, a.clusters, a.lr, a.weight_decay, a.max_text_len) == want
+        assert a.recipe == "official" and tuple(a.betas) == (0.9, 0.999) and a.batch_size == 128
+        p = parse("--backbone", backbone, "--dataset", dataset, "--missing", missing, "--recipe", "paper")
+        assert (p.prompt_length, p.prompt_depth, p.clusters) == (16, 6, 256)
+    a = parse("--dataset", "mmimdb", "--prompt-length", "3", "--lr", "7e-4", "--max-text-len", "60", "--clusters", "9")
+    assert (a.prompt_length, a.prompt_depth, a.lr, a.weight_decay, a.max_text_len, a.clusters) == (3, 4, 7e-4, 1e-4, 60, 9)
+    assert parse().micro_batch is None                      # main sets it to the per-process share of the batch
+    opt = common.make_optimizer([torch.nn.Parameter(torch.zeros(1))], parse("--dataset", "mmimdb"))
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["weight_decay"] == 1e-4   # torch's AdamW betas
+    with pytest.raises(SystemExit):
+        parse("--prompt-depth", "0")
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_cli_writes_outputs_and_nm2i(tmp_path, backbone, monkeypatch):
     out = tmp_path / "run"
+    sizes, forward = [], aoept.AOEPT.forward                  # one training forward per step: the global batch
+    monkeypatch.setattr(aoept.AOEPT, "forward", lambda self, b: (sizes.append(len(b["missing"])) if self.training
+                                                                  else None) or forward(self, b))
     res = cli(aoept.parser(), aoept.main, ["--backbone", backbone, "--nm2i", "--cache-dir", str(tmp_path / "cache"),
                                            "--out", str(out)] + FAST)
     for name in ("results.json", "predictions_test.csv", "checkpoint.safetensors"):
@@ -230,6 +605,7 @@ def test_cli_writes_outputs_and_nm2i(tmp_path, backbone):
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"]["test"]["accuracy"] == res["metrics"]["test"]["accuracy"]
     assert len((out / "predictions_test.csv").read_text().splitlines()) == 1 + 128
+    assert sizes == [128] * 4                                 # toy train = 512: four steps of 128, no micro-batches
     nm2i = saved["nm2i"]
     assert nm2i["estimator"].startswith("this repository's estimator")
     counts = saved["protocol"]["splits"]["test"]["counts"]
@@ -241,7 +617,7 @@ def test_cli_writes_outputs_and_nm2i(tmp_path, backbone):
 
 
 def test_toy_training_beats_majority(tmp_path):
-    """Train with 30% of the samples missing a modality, test on complete samples (seeds 0/1/2 gave 0.49/0.46/0.55;
+    """Train with 30% of the samples missing a modality, test on complete samples (seeds 0/1/2 gave 0.49/0.39/0.55;
     the majority class is 0.28)."""
     argv = ["--backbone", "tiny-vilt", "--missing", "both", "--rate", "0.3", "--test-missing", "none", "--epochs", "8",
             "--batch-size", "32", "--micro-batch", "32", "--seed", "2", "--cache-dir", str(tmp_path / "cache"),
