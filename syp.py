@@ -96,15 +96,16 @@ def check_args(args):
 
 
 def paper_variant(args):
-    """The ablation row of Table 3/4 these flags reproduce; None = the full SyP; a name of no row otherwise."""
+    """The ablation row of Table 3/4 these flags reproduce ("full" = the full SyP; common.PAPER_NUMBERS keys its rows by
+    these names); a name of no row otherwise."""
     prompts = not (args.no_dynamic and args.no_static)
-    row = {(False, False, False): None, (False, True, False): "dynamic-only", (True, False, False): "static-only",
+    row = {(False, False, False): "full", (False, True, False): "dynamic-only", (True, False, False): "static-only",
            (False, True, True): "base-only", (False, False, True): "no-adapter",
            (True, True, False): "classifier-only"}[(args.no_dynamic, args.no_static, args.no_adapter)]
     off = ["head-cls"] if prompts and args.head == "cls" else []
     off += [f"{k}={v}" for k, v, paper in (("prompt-length", args.prompt_length, 36),
                                            ("prompt-depth", args.prompt_depth, 6)) if prompts and v != paper]
-    return "+".join([row or "full"] + off) if off else row
+    return "+".join([row] + off) if off else row
 
 
 # ---------------------------------------------------------------------------------------------------------

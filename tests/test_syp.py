@@ -176,7 +176,7 @@ def test_defaults_and_the_paper_rows_of_the_flags(capsys):
     assert (args.prompt_length, args.prompt_depth, args.reduction, args.head) == (36, 6, 16, "prompts")
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.warmup) == (1e-3, 2e-2, 32, 20, 0.1)
     assert args.paper_backbone == "clip" and not (args.no_dynamic or args.no_static or args.no_adapter)
-    assert syp.paper_variant(args) is None and syp.check_args(args) is None
+    assert syp.paper_variant(args) == "full" and syp.check_args(args) is None
     head = syp.SyP(backbone("tiny-clip"), 101).head                             # FC: N(0, 0.02), bias 0 (DCP)
     assert (head.bias == 0).all() and abs(float(head.weight.detach().std()) - 0.02) < 0.002
     rows = {(): None, ("--no-static",): "dynamic-only", ("--no-dynamic",): "static-only",
@@ -434,7 +434,7 @@ def test_headline_command_on_food101_tree(tmp_path, food101_root):
     assert (out / "checkpoint.safetensors").is_file() and results["protocol"]["splits"]["train"]["counts"]["text"] > 0
     assert results["config"]["prompt_length"] == 36 and results["config"]["lr"] == 1e-3
     assert results["config"]["batch_size"] == 32 and results["config"]["weight_decay"] == 2e-2
-    assert results["config"]["head"] == "prompts" and results["paper_variant"] is None
+    assert results["config"]["head"] == "prompts" and results["paper_variant"] == "full"
 
 
 def test_cli_classifier_only_row(tmp_path):
