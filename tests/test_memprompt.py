@@ -89,8 +89,8 @@ def test_insert_prompts_order(placement):
     mask = torch.tensor([[1, 1, 0] + [1] * L_v] * B)                             # a text PAD at position 2
     t0 = 0
     for j in (1, 2):
-        prompts = [torch.full((B, P, 1), 10.0 * j + c) for c in (3, 4, 5, 6)]
-        x, mask, t0 = M.insert_prompts(x, mask, t0, L_t, prompts, placement)
+        s_t, g_t, s_v, g_v = [torch.full((B, P, 1), 10.0 * j + c) for c in (3, 4, 5, 6)]
+        x, mask, t0 = M.insert_prompts(x, mask, t0, L_t, torch.cat([s_t, g_t], 1), torch.cat([s_v, g_v], 1), placement)
     s_t2, g_t2, s_v2, g_v2, s_t1, g_t1, s_v1, g_v1 = ([v] * P for v in (23, 24, 25, 26, 13, 14, 15, 16))
     if placement == "distributed":
         order = s_t2 + g_t2 + s_t1 + g_t1 + [1] * L_t + s_v2 + g_v2 + s_v1 + g_v1 + [2] * L_v
