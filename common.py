@@ -20,6 +20,8 @@ number of prompt tokens in front of it:
                       (the causal mask is built for the current length, cached; text tokens see all prompts)
     ViLT              x, mask = bb.embed(batch); bias = bb.attention_bias(mask); x = bb.block(i, x, bias)
                       f = pooler(bb.final_norm(x)[:, cls_index])
+                      (block runs the layer's own modules with scaled_dot_product_attention; bb.block(i, x, bias,
+                      kv_prefix=(K_p, V_p)) adds raw per-head key/value rows that every query sees)
 With no prompts these reproduce open_clip's encode_image / encode_text and HF ViltModel's pooler_output
 (tests/test_backbones.py).
 
@@ -154,8 +156,27 @@ class FrozenViLT(nn.Module):
     def attention_bias(mask, dtype):                                # (B, L) -> additive (B, 1, 1, L)
         return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
-    def block(self, i, x, bias):
-        return self.vilt.encoder.layer[i](x, bias)[0]
+    def block(self, i, x, bias, kv_prefix=None):
+        """Layer i, pre-norm: x + Attn(LN(x)), then x + MLP(LN(x)), with the layer's own frozen modules and the
+        attention through F.scaled_dot_product_attention (HF's eager ViltSelfAttention materialises the scores).
+        bias: additive (B, 1, 1, L) over x's own keys (`attention_bias`). kv_prefix: None or raw (K_p, V_p), each
+        (B, P, D), prepended to the keys/values after the frozen key/value projections, split per head like them and
+        seen by every query (MAP's attention-level prompts, vision_transformer_prompts.py Attention.forward)."""
+        layer = self.vilt.encoder.layer[i]
+        attn = layer.attention.attention
+        B, L, D = x.shape
+
+        def heads(t):                                               # (B, S, D) -> (B, H, S, D / H)
+            return t.view(B, t.shape[1], attn.num_attention_heads, attn.attention_head_size).transpose(1, 2)
+        h = layer.layernorm_before(x)
+        q, k, v = attn.query(h), attn.key(h), attn.value(h)
+        if kv_prefix is not None:
+            K_p, V_p = kv_prefix
+            k, v = torch.cat([K_p.to(k.dtype), k], 1), torch.cat([V_p.to(v.dtype), v], 1)
+            bias = torch.cat([bias.new_zeros(*bias.shape[:-1], K_p.shape[1]), bias], -1)   # the prefix: always seen
+        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias.to(q.dtype))
+        x = x + layer.attention.output.dense(a.transpose(1, 2).reshape(B, L, D))
+        return x + layer.output.dense(layer.intermediate(layer.layernorm_after(x)))
 
     def final_norm(self, x):
         return self.vilt.layernorm(x)
