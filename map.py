@@ -24,18 +24,21 @@ Usage: python map.py --dataset food101 --missing both --rate 0.7          (ViLT,
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import build_parser, cli, finish, fit, setup, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
 def parser():
     p = build_parser("map", __doc__, backbone="vilt")
     # Method-specific
     p.add_argument("--prompt-type", default="input", choices=["input", "attention"],
-                   help="input-level (prepend and accumulate) or attention-level (prefix keys/values), Sec. 3.3")
+                   help="input-level (prepend and accumulate) or attention-level (P/2 raw keys + P/2 raw values), "
+                        "Sec. 3.3")
     p.add_argument("--prompt-length", type=int, default=16, help="L_p, prompt tokens per layer (Sec. 4.1)")
-    p.add_argument("--prompt-depth", type=int, default=6, help="N, prompted layers from the first (Sec. 4.1)")
+    p.add_argument("--prompt-depth", type=int, default=6,
+                   help="N, prompted layers from the first (Sec. 4.1); 0 = no prompts (the frozen backbone + head)")
     p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
     return p
 
@@ -45,13 +48,14 @@ def parser():
 # ---------------------------------------------------------------------------------------------------------
 class MissingAwarePrompts(nn.Module):
     """One prompt per missing case and prompted layer: (3, N, P, D), indexed by MAP's codes
-    0 = complete, 1 = text missing, 2 = image missing."""
+    0 = complete, 1 = text missing, 2 = image missing. Attention-level: rows [:P/2] are keys, [P/2:] values."""
 
-    def __init__(self, depth, length, width):
+    def __init__(self, depth, length, width, attention=False):
         super().__init__()
         prompts = torch.zeros(3, depth, length, width)
-        for case, marker in ((COMPLETE, 0), (IMAGE_MISSING, 1), (TEXT_MISSING, 2)):   # official initialisation
-            prompts[case, :, marker % length] = 1.0
+        for case, marker in ((COMPLETE, 0), (IMAGE_MISSING, 1), (TEXT_MISSING, 2)):   # the official initialisation:
+            rows = (marker, length // 2 + marker) if attention else (marker,)         # zeros, one-hot rows per case
+            prompts[case, :, [r for r in rows if r < length]] = 1.0                   # (rows past P: none, as there)
         self.prompts = nn.Parameter(prompts)
 
     def forward(self, missing, layer):                          # (B,) codes -> (B, P, D)
@@ -69,10 +73,28 @@ def mlp_head(width, num_outputs):
     return head
 
 
-def attend_with_prefix(block, prompt, x):
-    """Attention-level prompting: the prompt tokens are extra keys/values of the block; only the real tokens
-    are queried and kept. block(seq) runs the untouched library block on [prompt, x]."""
-    return block(torch.cat([prompt, x], dim=1))[:, prompt.shape[1]:]
+def keys_values(prompt):
+    """Attention-level (Sec. 3.3): a (B, P, D) prompt -> raw keys (B, P/2, D) and raw values (B, P/2, D)."""
+    half = prompt.shape[1] // 2
+    return prompt[:, :half], prompt[:, half:]
+
+
+def clip_block_with_prefix(block, x, kv_prefix, attn_mask=None):
+    """An open_clip ResidualAttentionBlock whose attention also sees raw keys/values kv_prefix = (K_p, V_p), each
+    (B, P/2, D), prepended after its frozen K/V projections and seen by every query (the ViLT form of
+    FrozenViLT.block). Runs the block's own modules: x + ls_1(Attn(ln_1 x)), then x + ls_2(MLP(ln_2 x))."""
+    attn, (K_p, V_p) = block.attn, kv_prefix
+    B, L, D = x.shape
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    k, v = torch.cat([K_p.to(k.dtype), k], dim=1), torch.cat([V_p.to(v.dtype), v], dim=1)
+
+    def heads(t):                                               # (B, S, D) -> (B, H, S, D / H)
+        return t.view(B, t.shape[1], attn.num_heads, D // attn.num_heads).transpose(1, 2)
+    if attn_mask is not None:                                   # (L, L) -> (L, P/2 + L): the prefix is never masked
+        attn_mask = F.pad(attn_mask.to(q.dtype), (K_p.shape[1], 0))
+    a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
+    x = x + block.ls_1(attn.out_proj(a.transpose(1, 2).reshape(B, L, D)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,15 +103,19 @@ def attend_with_prefix(block, prompt, x):
 class MAP(nn.Module):
     def __init__(self, bb, num_outputs, prompt_type="input", length=16, depth=6):
         super().__init__()
+        if depth < 0 or length < 1 or (prompt_type == "attention" and length % 2):
+            raise DataError(f"--prompt-depth {depth} / --prompt-length {length}: the depth must be >= 0 (0 = no "
+                            f"prompts) and the length >= 1, even for --prompt-type attention (P/2 keys + P/2 values)")
         self.bb, self.prompt_type, self.length = bb, prompt_type, length
         self.depth = min(depth, bb.num_layers)
+        attention = prompt_type == "attention"
         if bb.kind == "vilt":
-            self.prompts = MissingAwarePrompts(self.depth, length, bb.width)
+            self.prompts = MissingAwarePrompts(self.depth, length, bb.width, attention)
             self.pooler = bb.pooler_copy()                       # trained, as in the official code
             self.head = mlp_head(bb.width, num_outputs)
         else:
-            self.image_prompts = MissingAwarePrompts(self.depth, length, bb.width_image)
-            self.text_prompts = MissingAwarePrompts(self.depth, length, bb.width_text)
+            self.image_prompts = MissingAwarePrompts(self.depth, length, bb.width_image, attention)
+            self.text_prompts = MissingAwarePrompts(self.depth, length, bb.width_text, attention)
             self.head = mlp_head(2 * bb.embed_dim, num_outputs)
 
     def forward(self, batch):
@@ -105,18 +131,15 @@ class MAP(nn.Module):
     def forward_vilt(self, batch):
         bb, m = self.bb, batch["missing"]
         x, mask = bb.embed(batch)                                # (B, L_t + L_v, D)
-        ones = mask.new_ones(mask.shape[0], self.length)
         bias = bb.attention_bias(mask, x.dtype)
-        if self.prompt_type == "attention":                      # the prefix length is constant: one mask per batch
-            prefix_bias = bb.attention_bias(torch.cat([ones, mask], dim=1), x.dtype)
         for i in range(bb.num_layers):
             if i < self.depth and self.prompt_type == "input":  # Sec. 3.3: prepend, earlier prompts kept
                 x = torch.cat([self.prompts(m, i).to(x.dtype), x], dim=1)          # (B, P + L, D)
-                mask = torch.cat([ones, mask], dim=1)
+                mask = torch.cat([mask.new_ones(mask.shape[0], self.length), mask], dim=1)
                 bias = bb.attention_bias(mask, x.dtype)
                 x = bb.block(i, x, bias)
-            elif i < self.depth:                                 # Sec. 3.3: attention-level
-                x = attend_with_prefix(lambda seq: bb.block(i, seq, prefix_bias), self.prompts(m, i).to(x.dtype), x)
+            elif i < self.depth:                                 # Sec. 3.3: attention-level, raw keys and values
+                x = bb.block(i, x, bias, kv_prefix=keys_values(self.prompts(m, i)))
             else:
                 x = bb.block(i, x, bias)
         cls = self.depth * self.length if self.prompt_type == "input" else 0
@@ -130,9 +153,12 @@ class MAP(nn.Module):
                 x = torch.cat([self.image_prompts(m, i).to(x.dtype), x], dim=1)
                 t = torch.cat([self.text_prompts(m, i).to(t.dtype), t], dim=1)
                 x, t = bb.image_block(i, x), bb.text_block(i, t)
-            elif i < self.depth:
-                x = attend_with_prefix(lambda seq: bb.image_block(i, seq), self.image_prompts(m, i).to(x.dtype), x)
-                t = attend_with_prefix(lambda seq: bb.text_block(i, seq), self.text_prompts(m, i).to(t.dtype), t)
+            elif i < self.depth:                                 # attention-level in each tower's blocks
+                image_block = bb.model.visual.transformer.resblocks[i]
+                text_block = bb.model.transformer.resblocks[i]
+                x = clip_block_with_prefix(image_block, x, keys_values(self.image_prompts(m, i)))
+                t = clip_block_with_prefix(text_block, t, keys_values(self.text_prompts(m, i)),
+                                           bb.causal_mask(t.shape[1], t.device, t.dtype))
             else:
                 x, t = bb.image_block(i, x), bb.text_block(i, t)
         n = self.depth * self.length if self.prompt_type == "input" else 0
