@@ -1,23 +1,33 @@
 """MAP: Multimodal Prompting with Missing Modalities for Visual Recognition (Lee et al., CVPR 2023, arXiv 2303.03369).
 
-Official code: YiLunLee/missing_aware_prompts @ 9aa538159f4623de1936d25daee880ec47c062be (ViLT). The CLIP variant
-follows how DCP (hulianyuyy/Deep_Correlated_Prompting) carries MAP to a dual-stream model: prompts in both towers.
+Official code: YiLunLee/missing_aware_prompts @ 9aa538159f4623de1936d25daee880ec47c062be (ViLT); read, not copied.
+tests/test_official_map.py ports its forward (vilt_missing_aware_prompt_module.py, vision_transformer_prompts.py)
+and checks logits, loss and gradients against this file for both prompt types.
 
 Map from the paper to this file:
     Sec. 3.2 missing-aware prompts, one set per missing case (2^M - 1 = 3)   -> `MissingAwarePrompts`
     Sec. 3.3 input-level prompting (prepend at each layer, accumulate)      -> `MAP.forward_vilt / forward_clip`
-    Sec. 3.3 attention-level prompting (prompts as extra keys/values)       -> `attend_with_prefix`
+    Sec. 3.3 attention-level prompting: P/2 raw keys + P/2 raw values per
+             case and layer, after the frozen K/V projections, every query  -> `keys_values`, FrozenViLT.block(kv_prefix)
     task loss only (CE; BCE for MM-IMDb)                                    -> `loss_fn`
 
 Deviations and assumptions:
-    - Attention-level: the prompt tokens join the keys/values *before* the block's LayerNorm and K/V projections and
-      their outputs are dropped (the official code appends 8 raw key + 8 raw value tokens after the projections):
-      a reparameterisation of the same prefix, which keeps the library's block untouched.
-    - CLIP (not in the paper): one prompt set per tower per case; the image and text features are concatenated
-      (DCP) and fed to MAP's MLP head. Text prompts sit before the text tokens, under CLIP's causal mask.
-    - Validation once per epoch (official: every 0.2 epoch); the best validation epoch is tested.
-    - Prompts are initialised as in the official code (zeros with a one-hot marker row per case).
+    - Validation once per epoch (official: every 0.2 epoch, 0.11 for Hateful Memes); the best validation state is
+      tested (official run.py: trainer.test(model) after fit, i.e. the final weights under PyTorch Lightning 1.1).
+    - Mixed precision: bf16 autocast on CUDA (official: fp16 AMP, precision=16); --precision fp32 turns it off.
+    - Attention-level: the official reshape hard-codes 12 heads (ViLT-B); here the layer's own head count (the same
+      on ViLT-B/32). An odd --prompt-length is an error (the official code fails on the value reshape).
+    - Initialisation as the official code: zeros with row 0 = 1 (complete), row 1 (image missing), row 2 (text
+      missing); attention-level also row P/2 + the same. A row past P is skipped, as the official slice assignment.
+    - Data (data.py): Food-101 validation = 10% of each class of the train rows, seed 0 (official: the val list of
+      datasets/Food101/split.json); missing tables from this repository's generator (official: random.sample tables
+      saved under datasets/missing_tables/); MM-IMDb one plot per movie (official: one sample per plot).
+    - CLIP (not in the paper; this repository's own adaptation): one prompt set per tower per case. Input-level:
+      prepended in each tower (text prompts before SOT, seen by every text token under the causal mask); attention-
+      level: raw keys/values in each tower's blocks (`clip_block_with_prefix`). The pooled image and text features
+      are concatenated and fed to MAP's MLP head; no pooler.
     - CLIP, eval mode: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
+    - --prompt-depth 0: no prompts (the frozen backbone, pooler and head); tiny backbones clamp the depth.
 
 Usage: python map.py --dataset food101 --missing both --rate 0.7          (ViLT, the paper's setting)
        python map.py --dataset toy --backbone tiny-vilt                   (offline, CPU, about a minute)

@@ -2,32 +2,51 @@
 (Zhao, Xi, Fu, Zhao; IJCAI 2025; no arXiv id found: cite the IJCAI proceedings).
 
 Official code: zhao-yh20/MemPrompt @ 342739e08e3943631e43e60cd0e1f6baea464286 (ViLT, a MAP fork), read, not copied.
+tests/test_official_memprompt.py ports its forward (src/modules/memory_prompt_module.py) and checks logits, loss and
+gradients against this file (--query-pad include), for the full model and the layer-count ablations.
 
 Map from the paper to this file:
     Eq. (1) frozen blocks h^{i+1} = f^i(h^i)                     -> the layer loops in `MemPrompt.forward_*`
     Eq. (2) h^i = [p_s,t, p_g,t, f_t, p_s,v, p_g,v, f_v]         -> `insert_prompts` (distributed / pre-append)
-    Eq. (4) p_g,m = PromptMem(f_m), query = max-pool of f_m      -> `masked_max`, `MemPromptLayer.forward`
+    Eq. (4) p_g,m = PromptMem(f_m), query = max-pool of f_m      -> `query`, `MemPromptLayer.forward`
     Eq. (5)-(6) cosine to the keys, softmax, top-N weighted sum  -> `PromptMemory.weights / forward`
     Eq. (7) p_s,m = G_m(p_s), shared prompt chosen by missing case -> `MemPromptLayer.shared`
     Eq. (3) task loss only                                       -> `loss_fn` in `main`
+    Table 2 (p_s only / p_g only), Fig. 3c (layer counts)        -> --gen-layers / --shared-layers
 
 Deviations and assumptions:
     - Retrieval order (code, default): the N keys with the largest cosine, then a softmax over those N cosines. The
       paper's Eq. 5-6 (softmax over all K, keep the N largest weights, no renormalisation): --softmax-over all.
-    - Query f_m: max-pool over the modality's tokens of the layer input (the code's; the paper only writes f_m), real
-      tokens only (the key mask drops text PAD and padded patches). The code pools over PAD too, but pads to a fixed
-      length; here padding is per batch, so PAD would make a query depend on the other samples of its batch.
-    - Pre-append (Table 4, no order given): each layer puts [p_s,t, p_g,t, p_s,v, p_g,v] at the sequence start.
+      The cosines are computed in fp32 with autocast off (official: under fp16 AMP).
+    - Query f_m (Eq. 4, the code's max-pool over the modality's slice of the layer input). Default --query-pad
+      exclude: real tokens only (text PAD and padded patches masked). The code (--query-pad include) pools PAD too,
+      over text padded to the fixed --max-text-len and over the batch's padded image patches: a sample's image query
+      then depends on the other images of its batch, and every layer runs the full 512/1024/128 text tokens. The
+      paper's f_m is the modality's features, so PAD is left out; include reproduces the code exactly.
+    - Shared prompts are chosen by the missing case, as the official code does (the paper writes a single p_s):
+      complete -> p_t + p_v, text missing -> p_t, image missing -> p_v, then G_t / G_v.
+    - --gen-layers / --shared-layers count layers from the first (the code's gen_prompt_layers /
+      shared_prompt_layers are lists, [0..5] in every config; its modules are indexed by layer, so only such lists run).
+    - Pre-append (Table 4; no official code, no order given): [p_s,t, p_g,t, p_s,v, p_g,v] at the sequence start.
+      On ViLT this is the same function as distributed: no position embedding is added after the embedding layer, so
+      a block does not see token order (tests/test_official_memprompt.py checks it); Table 4's gap is not explained
+      by the placement alone.
     - Generative prompts are computed for both modalities of every sample, missing or not (as the code).
     - Initialisation as the code: memory values and keys kaiming_normal(a=sqrt 5); shared prompts N(0, 0.02);
       bottleneck and head Linear weights N(0, 0.02), biases 0. Bottleneck width D // 16 (the code's).
+    - Prompt length 4 on Hateful Memes (Sec. 4.2; the code's config keeps 16), one --prompt-length for both kinds
+      (the code's gen_prompt_length / shared_prompt_length, both 16).
     - ViLT head: a trainable copy of ViLT's pooler on the text [CLS], then MAP's MLP head (as the code).
-    - CLIP (not in the paper): one memory per tower per layer, queried by the max-pool over that tower's tokens (text:
-      up to EOT); the per-layer shared prompt has the image width and G_t maps it to the text width. Prompts are
-      prepended in their own tower, so distributed and pre-append coincide (--placement has no effect). Head:
-      Linear(2E, C) on the concatenated pooled image and text features.
-    - Tiny backbones: the prompt depth is clamped to the backbone's layers.
     - Validation once per epoch (the code: every 0.2 epoch; 0.11 for Hateful Memes); the best epoch is tested.
+      Mixed precision: bf16 autocast on CUDA (the code: fp16 AMP).
+    - Data (data.py, as for MAP, whose data code the official fork keeps): Food-101 validation = 10% of each class of
+      the train rows, seed 0 (code: datasets/Food101/split.json); missing tables from this repository's generator.
+    - CLIP (not in the paper; this repository's own adaptation): one memory per tower per layer, queried by the
+      max-pool over that tower's tokens (text: SOT..EOT, or all 77 with include); the per-layer shared prompt has the
+      image width and G_t maps it to the text width. Prompts are prepended in their own tower, so distributed and
+      pre-append coincide (--placement has no effect). Head: Linear(2E, C) on the concatenated image and text features.
+    - --prompt-depth 0 (or --gen-layers 0 --shared-layers 0): no prompts, the frozen ViLT baseline of Table 2.
+      Tiny backbones clamp the layer counts.
 
 Usage: python memprompt.py --dataset food101 --missing text --rate 0.7 --test-missing image   (Table 1, cross case)
        python memprompt.py --dataset toy --backbone tiny-vilt                                  (offline, CPU)
