@@ -56,7 +56,8 @@ def parser():
     p.add_argument("--cr-weight", type=float, default=0.05, help="alpha, weight of the consistency loss L_CR")
     p.add_argument("--gate-reduction", type=int, default=16, help="r, gate MLP bottleneck D/r (official code)")
     p.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the MCP bank is cached")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=128, epochs=20, schedule="cosine", clip_grad=5.0)
+    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=128, epochs=20, schedule="cosine", clip_grad=5.0,
+                   decay_exempt="none")
     return p
 
 

@@ -58,6 +58,7 @@ from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TEXT
 VILT_MAX_TEXT_LEN = {"food101": 512, "mmimdb": 1024, "hatememes": 128}
 TOY_MAX_TEXT_LEN = 40
 CLIP_DEFAULT, CLIP_PRETRAINED_DEFAULT, VILT_DEFAULT = "ViT-B-16", "openai", "dandelin/vilt-b32-mlm"
+VIT_LAYER_NORM_EPS = 1e-6
 
 
 class WeightsError(RuntimeError):
@@ -135,7 +136,7 @@ class FrozenViLT(nn.Module):
     """HF ViltModel, frozen, cut into embed / block / final_norm pieces over one joint sequence."""
     kind = "vilt"
 
-    def __init__(self, model, tokenizer, info):
+    def __init__(self, model, tokenizer, info, dropout=0.0):
         super().__init__()
         self.vilt = freeze(model)
         self.tokenizer, self.info = tokenizer, info
@@ -143,9 +144,33 @@ class FrozenViLT(nn.Module):
         self.num_layers, self.width = cfg.num_hidden_layers, cfg.hidden_size
         # ViLT's pixelbert resize (MAP): shorter side S, longer <= 1333/800 * S, multiples of the patch size.
         self.shorter, self.longer, self.patch = cfg.image_size, int(1333 / 800 * cfg.image_size), cfg.patch_size
+        # The original ViLT (whose weights these are) has eps 1e-6 in its ViT LayerNorms (MAP vision_transformer_prompts.py,
+        # norm_layer); HF's port uses its one layer_norm_eps 1e-12. The BERT text-embedding norm keeps 1e-12 (as in MAP).
+        for layer in model.encoder.layer:
+            layer.layernorm_before.eps = layer.layernorm_after.eps = VIT_LAYER_NORM_EPS
+        model.layernorm.eps = VIT_LAYER_NORM_EPS
+        self.set_dropout(dropout)
+
+    def set_dropout(self, p):
+        """--backbone-dropout: the drop_rate MAP and MemPrompt train the frozen ViLT with (timm ViT + BERT embeddings,
+        MAP vision_transformer_prompts.py): after the text embeddings and after the image position embedding (pos_drop),
+        after the attention projection (proj_drop), after the MLP activation and after the MLP output (Mlp.drop).
+        No attention-probability dropout (attn_drop_rate 0). Weights stay frozen."""
+        self.dropout = p
+        self.vilt.embeddings.dropout.p = self.vilt.embeddings.text_embeddings.dropout.p = p
+        self.train(False)
 
     def train(self, mode=True):
-        return super().train(False)
+        """The frozen modules always run in eval mode; the method's mode switches only the backbone dropout, so it is
+        on while the method trains and off whenever it evaluates."""
+        super().train(False)
+        self.dropout_active = bool(mode) and self.dropout > 0
+        self.vilt.embeddings.dropout.train(self.dropout_active)
+        self.vilt.embeddings.text_embeddings.dropout.train(self.dropout_active)
+        return self
+
+    def drop(self, x):
+        return F.dropout(x, self.dropout, training=True) if self.dropout_active else x
 
     def embed(self, batch):
         """-> x (B, L_t + L_v, D) with text first, and the key mask (B, L_t + L_v); L_t = input_ids.shape[1]."""
@@ -175,8 +200,9 @@ class FrozenViLT(nn.Module):
             k, v = torch.cat([K_p.to(k.dtype), k], 1), torch.cat([V_p.to(v.dtype), v], 1)
             bias = torch.cat([bias.new_zeros(*bias.shape[:-1], K_p.shape[1]), bias], -1)   # the prefix: always seen
         a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias.to(q.dtype))
-        x = x + layer.attention.output.dense(a.transpose(1, 2).reshape(B, L, D))
-        return x + layer.output.dense(layer.intermediate(layer.layernorm_after(x)))
+        x = x + self.drop(layer.attention.output.dense(a.transpose(1, 2).reshape(B, L, D)))
+        m = self.drop(layer.intermediate(layer.layernorm_after(x)))     # fc1 + GELU (then timm's Mlp dropout)
+        return x + self.drop(layer.output.dense(m))
 
     def final_norm(self, x):
         return self.vilt.layernorm(x)
@@ -276,13 +302,14 @@ def load_vilt(path=VILT_DEFAULT):
 
 
 def extend_text_positions(bb, max_len):
-    """ViLT's text position table stops at 40 (max_position_embeddings); extend it to max_len by linear
-    interpolation along the position axis, as MAP and AOEPT do. The backbone stays frozen."""
+    """ViLT's text position table stops at 40 (max_position_embeddings); stretch it to max_len as MAP, MemPrompt and
+    AOEPT do: bilinear interpolation of the (1, 1, 40, D) table to (max_len, D), align_corners=False (half-pixel
+    centres: position p reads row (p + 0.5) 40 / max_len - 0.5, clamped to the table). The backbone stays frozen."""
     emb = bb.vilt.embeddings.text_embeddings
     old = emb.position_embeddings.weight.data                       # (40, D)
     if max_len == old.shape[0]:
         return
-    new = F.interpolate(old.T[None], size=max_len, mode="linear", align_corners=True)[0].T.contiguous()
+    new = F.interpolate(old[None, None], size=(max_len, old.shape[1]), mode="bilinear", align_corners=False)[0, 0]
     emb.position_embeddings = freeze(nn.Embedding.from_pretrained(new, freeze=True))
     emb.position_ids = torch.arange(max_len, device=old.device)[None]
     emb.token_type_ids = torch.zeros(1, max_len, dtype=torch.long, device=old.device)
@@ -295,6 +322,7 @@ def load_backbone(args):
         pretrained = "" if args.backbone == "tiny-clip" else args.clip_pretrained
         return load_clip(name, pretrained, args.clip_quick_gelu)
     bb = load_vilt("tiny-vilt" if args.backbone == "tiny-vilt" else args.vilt_path)
+    bb.set_dropout(args.backbone_dropout)
     extend_text_positions(bb, args.max_text_len)
     return bb
 
@@ -544,10 +572,16 @@ def build_parser(method, doc, backbone):
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--weight-decay", type=float, default=2e-2)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    p.add_argument("--decay-exempt", default="bias-norm", choices=["bias-norm", "none"],
+                   help="parameters without weight decay: bias-norm = names containing bias / LayerNorm. / norm. / norm1. / "
+                        "norm2. (MAP, MemPrompt, DCP); none = every parameter decays (AOEPT)")
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="after a linear warm-up")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all optimiser steps")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off")
+    p.add_argument("--backbone-dropout", type=float, default=0.0,
+                   help="dropout inside the frozen ViLT while the method trains (MAP/MemPrompt: drop_rate 0.1); never at "
+                        "evaluation. CLIP has none (DCP's CLIP code), so it does not apply there")
     p.add_argument("--max-text-len", type=int, default=None,
                    help="ViLT text tokens (default: the papers' 512/1024/128 for Food-101/MM-IMDb/Hateful Memes)")
     p.add_argument("--seed", type=int, default=0)
@@ -702,6 +736,8 @@ def setup(args):
     run = Run(args)
     seed_everything(args.seed)
     run.bb = load_backbone(args).to(run.device)
+    if run.bb.kind == "clip" and args.backbone_dropout > 0:
+        run.log(f"--backbone-dropout {args.backbone_dropout}: CLIP has no dropout (DCP's CLIP code), not applied")
     run.train_set, run.val_set, run.test_set = (load_data(run, s) for s in ("train", "val", "test"))
     run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
     run.num_outputs = num_outputs(run.task, run.num_classes)
@@ -757,11 +793,27 @@ def autocast(run):
     return contextlib.nullcontext()
 
 
-def make_optimizer(params, args):
-    """AdamW with MAP's betas (0.9, 0.98), eps 1e-8; or Adam (PROMISE)."""
+# MAP / MemPrompt / DCP set_schedule (vilt/modules/vilt_utils.py): no weight decay for a parameter whose name contains
+# one of these. Matched on names, as there: the LayerNorm of an nn.Sequential head ("head.1.weight") is decayed.
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias", "norm1.weight",
+            "norm2.bias", "norm2.weight")
+
+
+def decay_groups(model, args):
+    """The trainable parameters in two groups: decayed, and exempt (--decay-exempt bias-norm: the NO_DECAY names;
+    none: no exemption, AOEPT's get_optimizer). The official heads' lr_mult is 1 for these tasks: one learning rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = {n for n, _ in named if args.decay_exempt == "bias-norm" and any(k in n for k in NO_DECAY)}
+    decayed, exempt = [p for n, p in named if n not in exempt], [p for n, p in named if n in exempt]
+    return [g for g in ({"params": decayed, "weight_decay": args.weight_decay}, {"params": exempt, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def make_optimizer(model, args):
+    """AdamW with MAP's betas (0.9, 0.98), eps 1e-8; or Adam (PROMISE). Weight decay by `decay_groups`."""
     if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay)
+        return torch.optim.Adam(decay_groups(model, args), lr=args.lr)
+    return torch.optim.AdamW(decay_groups(model, args), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 def make_schedule(optimizer, total_steps, args):
@@ -826,7 +878,7 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
     params = [p for p in model.parameters() if p.requires_grad]
     run.trainable_params = check_frozen(model)
     run.log(f"[{stage}] trainable parameters: {run.trainable_params:,} (backbone frozen)")
-    optimizer = make_optimizer(params, args)
+    optimizer = make_optimizer(model, args)
     steps = len(global_batches(len(run.train_set), args.batch_size, 0, 0))
     schedule = make_schedule(optimizer, epochs * steps, args)
     net = model

@@ -49,7 +49,8 @@ def parser():
     p.add_argument("--prompt-length", type=int, default=16, help="L_p, prompt tokens per layer (Sec. 4.1)")
     p.add_argument("--prompt-depth", type=int, default=6,
                    help="N, prompted layers from the first (Sec. 4.1); 0 = no prompts (the frozen backbone + head)")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1,
+                   backbone_dropout=0.1)
     return p
 
 

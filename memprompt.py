@@ -83,7 +83,8 @@ def parser():
                    help="distributed: before each modality (Eq. 2); pre-append: all at the start (Table 4)")
     p.add_argument("--softmax-over", default="selected", choices=["selected", "all"],
                    help="Eq. 5: softmax over the N selected cosines (official code) or over all K (paper text)")
-    p.set_defaults(lr=None, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(lr=None, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1,
+                   backbone_dropout=0.1)
     return p
 
 

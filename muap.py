@@ -63,7 +63,7 @@ def parser():
                         "default: --epochs split 1:1:2 (5 5 10 for 20); 0 skips a stage")
     p.add_argument("--lambda-t", type=float, default=1.0, help="lambda_t, weight of KL(y_t || y) (Sec. 3.6)")
     p.add_argument("--lambda-v", type=float, default=1.0, help="lambda_v, weight of KL(y_v || y) (Sec. 3.6)")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1, backbone_dropout=0.1)
     return p
 
 

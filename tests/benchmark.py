@@ -227,7 +227,7 @@ class Floor(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 def trainer(model, loss_fn, margs, batch, precision):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = common.make_optimizer(params, margs)
+    optimizer = common.make_optimizer(model, margs)
 
     def step():
         model.train()

@@ -88,6 +88,213 @@ def test_sdpa_block_kv_prefix_equals_brute_force(size):
     assert (ours - bb.block(0, x, bias)).abs().max() > 1e-3                      # the prefix changes the output
 
 
+
+def official_block(layer, x, bias, p=0.0):
+    """MAP's timm Block written out (vision_transformer_prompts.py Block / Attention / Mlp, drop=p, attn_drop=0):
+    x + proj_drop(proj(attn(norm1(x)))), then x + drop(fc2(drop(act(fc1(norm2(x)))))), LayerNorm eps 1e-6."""
+    attn, D = layer.attention.attention, x.shape[-1]
+    B, L, H, d = x.shape[0], x.shape[1], attn.num_attention_heads, attn.attention_head_size
+    norm1, norm2 = layer.layernorm_before, layer.layernorm_after
+    h = F.layer_norm(x, (D,), norm1.weight, norm1.bias, eps=1e-6)
+    q, k, v = (f(h).view(B, L, H, d).transpose(1, 2) for f in (attn.query, attn.key, attn.value))
+    o = ((q @ k.transpose(-2, -1)) * d ** -0.5 + bias).softmax(-1) @ v
+    x = x + F.dropout(layer.attention.output.dense(o.transpose(1, 2).reshape(B, L, D)), p)
+    h = F.layer_norm(x, (D,), norm2.weight, norm2.bias, eps=1e-6)
+    h = F.dropout(F.gelu(layer.intermediate.dense(h)), p)
+    return x + F.dropout(layer.output.dense(h), p)
+
+
+def near_constant_rows(B, L, D, seed=6):
+    """Rows of variance ~1e-8: MAP's constant-row prompt initialisation after one small update, where eps matters."""
+    return 0.5 + 1e-4 * torch.randn(B, L, D, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 1: LayerNorm eps 1e-6 in the ViT part, 1e-12 in the BERT text embeddings
+# ---------------------------------------------------------------------------------------------------------
+def test_vit_layer_norms_use_eps_1e6_text_embedding_norm_keeps_1e12():
+    bb = randomise_norms(load_vilt("tiny-vilt"))
+    B, L, D = 2, 9, bb.width
+    x, (_, bias) = near_constant_rows(B, L, D), random_bias(B, L)
+    with torch.no_grad():
+        for i in range(bb.num_layers):
+            assert (bb.block(i, x, bias) - official_block(bb.vilt.encoder.layer[i], x, bias)).abs().max() <= TOL
+        final = bb.vilt.layernorm
+        assert (bb.final_norm(x) - F.layer_norm(x, (D,), final.weight, final.bias, eps=1e-6)).abs().max() <= TOL
+        text_norm = bb.vilt.embeddings.text_embeddings.LayerNorm
+        ref = F.layer_norm(x, (D,), text_norm.weight, text_norm.bias, eps=1e-12)
+        assert (text_norm(x) - ref).abs().max() <= TOL
+    assert bb.vilt.embeddings.text_embeddings.LayerNorm.eps == 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 2: dropout inside the frozen ViLT while the method trains, where MAP's ViT and BERT embeddings have it
+# ---------------------------------------------------------------------------------------------------------
+class Method(torch.nn.Module):
+    """The smallest method: a trainable vector added to the pooled feature, around a frozen backbone."""
+
+    def __init__(self, bb):
+        super().__init__()
+        self.bb, self.w = bb, torch.nn.Parameter(torch.zeros(bb.width))
+
+    def forward(self, batch):
+        hidden, _ = self.bb.encode(batch)
+        return hidden[:, 0] + self.w
+
+
+def toy_vilt_batch(bb, n=6):
+    from common import Collate
+    from data import load_split
+    ds = load_split("toy", None, "train", missing_type="none", rate=0, seed=0)
+    return Collate(bb, 40)([ds[i] for i in range(n)])
+
+
+def test_backbone_dropout_blocks_match_the_official_block_with_the_same_masks():
+    bb = randomise_norms(load_vilt("tiny-vilt"))
+    bb.set_dropout(0.1)
+    method = Method(bb).train()
+    assert bb.dropout_active and not bb.training and not any(m.training for m in bb.vilt.encoder.modules())
+    B, L = 3, 21
+    x, (_, bias) = torch.randn(B, L, bb.width), random_bias(B, L)
+    with torch.no_grad():
+        for i in range(bb.num_layers):
+            torch.manual_seed(7)
+            ours = bb.block(i, x, bias)
+            torch.manual_seed(7)
+            assert (ours - official_block(bb.vilt.encoder.layer[i], x, bias, p=0.1)).abs().max() <= TOL
+    method.eval()
+    assert not bb.dropout_active
+    with torch.no_grad():
+        assert (bb.block(0, x, bias) - official_block(bb.vilt.encoder.layer[0], x, bias)).abs().max() <= TOL
+
+
+def test_backbone_dropout_after_both_embeddings_only_in_training():
+    """Text: BERT embedding dropout after its LayerNorm; image: pos_drop after the position embedding; both before the
+    modality-type embedding. So (embedding - type embedding) has a fraction p of exact zeros in each modality."""
+    bb = load_vilt("tiny-vilt")
+    bb.set_dropout(0.1)
+    method, batch = Method(bb), toy_vilt_batch(bb, 16)
+    types = bb.vilt.embeddings.token_type_embeddings.weight
+    L_t = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        method.train()
+        x, mask = bb.embed(batch)
+        method.eval()
+        y, _ = bb.embed(batch)
+    type_rows = torch.cat([types[0].expand(L_t, -1), types[1].expand(y.shape[1] - L_t, -1)])
+    real = mask[..., None].bool().expand_as(x)                      # HF draws the image padding anew each call
+    zeros = (x - type_rows) == 0
+    for part in (slice(0, L_t), slice(L_t + 1, None)):             # text; patches (the random-init image [CLS] is 0)
+        rate = zeros[:, part][real[:, part]].float().mean()
+        assert 0.07 < rate < 0.13, rate
+    kept = real[:, :L_t] & ~zeros[:, :L_t]                           # text survivors are scaled by 1 / (1 - p)
+    assert torch.allclose((x - type_rows)[:, :L_t][kept], (y - type_rows)[:, :L_t][kept] / 0.9, atol=1e-5)
+    with torch.no_grad():
+        torch.manual_seed(0)                                        # HF's patch selection draws from the global RNG
+        ref = bb.vilt(input_ids=batch["input_ids"], attention_mask=batch["text_mask"], pixel_values=batch["image"],
+                      pixel_mask=batch["pixel_mask"]).last_hidden_state
+        torch.manual_seed(0)
+        assert (bb.encode(batch)[0] - ref).abs().max() <= TOL                  # evaluation: no dropout at all
+
+
+def test_backbone_dropout_gets_no_gradient_into_the_frozen_weights():
+    bb = load_vilt("tiny-vilt")
+    bb.set_dropout(0.1)
+    method, batch = Method(bb).train(), toy_vilt_batch(bb, 4)
+    method(batch).pow(2).sum().backward()
+    assert method.w.grad is not None and method.w.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in bb.parameters())
+    torch.manual_seed(0)
+    a = method(batch)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, method(batch))                                # training: the masks differ per draw
+
+
+def test_backbone_dropout_flag_defaults():
+    import aoept, map, memprompt, muap, promise, syp
+    for module, p in ((map, 0.1), (memprompt, 0.1), (muap, 0.1), (syp, 0.0), (aoept, 0.0), (promise, 0.0)):
+        assert module.parser().parse_args([]).backbone_dropout == p, module.__name__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 3: the text position table stretched by the official formula
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_len", [77, 128, 512, 1024])
+def test_text_positions_follow_the_official_interpolation(max_len):
+    bb = load_vilt("tiny-vilt")
+    old = bb.vilt.embeddings.text_embeddings.position_embeddings.weight.detach().clone()       # (40, D)
+    D = old.shape[1]
+    common.extend_text_positions(bb, max_len)
+    new = bb.vilt.embeddings.text_embeddings.position_embeddings.weight
+    # MAP vilt_missing_aware_prompt_module.py (and MemPrompt, AOEPT): interpolate the (1, 1, 40, D) view, bilinear
+    official = F.interpolate(old.view(1, 1, 40, D), size=(max_len, D), mode="bilinear").squeeze()
+    assert new.shape == (max_len, D) and torch.equal(new, official) and not new.requires_grad
+    # the same by hand: half-pixel centres, linear between the two nearest rows, clamped at the ends
+    src = ((torch.arange(max_len, dtype=torch.float64) + 0.5) * 40 / max_len - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=39)
+    w = (src - lo)[:, None]
+    hand = old.double()[lo] * (1 - w) + old.double()[(lo + 1).clamp(max=39)] * w
+    assert (new.double() - hand).abs().max() <= 1e-6
+    assert bb.vilt.embeddings.text_embeddings.position_ids.shape == (1, max_len)
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 4: weight-decay groups as the official set_schedule
+# ---------------------------------------------------------------------------------------------------------
+class Named(torch.nn.Module):
+    """Parameter names of the kinds the methods have: a prompt, an nn.Sequential head with a LayerNorm inside, a LayerNorm
+    called `norm`, norm1/norm2 (nn.TransformerEncoderLayer), and a frozen backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.bb = torch.nn.Linear(3, 3).requires_grad_(False)
+        self.prompt = torch.nn.Parameter(torch.ones(2, 4))
+        self.head = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        self.norm = torch.nn.LayerNorm(4)
+        self.block = torch.nn.TransformerEncoderLayer(4, 1, 8, batch_first=True)
+
+
+def official_groups(model):
+    """vilt_utils.py set_schedule's rule, written out: decayed unless the name contains one of no_decay."""
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias", "norm1.weight",
+                "norm2.bias", "norm2.weight"]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = {n for n, p in named if any(nd in n for nd in no_decay)}
+    return {n for n, p in named} - exempt, exempt
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_weight_decay_groups_follow_the_official_no_decay_names(optimizer):
+    import argparse
+    model = Named()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    args = argparse.Namespace(optimizer=optimizer, lr=0.1, weight_decay=0.5, decay_exempt="bias-norm")
+    opt = common.make_optimizer(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = [({names[id(p)] for p in g["params"]}, g["weight_decay"]) for g in opt.param_groups]
+    decay, exempt = official_groups(model)
+    assert got == [(decay, 0.5), (exempt, 0.0)]
+    assert "head.1.weight" in decay and "norm.weight" in exempt and "block.norm1.weight" in exempt
+    assert not any(n.startswith("bb.") for group, _ in got for n in group)   # the frozen backbone is in neither
+    # one step with zero gradients: only the decay moves a parameter (AdamW: p <- p (1 - lr wd); Adam: the L2 term)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.all(p == 1)}
+    assert moved == decay
+    args.decay_exempt = "none"
+    assert [len(g["params"]) for g in common.make_optimizer(Named(), args).param_groups] == [len(decay) + len(exempt)]
+
+
+def test_decay_exempt_defaults():
+    import aoept, map, memprompt
+    assert map.parser().parse_args([]).decay_exempt == memprompt.parser().parse_args([]).decay_exempt == "bias-norm"
+    assert aoept.parser().parse_args([]).decay_exempt == "none"            # AOEPT's get_optimizer decays everything
+
+
 MUTATIONS = [
     {"file": "common.py", "old": "attn_mask=bias.to(q.dtype))", "new": "attn_mask=None)",
      "why": "SDPA block ignores the key mask"},
@@ -97,7 +304,29 @@ MUTATIONS = [
     {"file": "common.py", "old": "bias = torch.cat([bias.new_zeros(*bias.shape[:-1], K_p.shape[1]), bias], -1)",
      "new": "bias = torch.cat([bias, bias.new_zeros(*bias.shape[:-1], K_p.shape[1])], -1)",
      "why": "the prefix's zero bias is put after the tokens' keys (masks the wrong keys)"},
-    {"file": "common.py", "old": "return x + layer.output.dense(layer.intermediate(layer.layernorm_after(x)))",
-     "new": "return x + layer.output.dense(layer.intermediate(layer.layernorm_before(x)))",
+    {"file": "common.py", "old": "m = self.drop(layer.intermediate(layer.layernorm_after(x)))",
+     "new": "m = self.drop(layer.intermediate(layer.layernorm_before(x)))",
      "why": "MLP pre-norm uses the attention LayerNorm"},
+    {"file": "common.py", "old": "layer.layernorm_before.eps = layer.layernorm_after.eps = VIT_LAYER_NORM_EPS",
+     "new": "pass", "why": "encoder LayerNorms keep HF's eps 1e-12"},
+    {"file": "common.py", "old": "model.layernorm.eps = VIT_LAYER_NORM_EPS", "new": "pass",
+     "why": "the final LayerNorm keeps HF's eps 1e-12"},
+    {"file": "common.py", "old": "self.dropout_active = bool(mode) and self.dropout > 0",
+     "new": "self.dropout_active = False", "why": "no backbone dropout while the method trains (the old forced eval)"},
+    {"file": "common.py", "old": "self.dropout_active = bool(mode) and self.dropout > 0",
+     "new": "self.dropout_active = self.dropout > 0", "why": "backbone dropout also at evaluation"},
+    {"file": "common.py", "old": "m = self.drop(layer.intermediate(layer.layernorm_after(x)))",
+     "new": "m = layer.intermediate(layer.layernorm_after(x))", "why": "no dropout after the MLP activation (HF's ViltLayer)"},
+    {"file": "common.py", "old": "self.vilt.embeddings.dropout.p = self.vilt.embeddings.text_embeddings.dropout.p = p",
+     "new": "self.vilt.embeddings.dropout.p = p", "why": "no text-embedding dropout"},
+    {"file": "common.py", "old": "self.vilt.embeddings.dropout.train(self.dropout_active)", "new": "pass",
+     "why": "no image-embedding (pos_drop) dropout"},
+    {"file": "common.py", "old": 'mode="bilinear", align_corners=False)[0, 0]', "new": 'mode="bilinear", align_corners=True)[0, 0]',
+     "why": "text positions stretched with align_corners=True (the previous formula)"},
+    {"file": "common.py", "old": 'args.decay_exempt == "bias-norm" and any(k in n for k in NO_DECAY)',
+     "new": 'args.decay_exempt == "bias-norm" and any(k in n for k in NO_DECAY[1:])', "why": "biases decayed"},
+    {"file": "common.py", "old": '"norm2.bias", "norm2.weight")', "new": '"norm2.bias", "norm2.weight", ".1.weight")',
+     "why": "the LayerNorm inside an nn.Sequential head exempt (official decays it)"},
+    {"file": "common.py", "old": '{"params": exempt, "weight_decay": 0.0}', "new": '{"params": exempt, "weight_decay": args.weight_decay}',
+     "why": "the exempt group decays anyway (the previous single group)"},
 ]
