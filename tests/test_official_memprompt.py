@@ -24,10 +24,7 @@ import torch.nn.functional as F
 import memprompt as M
 from common import Collate, load_vilt, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
-from tests.test_official_map import official_block, layer_norm
-
-TOL = 1e-5
-
+from tests.test_official_map import TOL, close, layer_norm, official_block
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -143,16 +140,16 @@ def build(bb, gen, shared, query_pad="include", placement="distributed", seed=0)
 
 
 def compare(model, ours, theirs, labels):
-    assert (ours - theirs).abs().max() <= TOL
+    assert close(ours, theirs)
     params = [p for p in model.parameters() if p.requires_grad]
     l1, l2 = task_loss(ours, labels, "multiclass"), task_loss(theirs, labels, "multiclass")
-    assert abs(float((l1 - l2).detach())) <= TOL
+    assert close(l1.detach(), l2.detach())
     g1 = torch.autograd.grad(l1, params, allow_unused=True)
     g2 = torch.autograd.grad(l2, params, allow_unused=True)
     for a, b in zip(g1, g2):
         assert (a is None) == (b is None)
         if a is not None:
-            assert (a - b).abs().max() <= TOL
+            assert close(a, b)
 
 
 @pytest.mark.parametrize("gen,shared", [(4, 4), (2, 2), (0, 3), (3, 0), (1, 3), (3, 1)])
@@ -227,3 +224,16 @@ def test_defaults_are_the_official_config():
         prompts = (args.prompt_length, args.memory_size, args.top_n, args.gen_layers, args.shared_layers)
         assert prompts == (L, 16, 5, 6, 6) and args.max_text_len == text_len
         assert (args.softmax_over, args.placement, args.query_pad) == ("selected", "distributed", "exclude")
+        assert (args.backbone_dropout, args.decay_exempt) == (0.1, "bias-norm")
+
+
+def test_optimiser_groups_are_official(tiny):
+    """set_schedule's name rule: only the biases are exempt from weight decay (no MemPrompt name holds "norm")."""
+    from common import finalize_args, make_optimizer
+    args = M.resolve_defaults(finalize_args(M.parser().parse_args([])))
+    model = build(tiny[0], 2, 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in make_optimizer(model, args).param_groups}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert groups[0.0] == {n for n in trainable if n.endswith(".bias")} and "head.1.weight" in groups[2e-2]
+    assert groups[2e-2] | groups[0.0] == trainable
