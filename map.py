@@ -15,6 +15,9 @@ Deviations and assumptions:
     - Validation once per epoch (official: every 0.2 epoch, 0.11 for Hateful Memes); the best validation state is
       tested (official run.py: trainer.test(model) after fit, i.e. the final weights under PyTorch Lightning 1.1).
     - Mixed precision: bf16 autocast on CUDA (official: fp16 AMP, precision=16); --precision fp32 turns it off.
+    - Recipe as the official config (common.py): frozen ViLT with LayerNorm eps 1e-6 and drop_rate 0.1 while training
+      (--backbone-dropout), set_schedule's weight-decay names, bilinear text positions. Warm-up: lr (s + 1) / W at
+      step s (official HF polynomial schedule: s / W, so its first step has lr 0).
     - Attention-level: the official reshape hard-codes 12 heads (ViLT-B); here the layer's own head count (the same
       on ViLT-B/32). An odd --prompt-length is an error (the official code fails on the value reshape).
     - Initialisation as the official code: zeros with row 0 = 1 (complete), row 1 (image missing), row 2 (text

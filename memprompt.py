@@ -38,7 +38,9 @@ Deviations and assumptions:
       (the code's gen_prompt_length / shared_prompt_length, both 16).
     - ViLT head: a trainable copy of ViLT's pooler on the text [CLS], then MAP's MLP head (as the code).
     - Validation once per epoch (the code: every 0.2 epoch; 0.11 for Hateful Memes); the best epoch is tested.
-      Mixed precision: bf16 autocast on CUDA (the code: fp16 AMP).
+      Mixed precision: bf16 autocast on CUDA (the code: fp16 AMP). Recipe as the code (common.py): LayerNorm eps 1e-6,
+      drop_rate 0.1 in the frozen ViLT while training, set_schedule's weight-decay names; warm-up lr (s + 1) / W at
+      step s (the code: s / W).
     - Data (data.py, as for MAP, whose data code the official fork keeps): Food-101 validation = 10% of each class of
       the train rows, seed 0 (code: datasets/Food101/split.json); missing tables from this repository's generator.
     - CLIP (not in the paper; this repository's own adaptation): one memory per tower per layer, queried by the
