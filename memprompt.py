@@ -20,9 +20,10 @@ Deviations and assumptions:
       The cosines are computed in fp32 with autocast off (official: under fp16 AMP).
     - Query f_m (Eq. 4, the code's max-pool over the modality's slice of the layer input). Default --query-pad
       exclude: real tokens only (text PAD and padded patches masked). The code (--query-pad include) pools PAD too,
-      over text padded to the fixed --max-text-len and over the batch's padded image patches: a sample's image query
-      then depends on the other images of its batch, and every layer runs the full 512/1024/128 text tokens. The
-      paper's f_m is the modality's features, so PAD is left out; include reproduces the code exactly.
+      over text padded to the fixed --max-text-len and over the batch's padded image patches (which ViLT fills with
+      randomly drawn padding patches): a sample's prediction then depends on the other images of its micro-batch
+      (so on --micro-batch and the GPU count), and every layer runs the full 512/1024/128 text tokens. The paper's
+      f_m is the modality's features, so PAD is left out; include reproduces the code exactly.
     - Shared prompts are chosen by the missing case, as the official code does (the paper writes a single p_s):
       complete -> p_t + p_v, text missing -> p_t, image missing -> p_v, then G_t / G_v.
     - --gen-layers / --shared-layers count layers from the first (the code's gen_prompt_layers /
@@ -37,7 +38,8 @@ Deviations and assumptions:
     - Prompt length 4 on Hateful Memes (Sec. 4.2; the code's config keeps 16), one --prompt-length for both kinds
       (the code's gen_prompt_length / shared_prompt_length, both 16).
     - ViLT head: a trainable copy of ViLT's pooler on the text [CLS], then MAP's MLP head (as the code).
-    - Validation once per epoch (the code: every 0.2 epoch; 0.11 for Hateful Memes); the best epoch is tested.
+    - Validation once per epoch (the code: every 0.2 epoch; 0.11 for Hateful Memes); the best epoch is tested (the
+      code's run.py: trainer.test(model) after fit, the final weights under PyTorch Lightning 1.1).
       Mixed precision: bf16 autocast on CUDA (the code: fp16 AMP). Recipe as the code (common.py): LayerNorm eps 1e-6,
       drop_rate 0.1 in the frozen ViLT while training, set_schedule's weight-decay names; warm-up lr (s + 1) / W at
       step s (the code: s / W).
