@@ -26,6 +26,7 @@ Deviations and assumptions (one line each):
 - ASSUMPTION: mlp = token-wise MLP D -> D/r -> D on the prototypes, pooled K -> M; init = pooled prototypes.
 - ASSUMPTION: NM2I's ground truth is the prompt-free input of layer l (the bank's); L_CR's z is the prompted output.
 - Heads use PyTorch's default initialisation (official: N(0, 0.02)).
+- Recipe (README): ViLT LN eps 1e-6 (official: HF's 1e-12); as official: all params decayed, 1 plot/movie, no dropout.
 
 Usage: python aoept.py --dataset food101 --missing text --rate 0.7 [--backbone vilt] [--mcp mlp] [--nm2i]
 """
@@ -57,7 +58,7 @@ def parser():
     p.add_argument("--gate-reduction", type=int, default=16, help="r, gate MLP bottleneck D/r (official code)")
     p.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the MCP bank is cached")
     p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=128, epochs=20, schedule="cosine", clip_grad=5.0,
-                   decay_exempt="none")
+                   decay_exempt="none", mmimdb_plots="first")   # the official get_optimizer, one plot per movie
     return p
 
 

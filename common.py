@@ -25,6 +25,9 @@ number of prompt tokens in front of it:
 With no prompts these reproduce open_clip's encode_image / encode_text and HF ViltModel's pooler_output
 (tests/test_backbones.py).
 
+Precision: the backbones and method modules run under the run's autocast (bf16 on CUDA); every similarity or
+contrastive logit is computed in fp32 with autocast off, through `fp32_logits`.
+
 Dummy inputs for a missing modality (one place, `Collate`): text -> "" (tokenises to start/end tokens and
 padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for ViLT, DCP
 for CLIP). Methods whose paper says so (SyP, DCP) also zero the missing feature themselves.
@@ -566,7 +569,12 @@ def build_parser(method, doc, backbone):
     p.add_argument("--test-missing", default=None, choices=["none", "text", "image", "both"], help="default: --missing")
     p.add_argument("--test-rate", type=float, default=None, help="default: --rate")
     p.add_argument("--hm-test", default="seen", choices=["seen", "unseen"], help="Hateful Memes dev/test split")
+    p.add_argument("--mmimdb-plots", default="all", choices=["all", "first"],
+                   help="MM-IMDb: one sample per (movie, plot) as MAP's make_arrow, or per movie with its first plot")
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--val-interval", type=float, default=1.0,
+                   help="validate every this fraction of an epoch and at its end (MAP, MemPrompt, MuAP: the official "
+                        "0.2, Hateful Memes 0.11; 1 on the toy sets)")
     p.add_argument("--batch-size", type=int, default=256, help="effective (global) batch per optimiser step")
     p.add_argument("--micro-batch", type=int, default=32, help="per-process forward batch; accumulation fills the rest")
     p.add_argument("--lr", type=float, default=1e-2)
@@ -622,6 +630,10 @@ def finalize_args(args):
     args.test_rate = args.rate if args.test_rate is None else args.test_rate
     if args.max_text_len is None:
         args.max_text_len = 77 if "clip" in args.backbone else VILT_MAX_TEXT_LEN.get(args.dataset, TOY_MAX_TEXT_LEN)
+    if isinstance(args.val_interval, dict):                         # a method's official value per dataset, else 1
+        args.val_interval = args.val_interval.get(args.dataset, 1.0)
+    if not 0 < args.val_interval <= 1:
+        raise DataError(f"--val-interval {args.val_interval}: give a fraction of an epoch in (0, 1] (1 = once per epoch)")
     if args.num_workers is None:
         args.num_workers = 4 if str(args.device).startswith("cuda") else 0
     if args.out is None:
@@ -725,7 +737,7 @@ def load_data(run, split, missing_type=None, rate=None):
     else:
         missing_type, rate = args.missing, args.rate
     ds = load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
-                    hm_test=args.hm_test)
+                    hm_test=args.hm_test, mmimdb_plots=args.mmimdb_plots)
     if args.cache_images:
         ds = CachedImages(ds, run.bb, args.image_cache_dir, args.num_workers)
     return ds
@@ -736,8 +748,6 @@ def setup(args):
     run = Run(args)
     seed_everything(args.seed)
     run.bb = load_backbone(args).to(run.device)
-    if run.bb.kind == "clip" and args.backbone_dropout > 0:
-        run.log(f"--backbone-dropout {args.backbone_dropout}: CLIP has no dropout (DCP's CLIP code), not applied")
     run.train_set, run.val_set, run.test_set = (load_data(run, s) for s in ("train", "val", "test"))
     run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
     run.num_outputs = num_outputs(run.task, run.num_classes)
@@ -756,8 +766,9 @@ def count_trainable(model):
 
 
 def check_frozen(model):
-    """Only the method's own modules train; the backbone is frozen (asserted) and the count is printed."""
-    assert not any(p.requires_grad for p in model.bb.parameters()), "backbone parameters must be frozen"
+    """Only the method's own modules train; the backbone is frozen and gets no gradient (asserted before and after
+    every epoch, also with --backbone-dropout). Returns the trainable count."""
+    assert not any(p.requires_grad or p.grad is not None for p in model.bb.parameters()), "the backbone must be frozen"
     return count_trainable(model)
 
 
@@ -782,15 +793,27 @@ def rank_micro_batches(batch, rank, world, micro):
 
 
 def make_loader(run, dataset, batches):
+    """Batches given as index lists. Its own generator: opening a loader draws no number from the global RNG, so a run
+    resumed mid-epoch (a new loader) continues the same random stream (dropout) as the uninterrupted one."""
     workers = run.args.num_workers
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=run.collate, num_workers=workers,
-                                       pin_memory=run.device.type == "cuda", persistent_workers=False)
+                                       pin_memory=run.device.type == "cuda", persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(run.args.seed))
 
 
 def autocast(run):
     if run.device.type == "cuda" and run.args.precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def fp32_logits(*tensors):
+    """Every similarity / contrastive logit (cosine top-k, InfoNCE, prototype scores) is computed in fp32 with autocast
+    off: under bf16 autocast a matmul runs in bf16 even on .float() inputs. Yields the tensors cast to fp32 (gradients
+    flow through the casts):  with fp32_logits(u, z) as (u, z): logits = u @ z.T"""
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        yield tuple(t.float() for t in tensors)
 
 
 # MAP / MemPrompt / DCP set_schedule (vilt/modules/vilt_utils.py): no weight decay for a parameter whose name contains
@@ -833,18 +856,28 @@ def make_schedule(optimizer, total_steps, args):
 # ---------------------------------------------------------------------------------------------------------
 # Training loop. A method supplies `model(batch) -> dict(logits=(B, C), ...)` and `loss_fn(out, batch)`.
 # ---------------------------------------------------------------------------------------------------------
+def check_steps(steps, interval):
+    """The optimiser steps (1..steps) of an epoch after which fit validates: every max(1, int(interval * steps)) steps
+    (Lightning's val_check_interval, as MAP, MemPrompt and DCP run it) and at the epoch's end."""
+    every = max(1, int(interval * steps))
+    return sorted(set(range(every, steps + 1, every)) | {steps})
+
+
 def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
     """One epoch of optimiser steps over global batches, each accumulated from micro-batches; the loss of a
-    micro-batch is weighted by its share of the global batch, so the step equals one big-batch step."""
+    micro-batch is weighted by its share of the global batch, so the step equals one big-batch step.
+    A generator: at each validation check it yields (step, mean loss, seconds, samples) since the previous check.
+    It starts where the schedule stands (the schedule counts the steps taken: a run resumed at a mid-epoch check)."""
     args = run.args
-    net.train()
     batches = global_batches(len(run.train_set), args.batch_size, args.seed, epoch)
-    micro = [rank_micro_batches(b, run.rank, run.world, args.micro_batch) for b in batches]
+    checks, done = check_steps(len(batches), args.val_interval), schedule.last_epoch - epoch * len(batches)
+    micro = [rank_micro_batches(b, run.rank, run.world, args.micro_batch) for b in batches[done:]]
     loader = iter(make_loader(run, run.train_set, [m for ms in micro for m in ms]))
-    total = torch.zeros((), device=run.device)
-    bar = tqdm(total=sum(len(b) for b in batches), desc=f"epoch {epoch}", leave=False,
-               disable=not run.main or not sys.stderr.isatty())
-    for batch_ids, micro_ids in zip(batches, micro):
+    net.train()
+    total, samples, t0 = torch.zeros((), device=run.device), 0, time.time()
+    bar = tqdm(total=sum(len(b) for b in batches), initial=sum(len(b) for b in batches[:done]), desc=f"epoch {epoch}",
+               leave=False, disable=not run.main or not sys.stderr.isatty())
+    for step, (batch_ids, micro_ids) in enumerate(zip(batches[done:], micro), done + 1):
         for k, ids in enumerate(micro_ids):
             batch = to_device(next(loader), run.device)
             last = k == len(micro_ids) - 1
@@ -860,15 +893,33 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        samples += len(batch_ids)
+        if step in checks:
+            if run.world > 1:
+                dist.all_reduce(total)
+            yield step, float(total) / samples, time.time() - t0, samples
+            if step < len(batches):                                 # validation left the model in eval mode
+                net.train()
+            total, samples, t0 = torch.zeros((), device=run.device), 0, time.time()
     bar.close()
-    if run.world > 1:
-        dist.all_reduce(total)
-    return float(total) / sum(len(b) for b in batches)
+
+
+def record_check(run, stage, epoch, step, loss, seconds, samples, val):
+    """run.history holds one entry per epoch (mean loss so far, the latest check's val) with every check inside."""
+    h = run.history[-1] if run.history else {}
+    if (h.get("stage"), h.get("epoch")) != (stage, epoch):
+        h = {"stage": stage, "epoch": epoch, "train_loss": 0.0, "seconds": 0.0, "samples": 0, "checks": []}
+        run.history.append(h)
+    h["train_loss"] = (h["train_loss"] * h["samples"] + loss * samples) / (h["samples"] + samples)
+    h["seconds"], h["samples"] = h["seconds"] + seconds, h["samples"] + samples
+    h["samples_per_s"], h["val"] = h["samples"] / h["seconds"], val
+    h["checks"].append({"step": step, "train_loss": loss, "val": val})
 
 
 def fit(run, model, loss_fn, epochs=None, stage="train"):
-    """Train the trainable (requires_grad) parameters, validate each epoch with the training missing setting,
-    keep the best state on the validation metric (MAP, AOEPT), write OUT/last.safetensors for --resume.
+    """Train the trainable (requires_grad) parameters; validate with the training missing setting every --val-interval
+    of an epoch and at each epoch's end, keep the best check's state on the validation metric (MAP, AOEPT), and write
+    OUT/last.safetensors at every check for --resume (which continues from that check).
     Called once per stage (MuAP calls it three times); each call restarts the optimiser and schedule."""
     args = run.args
     run.stage_index += 1
@@ -884,31 +935,30 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
     net = model
     if run.world > 1:
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    best = {"metric": -math.inf, "epoch": -1, "state": method_state(model)}
+    best = {"metric": -math.inf, "epoch": -1, "step": 0, "state": method_state(model)}
     start = resume(run, model, optimizer, schedule, best) if args.resume else 0
     if start >= epochs:                                    # resumed past this stage: keep the restored state
         return
     for epoch in range(start, epochs):
-        t0 = time.time()
-        train_loss = train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch)
-        seconds = time.time() - t0
-        val = evaluate(run, model, run.val_set)
-        score = val[run.metric] if not math.isnan(val[run.metric]) else -math.inf
-        if score > best["metric"] or best["epoch"] < 0:
-            best.update(metric=score, epoch=epoch, state=method_state(model))
-        run.history.append({"stage": stage, "epoch": epoch, "train_loss": train_loss, "seconds": seconds,
-                            "samples_per_s": len(run.train_set) / seconds, "val": val})
-        run.log(f"[{stage}] epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {run.metric} "
-                f"{val[run.metric]:.4f}  best {best['metric']:.4f} (epoch {best['epoch'] + 1})  {seconds:.1f}s")
-        save_last(run, model, optimizer, schedule, best, epoch)
+        for step, train_loss, seconds, samples in train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
+            val = evaluate(run, model, run.val_set)
+            score = val[run.metric] if not math.isnan(val[run.metric]) else -math.inf
+            if score > best["metric"] or best["epoch"] < 0:
+                best.update(metric=score, epoch=epoch, step=step, state=method_state(model))
+            record_check(run, stage, epoch, step, train_loss, seconds, samples, val)
+            run.log(f"[{stage}] epoch {epoch + 1}/{epochs} step {step}/{steps}  loss {train_loss:.4f}  val {run.metric} "
+                    f"{val[run.metric]:.4f}  best {best['metric']:.4f} (epoch {best['epoch'] + 1} step {best['step']})  "
+                    f"{seconds:.1f}s")
+            save_last(run, model, optimizer, schedule, best, epoch, step == steps)
+        check_frozen(model)
     model.load_state_dict(best["state"], strict=False)
-    run.best_val = {"epoch": best["epoch"], run.metric: best["metric"]}
+    run.best_val = {"epoch": best["epoch"], "step": best["step"], run.metric: best["metric"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Resume: OUT/last.safetensors holds the method state, the best state, optimiser/schedule state, RNG states
 # ---------------------------------------------------------------------------------------------------------
-def save_last(run, model, optimizer, schedule, best, epoch):
+def save_last(run, model, optimizer, schedule, best, epoch, epoch_end=True):
     if not run.main:
         return
     tensors = {f"model.{k}": v for k, v in method_state(model).items()}
@@ -924,14 +974,16 @@ def save_last(run, model, optimizer, schedule, best, epoch):
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"config": config_of(run.args), "stage_index": run.stage_index, "epoch": epoch,
-            "best": {"metric": best["metric"], "epoch": best["epoch"]}, "param_groups": opt["param_groups"],
+    meta = {"config": config_of(run.args), "stage_index": run.stage_index, "epoch": epoch, "epoch_end": epoch_end,
+            "best": {"metric": best["metric"], "epoch": best["epoch"], "step": best["step"]},
+            "param_groups": opt["param_groups"],
             "optim_scalars": scalars, "schedule": schedule.state_dict(), "history": run.history}
     save_tensors(os.path.join(run.args.out, "last.safetensors"), tensors, meta)
 
 
 def resume(run, model, optimizer, schedule, best):
-    """Restore from OUT/last.safetensors; returns the epoch to start at. A different config is refused."""
+    """Restore from OUT/last.safetensors (written at a validation check); returns the epoch to start at, the same
+    epoch after a mid-epoch check (train_one_epoch continues after it). A different config is refused."""
     path = os.path.join(run.args.out, "last.safetensors")
     if not os.path.isfile(path):
         raise DataError(f"--resume: {path} does not exist; run without --resume first (same --out)")
@@ -956,14 +1008,14 @@ def resume(run, model, optimizer, schedule, best):
         state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     schedule.load_state_dict(meta["schedule"])
-    best.update(metric=meta["best"]["metric"], epoch=meta["best"]["epoch"],
+    best.update(metric=meta["best"]["metric"], epoch=meta["best"]["epoch"], step=meta["best"]["step"],
                 state={k[5:]: v.to(run.device) for k, v in tensors.items() if k.startswith("best.")})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     run.history = meta["history"]
-    run.log(f"resumed from {path} after epoch {meta['epoch'] + 1}")
-    return meta["epoch"] + 1
+    run.log(f"resumed from {path} after epoch {meta['epoch'] + 1}, step {schedule.last_epoch} of this stage")
+    return meta["epoch"] + (1 if meta["epoch_end"] else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ Decisions (one line each):
 - Food-101: rows with an empty title are dropped (MAP skips text-less samples too); one line is printed.
 - Food-101 val: carved from the official train rows with a fixed seed 0 (not the run seed), stratified:
   floor(n_c / 10) rows of each class c go to val, so |val| = sum_c floor(n_c / 10); train is the rest.
-- MM-IMDb: one text per movie, plot[0], falling back to "plot outline" (movie-level metrics, as AOEPT).
+- MM-IMDb, mmimdb_plots="all" (default, MAP's make_arrow single_plot=False): one sample per (movie, plot), id
+  "<movie>#<k>", so the metrics count plots; the missing table is drawn over the movies and each plot takes its movie's
+  code (MAP indexes its table by movie). "first": one sample per movie, plot[0] (movie-level metrics, as AOEPT).
+  A movie without a plot list uses its "plot outline" as its one text; empty plots are skipped.
 - MM-IMDb: files are looked for in ROOT/dataset/ first (the archive's folder), then in ROOT.
 - Hateful Memes: val = dev_seen.jsonl, test = test_seen.jsonl (hm_test="unseen": the *_unseen files).
 - Toy data depend only on (dataset, split), never on the run seed.
@@ -124,14 +127,17 @@ class MMDataset(torch.utils.data.Dataset):
     `images[i]` is a file path (loaded lazily) or a uint8 (H, W, 3) array (toy data).
     """
 
-    def __init__(self, name, split, class_names, ids, images, texts, labels, *, missing_type, rate, seed):
+    def __init__(self, name, split, class_names, ids, images, texts, labels, *, missing_type, rate, seed, groups=None):
         self.name, self.split = name, split
         self.task = TASK[name]
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.ids, self.images, self.texts, self._labels = list(ids), images, list(texts), labels
         self.missing_type, self.rate = missing_type, rate
-        self.missing = missing_table(len(self.ids), missing_type, rate, dataset=name, split=split, seed=seed)
+        # groups[i]: the row of the table sample i takes (MM-IMDb: its movie); default one row per sample.
+        groups = np.arange(len(self.ids)) if groups is None else np.asarray(groups, dtype=np.int64)
+        n_rows = int(groups.max()) + 1 if len(groups) else 0
+        self.missing = missing_table(n_rows, missing_type, rate, dataset=name, split=split, seed=seed)[groups]
         self.table_hash = table_hash(self.missing)
 
     def __len__(self):
@@ -160,22 +166,24 @@ class MMDataset(torch.utils.data.Dataset):
         return np.asarray(self._labels, dtype=np.int64)
 
 
-def load_split(dataset, root, split, *, missing_type, rate, seed, hm_test="seen"):
+def load_split(dataset, root, split, *, missing_type, rate, seed, hm_test="seen", mmimdb_plots="all"):
     """Read one split ("train", "val" or "test") and attach its missing table."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; use one of {DATASETS}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
+    groups = None                                                   # each sample's table row (MM-IMDb: its movie)
     if dataset.startswith("toy"):
         class_names, ids, images, texts, labels = make_toy(dataset, split)
     else:
         if root is None or not os.path.isdir(root):
             raise DataError(f"data root not found: {root}\nexpected layout:\n{dataset_layout(dataset)}")
         reader = {"food101": read_food101, "mmimdb": read_mmimdb, "hatememes": read_hatememes}[dataset]
-        extra = {"hm_test": hm_test} if dataset == "hatememes" else {}
-        class_names, ids, images, texts, labels = reader(root, split, **extra)
+        extra = {"hatememes": {"hm_test": hm_test}, "mmimdb": {"plots": mmimdb_plots}}.get(dataset, {})
+        class_names, ids, images, texts, labels, *rows = reader(root, split, **extra)
+        groups = rows[0] if rows else None
     return MMDataset(dataset, split, class_names, ids, images, texts, labels,
-                     missing_type=missing_type, rate=rate, seed=seed)
+                     missing_type=missing_type, rate=rate, seed=seed, groups=groups)
 
 
 def _require_file(path, dataset):
@@ -250,26 +258,30 @@ def read_food101(root, split):
 # MM-IMDb
 # ----------------------------------------------------------------------------------------------------
 
-def _mmimdb_text(meta, json_path):
-    plots = meta.get("plot")
-    if isinstance(plots, list) and plots and plots[0].strip():
-        return plots[0]
+def _mmimdb_texts(meta, json_path, plots):
+    """The movie's texts: every non-empty plot ("all") or the first ("first"); else its "plot outline"."""
+    found = [p for p in meta.get("plot") or [] if isinstance(p, str) and p.strip()]
+    if found:
+        return found if plots == "all" else found[:1]
     outline = meta.get("plot outline")
     if isinstance(outline, str) and outline.strip():
-        return outline
+        return [outline]
     raise DataError(f"{json_path}: no 'plot' or 'plot outline' field; this movie has no text to read")
 
 
-def read_mmimdb(root, split):
-    """MM-IMDb: ids from split.json (val = "dev"); 23 genres in MAP's order; text = plot[0]."""
+def read_mmimdb(root, split, plots="all"):
+    """MM-IMDb: movies from split.json (val = "dev"); 23 genres in MAP's order; one sample per (movie, plot) or per
+    movie (plots="first"). Returns also each sample's movie row, which its missing code follows."""
+    if plots not in ("all", "first"):
+        raise DataError(f"unknown --mmimdb-plots {plots!r}; use 'all' (one sample per plot) or 'first'")
     split_path = os.path.join(root, "split.json")
     _require_file(split_path, "mmimdb")
     with open(split_path) as f:
-        ids = [str(i) for i in json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]]]
+        movies = [str(i) for i in json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]]]
     folder = os.path.join(root, "dataset") if os.path.isdir(os.path.join(root, "dataset")) else root
     genre_index = {g: k for k, g in enumerate(MMIMDB_GENRES)}
-    images, texts, labels = [], [], np.zeros((len(ids), len(MMIMDB_GENRES)), dtype=np.float32)
-    for row, movie in enumerate(ids):
+    ids, images, texts, labels, rows = [], [], [], [], []
+    for row, movie in enumerate(movies):
         json_path, image = os.path.join(folder, f"{movie}.json"), os.path.join(folder, f"{movie}.jpeg")
         _require_file(json_path, "mmimdb")
         _require_file(image, "mmimdb")
@@ -277,12 +289,18 @@ def read_mmimdb(root, split):
             meta = json.load(f)
         if "genres" not in meta:
             raise DataError(f"{json_path}: no 'genres' field; MM-IMDb labels come from it")
+        label = np.zeros(len(MMIMDB_GENRES), dtype=np.float32)
         for genre in meta["genres"]:
             if genre in genre_index:
-                labels[row, genre_index[genre]] = 1.0
-        images.append(image)
-        texts.append(_mmimdb_text(meta, json_path))
-    return MMIMDB_GENRES, ids, images, texts, labels
+                label[genre_index[genre]] = 1.0
+        for k, text in enumerate(_mmimdb_texts(meta, json_path, plots)):
+            ids.append(f"{movie}#{k}" if plots == "all" else movie)
+            images.append(image)
+            texts.append(text)
+            labels.append(label)
+            rows.append(row)
+    labels = np.stack(labels) if labels else np.zeros((0, len(MMIMDB_GENRES)), dtype=np.float32)
+    return MMIMDB_GENRES, ids, images, texts, labels, rows
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,19 +12,18 @@ Map from the paper to this file:
     task loss only (CE; BCE for MM-IMDb)                                    -> `loss_fn`
 
 Deviations and assumptions:
-    - Validation once per epoch (official: every 0.2 epoch, 0.11 for Hateful Memes); the best validation state is
-      tested (official run.py: trainer.test(model) after fit, i.e. the final weights under PyTorch Lightning 1.1).
+    - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends;
+      set_schedule's weight-decay names. Warm-up: lr (s + 1) / W at step s (official HF polynomial schedule: s / W).
+    - The best validation check's state is tested (official run.py: trainer.test(model) after fit, i.e. the final
+      weights under PyTorch Lightning 1.1).
     - Mixed precision: bf16 autocast on CUDA (official: fp16 AMP, precision=16); --precision fp32 turns it off.
-    - Recipe as the official config (common.py): frozen ViLT with LayerNorm eps 1e-6 and drop_rate 0.1 while training
-      (--backbone-dropout), set_schedule's weight-decay names, bilinear text positions. Warm-up: lr (s + 1) / W at
-      step s (official HF polynomial schedule: s / W, so its first step has lr 0).
     - Attention-level: the official reshape hard-codes 12 heads (ViLT-B); here the layer's own head count (the same
       on ViLT-B/32). An odd --prompt-length is an error (the official code fails on the value reshape).
     - Initialisation as the official code: zeros with row 0 = 1 (complete), row 1 (image missing), row 2 (text
       missing); attention-level also row P/2 + the same. A row past P is skipped, as the official slice assignment.
     - Data (data.py): Food-101 validation = 10% of each class of the train rows, seed 0 (official: the val list of
       datasets/Food101/split.json); missing tables from this repository's generator (official: random.sample tables
-      saved under datasets/missing_tables/); MM-IMDb one plot per movie (official: one sample per plot).
+      saved under datasets/missing_tables/).
     - CLIP (not in the paper; this repository's own adaptation): one prompt set per tower per case. Input-level:
       prepended in each tower (text prompts before SOT, seen by every text token under the causal mask); attention-
       level: raw keys/values in each tower's blocks (`clip_block_with_prefix`). The pooled image and text features
@@ -52,8 +51,8 @@ def parser():
     p.add_argument("--prompt-length", type=int, default=16, help="L_p, prompt tokens per layer (Sec. 4.1)")
     p.add_argument("--prompt-depth", type=int, default=6,
                    help="N, prompted layers from the first (Sec. 4.1); 0 = no prompts (the frozen backbone + head)")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1,
-                   backbone_dropout=0.1)
+    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(backbone_dropout=0.1, val_interval={"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11})  # config.py
     return p
 
 

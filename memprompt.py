@@ -38,11 +38,10 @@ Deviations and assumptions:
     - Prompt length 4 on Hateful Memes (Sec. 4.2; the code's config keeps 16), one --prompt-length for both kinds
       (the code's gen_prompt_length / shared_prompt_length, both 16).
     - ViLT head: a trainable copy of ViLT's pooler on the text [CLS], then MAP's MLP head (as the code).
-    - Validation once per epoch (the code: every 0.2 epoch; 0.11 for Hateful Memes); the best epoch is tested (the
-      code's run.py: trainer.test(model) after fit, the final weights under PyTorch Lightning 1.1).
-      Mixed precision: bf16 autocast on CUDA (the code: fp16 AMP). Recipe as the code (common.py): LayerNorm eps 1e-6,
-      drop_rate 0.1 in the frozen ViLT while training, set_schedule's weight-decay names; warm-up lr (s + 1) / W at
-      step s (the code: s / W).
+    - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends;
+      set_schedule's weight-decay names. Warm-up: lr (s + 1) / W at step s (the code's HF schedule: s / W).
+    - The best validation check's state is tested (the code's run.py: trainer.test(model) after fit, the final
+      weights under PyTorch Lightning 1.1). Mixed precision: bf16 autocast on CUDA (the code: fp16 AMP).
     - Data (data.py, as for MAP, whose data code the official fork keeps): Food-101 validation = 10% of each class of
       the train rows, seed 0 (code: datasets/Food101/split.json); missing tables from this repository's generator.
     - CLIP (not in the paper; this repository's own adaptation): one memory per tower per layer, queried by the
@@ -61,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import build_parser, cli, clip_text_mask, finish, fit, setup, task_loss
+from common import build_parser, cli, clip_text_mask, finish, fit, fp32_logits, setup, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
@@ -87,8 +86,8 @@ def parser():
                    help="distributed: before each modality (Eq. 2); pre-append: all at the start (Table 4)")
     p.add_argument("--softmax-over", default="selected", choices=["selected", "all"],
                    help="Eq. 5: softmax over the N selected cosines (official code) or over all K (paper text)")
-    p.set_defaults(lr=None, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1,
-                   backbone_dropout=0.1)
+    p.set_defaults(lr=None, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(backbone_dropout=0.1, val_interval={"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11})  # config.py
     return p
 
 
@@ -123,9 +122,8 @@ class PromptMemory(nn.Module):
 
     def weights(self, f):
         """query f (B, D) -> indices (B, N) of the N most similar keys and their weights w_k (B, N), in fp32."""
-        dtype = torch.promote_types(f.dtype, torch.float32)                    # similarity logits in fp32 at least
-        with torch.autocast(device_type=f.device.type, enabled=False):
-            cos = F.normalize(f.to(dtype), dim=-1) @ F.normalize(self.q.to(dtype), dim=-1).T   # Eq. (5): cos(f_m, q_k)
+        with fp32_logits(f, self.q) as (f, q):                                 # similarity logits in fp32
+            cos = F.normalize(f, dim=-1) @ F.normalize(q, dim=-1).T            # Eq. (5): cos(f_m, q_k)  (B, K)
         top, idx = cos.topk(self.N, dim=1)                                     # the N most similar entries
         if self.softmax_over == "all":
             return idx, cos.softmax(dim=1).gather(1, idx)                      # Eq. (5) as written: over all K

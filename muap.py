@@ -33,6 +33,7 @@ Deviations and assumptions (the paper leaves these open; each is marked ASSUMPTI
       concatenated (DCP) and fed to MAP's MLP head.
     - Validation once per epoch (MAP: every 0.2 epoch). The single-stage snapshots are also written to
       OUT/teacher-{text,image}-step.safetensors, which --resume reads back.
+    - Recipe as MAP's code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
 
 Usage: python muap.py --dataset food101 --missing both --rate 0.7 --fusion head     (ViLT, the paper's setting)
        python muap.py --dataset toy --backbone tiny-vilt --epochs 4 --batch-size 16   (offline, on CPU)
@@ -63,7 +64,8 @@ def parser():
                         "default: --epochs split 1:1:2 (5 5 10 for 20); 0 skips a stage")
     p.add_argument("--lambda-t", type=float, default=1.0, help="lambda_t, weight of KL(y_t || y) (Sec. 3.6)")
     p.add_argument("--lambda-v", type=float, default=1.0, help="lambda_v, weight of KL(y_v || y) (Sec. 3.6)")
-    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1, backbone_dropout=0.1)
+    p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
+    p.set_defaults(backbone_dropout=0.1, val_interval={"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11})  # config.py
     return p
 
 

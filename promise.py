@@ -29,6 +29,7 @@ Deviations and assumptions:
     - ASSUMPTION: Adam, weight decay 0, cosine schedule without warm-up, 20 epochs (not stated in the paper).
     - NON-PAPER ADAPTATION (ViLT is single-stream): unimodal features from single-modality passes over ViLT's own
       tokens: text-only pass -> mean of the text tokens; image-only pass -> mean of the image tokens.
+    - Recipe (README): Adam without weight decay, val once per epoch, MM-IMDb per plot; ViLT: LN eps 1e-6, no dropout.
 
 Usage: python promise.py --dataset food101 --missing both --rate 0.7 --cache-features    (CLIP ViT-L/14)
        python promise.py --dataset toy --backbone tiny-clip --cache-features             (offline, CPU, seconds)

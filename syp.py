@@ -38,6 +38,7 @@ Deviations and assumptions (each also marked ASSUMPTION where it is coded):
       head = a trained copy of ViLT's pooler + Linear(D, C).
     - Tiny backbones have 4 layers: M = min(--prompt-depth, layers).
     - CLIP: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
+    - Recipe (README): DCP's no-decay names, val once per epoch, MM-IMDb per plot; on ViLT LN eps 1e-6, no dropout.
 
 Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's setting)
        python syp.py --dataset food101 --missing text --rate 0.7 --no-static   (Table 3, dynamic prompt only)

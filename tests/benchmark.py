@@ -20,6 +20,8 @@ Usage:
     python tests/benchmark.py --quick --threads 2             # CPU: batch 2, 1 warm-up, median of 3, no variants
     python tests/benchmark.py --quick --methods map,aoept --backbones clip --out runs/benchmark.json
     python tests/benchmark.py --images                        # images/s: JPEG decode + preprocess vs the cache
+    python tests/benchmark.py --sdpa --quick --text-len 512 --batch-size 4 --threads 2 --warmup 0
+                                                              # ViLT floor (b): bb.block (SDPA) vs HF's eager layer
 """
 import argparse
 import contextlib
@@ -59,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="default 5; 3 with --quick")
     p.add_argument("--quick", action="store_true", help="CPU-sized: batch 2, 1 warm-up, median of 3, no variants")
     p.add_argument("--images", action="store_true", help="only the image-loading benchmark")
+    p.add_argument("--sdpa", action="store_true", help="only the ViLT training floor: SDPA block vs HF eager ViltLayer")
     p.add_argument("--num-images", type=int, default=300, help="generated JPEGs for --images")
     p.add_argument("--out", default=None, help="also write the results as JSON (atomically)")
     args = p.parse_args(argv)
@@ -384,6 +387,39 @@ def image_loading(args):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------
+# ViLT attention: FrozenViLT.block (scaled_dot_product_attention) against HF's eager ViltLayer
+# ---------------------------------------------------------------------------------------------------------
+def sdpa_vs_eager(args, device):
+    """The ViLT training floor (b), once with bb.block and once with HF's own ViltLayer (eager attention, the
+    (B, H, L, L) scores materialised), interleaved in one process; inference too unless --quick."""
+    precision = contextlib.nullcontext if args.dtype == "fp32" else \
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+    bb = build_backbone("vilt", args.text_len).to(device)
+    batch = synthetic_batch(bb, args.batch_size, args.text_len, device)
+    margs = importlib.import_module("map").parser().parse_args(["--dataset", "food101"])
+    floor = Floor(bb, NUM_CLASSES).to(device)
+    blocks = {"sdpa": common.FrozenViLT.block.__get__(bb),
+              "eager": lambda i, x, bias, kv_prefix=None: bb.vilt.encoder.layer[i](x, bias)[0]}
+
+    def using(kind, step):
+        def run():
+            bb.block = blocks[kind]
+            step()
+        return run
+    train = trainer(floor, lambda out, b: common.task_loss(out["logits"], b["label"], TASK), margs, batch, precision)
+    infer = inferer(floor, batch, precision)
+    steps = (("train", train),) if args.quick else (("train", train), ("infer", infer))
+    t = measure({f"{k}_{kind}": using(kind, fn) for k, fn in steps for kind in blocks}, device, args.warmup, args.repeats)
+    bb.block = blocks["sdpa"]
+    row = {"sequence": args.text_len + (bb.shorter // bb.patch) ** 2 + 1, **{f"{k}_s": v for k, v in t.items()},
+           **{f"{k}_speedup": t[f"{k}_eager"] / t[f"{k}_sdpa"] for k, _ in steps}}
+    print(f"ViLT floor, text {args.text_len} + image {bb.shorter}x{bb.shorter} ({row['sequence']} tokens), batch "
+          f"{args.batch_size}: " + "; ".join(f"{k} {t[k + '_eager']:.2f}s eager / {t[k + '_sdpa']:.2f}s SDPA = "
+                                             f"{row[k + '_speedup']:.2f}x" for k, _ in steps), flush=True)
+    return row
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -395,6 +431,8 @@ def main(argv=None):
               "warmup": args.warmup, "repeats": args.repeats, "text_len": args.text_len}
     if args.images:
         result["images"] = image_loading(args)
+    elif args.sdpa:
+        result["sdpa"] = sdpa_vs_eager(args, device)
     else:
         result["rows"] = rows = []
         for name in args.backbones:

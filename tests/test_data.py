@@ -175,7 +175,7 @@ def test_missing_file_prints_layout(tmp_path):
 def test_mmimdb_counts_genres_and_text(mmimdb_root):
     sizes = {}
     for split in ("train", "val", "test"):
-        ds = load("mmimdb", mmimdb_root, split)
+        ds = load("mmimdb", mmimdb_root, split, mmimdb_plots="first")
         sizes[split] = len(ds)
         labels = ds.labels()
         assert labels.dtype == np.float32 and labels.shape == (len(ds), 23)
@@ -193,12 +193,46 @@ def test_mmimdb_counts_genres_and_text(mmimdb_root):
     assert sizes == {"train": 12, "val": 4, "test": 4}
 
 
+def fixture_plots(root, split):
+    """(movie, text) per sample as MAP's make_arrow (single_plot=False) and its dataset's index_mapper give them:
+    every plot of every movie, in split order; a movie without plots contributes its outline (our fallback)."""
+    with open(os.path.join(root, "split.json")) as f:
+        movies = json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]]
+    pairs = []
+    for movie in movies:
+        with open(os.path.join(root, "dataset", f"{movie}.json")) as f:
+            meta = json.load(f)
+        pairs += [(movie, text) for text in meta.get("plot", [meta.get("plot outline")])]
+    return movies, pairs
+
+
+def test_mmimdb_all_plots_one_sample_each_missing_drawn_per_movie(mmimdb_root, tmp_path):
+    import common
+    for split in ("train", "val", "test"):
+        movies, pairs = fixture_plots(mmimdb_root, split)
+        ds = load("mmimdb", mmimdb_root, split, missing_type="both", rate=0.7, seed=4)
+        first = load("mmimdb", mmimdb_root, split, missing_type="both", rate=0.7, seed=4, mmimdb_plots="first")
+        assert len(ds) == len(pairs) > len(movies) and len(set(ds.ids)) == len(ds)
+        assert [(i.split("#")[0], t) for i, t in zip(ds.ids, ds.texts)] == pairs
+        assert [int(i.split("#")[1]) for i in ds.ids[:2]] == [0, 1]
+        # the table is drawn over the movies (MAP indexes it by movie): every plot carries its movie's code
+        code = dict(zip(first.ids, first.missing))
+        assert [int(code[i.split("#")[0]]) for i in ds.ids] == ds.missing.tolist()
+        assert table_counts(first.missing)["complete"] == len(movies) - len(movies) * 7 // 10
+        label = dict(zip(first.ids, first.labels().tolist()))
+        assert [label[i.split("#")[0]] for i in ds.ids] == ds.labels().tolist()
+    path = tmp_path / "predictions.csv"
+    common.write_predictions(str(path), ds, np.full((len(ds), 23), 0.25), "multilabel", ds.class_names)
+    with open(path) as f:
+        assert [r["id"] for r in csv.DictReader(f)] == ds.ids
+
+
 def test_mmimdb_flat_root_and_missing_fields(tmp_path):
     root = make_mmimdb(tmp_path / "archive")
     flat = tmp_path / "flat"
     shutil.copytree(os.path.join(root, "dataset"), flat)
     shutil.copy(os.path.join(root, "split.json"), flat)
-    assert len(load("mmimdb", str(flat), "val")) == 4
+    assert len(load("mmimdb", str(flat), "val", mmimdb_plots="first")) == 4
     with open(os.path.join(root, "split.json")) as f:
         movie = json.load(f)["test"][0]
     json_path = os.path.join(root, "dataset", f"{movie}.json")
@@ -315,3 +349,12 @@ def test_toy_modalities_are_complementary(dataset, margin, floor):
     scores = probe_scores(dataset)
     assert scores["both"] >= floor
     assert scores["both"] - max(scores["image"], scores["text"]) >= margin, scores
+
+
+MUTATIONS = [
+    {"file": "data.py", "old": 'return found if plots == "all" else found[:1]', "new": "return found[:1]",
+     "why": "--mmimdb-plots all keeps only the first plot"},
+    {"file": "data.py", "old": "self.missing = missing_table(n_rows, missing_type, rate, dataset=name, split=split, seed=seed)[groups]",
+     "new": "self.missing = missing_table(len(groups), missing_type, rate, dataset=name, split=split, seed=seed)",
+     "why": "the MM-IMDb missing table drawn over plots, not movies"},
+]

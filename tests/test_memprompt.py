@@ -44,7 +44,7 @@ def test_retrieval_matches_brute_force(softmax_over):
     mem = M.PromptMemory(K, P, D, N, softmax_over).double()
     f = torch.randn(B, D, dtype=torch.float64)
     idx, w = mem.weights(f)
-    dense = torch.zeros(B, K, dtype=torch.float64).scatter(1, idx, w)
+    dense = torch.zeros(B, K, dtype=w.dtype).scatter(1, idx, w)                  # weights: fp32 (fp32_logits)
     out = mem(f)
     q, p = mem.q.detach(), mem.p.detach()
     for b in range(B):
@@ -58,9 +58,9 @@ def test_retrieval_matches_brute_force(softmax_over):
         pool = top if softmax_over == "selected" else range(K)
         z = sum(math.exp(cos[k]) for k in pool)
         expected = [math.exp(cos[k]) / z if k in top else 0.0 for k in range(K)]
-        assert np.allclose(dense[b].tolist(), expected, atol=1e-12)
+        assert np.allclose(dense[b].tolist(), expected, atol=1e-6)
         p_g = sum(expected[k] * p[k] for k in top)
-        assert torch.allclose(out[b], p_g, atol=1e-12)
+        assert torch.allclose(out[b], p_g, atol=1e-6)
     assert ((dense > 0).sum(1) == N).all()
 
 
@@ -352,8 +352,8 @@ MUTATIONS = [
      "why": "the frozen ViLT trains without the official drop_rate 0.1", "tests": ["tests/test_official_memprompt.py"]},
     {"file": "memprompt.py", "old": "bb.text_pool(t, ids, n)", "new": "bb.text_pool(t, ids, 0)",
      "why": "CLIP text pooled at offset 0", "tests": ["tests/test_memprompt.py::test_clip_equals_a_library_loop"]},
-    {"file": "memprompt.py", "old": "with torch.autocast(device_type=f.device.type, enabled=False):",
-     "new": "with torch.autocast(device_type=f.device.type):", "why": "similarity logits under autocast (bf16)",
+    {"file": "memprompt.py", "old": "with fp32_logits(f, self.q) as (f, q):",
+     "new": "for f, q in [(f, self.q)]:", "why": "similarity logits under autocast (bf16)",
      "tests": ["tests/test_memprompt.py::test_similarity_in_fp32_under_autocast"]},
     {"file": "memprompt.py", "old": "self.p = nn.Parameter(nn.init.kaiming_normal_(torch.empty(K, P, D), a=math.sqrt(5)))",
      "new": "self.p = nn.Parameter(nn.init.normal_(torch.empty(K, P, D), std=0.02))",

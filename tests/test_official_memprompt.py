@@ -225,6 +225,7 @@ def test_defaults_are_the_official_config():
         assert prompts == (L, 16, 5, 6, 6) and args.max_text_len == text_len
         assert (args.softmax_over, args.placement, args.query_pad) == ("selected", "distributed", "exclude")
         assert (args.backbone_dropout, args.decay_exempt) == (0.1, "bias-norm")
+        assert args.val_interval == (0.11 if dataset == "hatememes" else 0.2)            # val_check_interval
 
 
 def test_optimiser_groups_are_official(tiny):

@@ -295,6 +295,105 @@ def test_decay_exempt_defaults():
     assert aoept.parser().parse_args([]).decay_exempt == "none"            # AOEPT's get_optimizer decays everything
 
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 5: validation every --val-interval of an epoch, the best check kept, resume exact at a mid-epoch check
+# ---------------------------------------------------------------------------------------------------------
+def lightning_checks(steps, interval):
+    """PL 1.1's rule (val_check_batch = int(batches * val_check_interval); validate when (i + 1) % it == 0)."""
+    every = int(steps * interval)
+    return [s for s in range(1, steps + 1) if every and s % every == 0]
+
+
+@pytest.mark.parametrize("steps,interval", [(100, 0.2), (101, 0.2), (33, 0.11), (7, 0.2), (4, 1.0), (9, 0.5)])
+def test_check_steps_are_lightnings_val_check_interval_plus_the_epoch_end(steps, interval):
+    assert common.check_steps(steps, interval) == sorted(set(lightning_checks(steps, interval) or [1]) | {steps})
+
+
+def test_val_interval_defaults_and_bad_values():
+    import map, memprompt, muap, syp
+    from common import finalize_args
+    for module in (map, memprompt, muap):
+        for dataset, value in (("food101", 0.2), ("mmimdb", 0.2), ("hatememes", 0.11), ("toy", 1.0)):
+            assert finalize_args(module.parser().parse_args(["--dataset", dataset])).val_interval == value
+    assert finalize_args(syp.parser().parse_args(["--dataset", "food101"])).val_interval == 1.0
+    with pytest.raises(SystemExit, match="--val-interval 0.0"):
+        common.cli(map.parser(), map.main, ["--val-interval", "0"])
+
+
+CHECKED = ["--backbone", "tiny-clip", "--prompt-length", "2", "--batch-size", "128", "--micro-batch", "128",
+           "--epochs", "1", "--val-interval", "0.5", "--seed", "1"]
+
+
+def test_fit_keeps_the_best_mid_epoch_check(tmp_path, monkeypatch):
+    """4 steps, a check every 2: the scripted validation metric peaks at the first check (step 2), so the
+    checkpoint is the state after step 2, and history holds one epoch with both checks."""
+    import map
+    from safetensors.torch import load_file
+    real, scripted, states = common.evaluate, [0.9, 0.1], []
+
+    def evaluate(run, model, dataset, scores=None):
+        if len(states) < len(scripted) and dataset is run.val_set:
+            states.append(common.method_state(model))
+            return {"accuracy": scripted[len(states) - 1]}
+        return real(run, model, dataset, scores)
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    res = common.cli(map.parser(), map.main, CHECKED + ["--out", str(tmp_path)])
+    assert [c["step"] for c in res["history"][0]["checks"]] == [2, 4] and len(res["history"]) == 1
+    saved = load_file(tmp_path / "checkpoint.safetensors")
+    assert all(torch.equal(saved[k], states[0][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[1][k]) for k in states[0])       # training went on after it
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_at_a_mid_epoch_check_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """ViLT with backbone dropout (the random stream must continue too): killed right after the second check's
+    last.safetensors (step 2 of 4), resumed, it ends with the uninterrupted run's metrics, predictions and history."""
+    import map
+    argv = ["--backbone", "tiny-vilt", "--prompt-length", "2", "--batch-size", "128", "--micro-batch", "128", "--epochs",
+            "1", "--val-interval", "0.25", "--backbone-dropout", "0.1", "--seed", "2"]
+    whole = common.cli(map.parser(), map.main, argv + ["--out", str(tmp_path / "whole")])
+    original, calls = common.save_last, []
+
+    def save_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+    monkeypatch.setattr(common, "save_last", save_then_stop)
+    with pytest.raises(Interrupted):
+        common.cli(map.parser(), map.main, argv + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(common, "save_last", original)
+    resumed = common.cli(map.parser(), map.main, argv + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert resumed["metrics"] == whole["metrics"]
+    strip = [{k: v for k, v in h.items() if k not in ("seconds", "samples_per_s")} for h in whole["history"]]
+    assert [{k: v for k, v in h.items() if k not in ("seconds", "samples_per_s")} for h in resumed["history"]] == strip
+    assert (tmp_path / "cut" / "predictions_test.csv").read_text() == (tmp_path / "whole" / "predictions_test.csv").read_text()
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 7: similarity logits in fp32 with autocast off
+# ---------------------------------------------------------------------------------------------------------
+def test_fp32_logits_escape_bf16_autocast():
+    g = torch.Generator().manual_seed(8)
+    u = torch.randn(16, 64, generator=g, requires_grad=True)
+    z = torch.randn(32, 64, generator=g)
+    exact = u.double() @ z.double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = u.float() @ z.float().T                             # autocast still runs it in bf16
+        with common.fp32_logits(u, z) as (a, b):
+            logits = a @ b.T
+        after = u @ z.T                                             # autocast is back outside the block
+    assert plain.dtype == after.dtype == torch.bfloat16 and (plain.double() - exact).abs().max() > 1e-3
+    assert logits.dtype == torch.float32 and (logits.double() - exact).abs().max() <= 1e-5
+    logits.sum().backward()
+    assert torch.allclose(u.grad, z.sum(0).expand_as(u), atol=1e-5)
+
+
 MUTATIONS = [
     {"file": "common.py", "old": "attn_mask=bias.to(q.dtype))", "new": "attn_mask=None)",
      "why": "SDPA block ignores the key mask"},
@@ -329,4 +428,17 @@ MUTATIONS = [
      "why": "the LayerNorm inside an nn.Sequential head exempt (official decays it)"},
     {"file": "common.py", "old": '{"params": exempt, "weight_decay": 0.0}', "new": '{"params": exempt, "weight_decay": args.weight_decay}',
      "why": "the exempt group decays anyway (the previous single group)"},
+    {"file": "common.py", "old": "every = max(1, int(interval * steps))", "new": "every = steps",
+     "why": "validation once per epoch whatever --val-interval says"},
+    {"file": "common.py", "old": "best.update(metric=score, epoch=epoch, step=step, state=method_state(model))",
+     "new": "best.update(metric=score, epoch=epoch, step=step, state=method_state(model)) if step == steps else None",
+     "why": "model selection only among epoch-end checks"},
+    {"file": "common.py", "old": "schedule.last_epoch - epoch * len(batches)", "new": "0",
+     "why": "a resumed mid-epoch run restarts the epoch from its first batch"},
+    {"file": "common.py", "old": 'return meta["epoch"] + (1 if meta["epoch_end"] else 0)', "new": 'return meta["epoch"] + 1',
+     "why": "a resumed mid-epoch run skips the rest of the epoch"},
+    {"file": "common.py", "old": "generator=torch.Generator().manual_seed(run.args.seed))", "new": "generator=None)",
+     "why": "opening a loader draws from the global RNG, so a resumed run's dropout masks drift"},
+    {"file": "common.py", "old": "with torch.autocast(tensors[0].device.type, enabled=False):",
+     "new": "with contextlib.nullcontext():", "why": "fp32_logits leaves autocast on (bf16 similarity logits)"},
 ]
