@@ -348,7 +348,7 @@ MUTATIONS = [
      "tests": ["tests/test_official_memprompt.py"]},
     {"file": "memprompt.py", "old": "args.lr = 1e-3 if hateful else 5e-3", "new": "args.lr = 1e-3",
      "why": "lr 1e-3 on Food-101 / MM-IMDb", "tests": ["tests/test_official_memprompt.py"]},
-    {"file": "memprompt.py", "old": "backbone_dropout=0.1)", "new": "backbone_dropout=0.0)",
+    {"file": "memprompt.py", "old": "backbone_dropout=0.1,", "new": "backbone_dropout=0.0,",
      "why": "the frozen ViLT trains without the official drop_rate 0.1", "tests": ["tests/test_official_memprompt.py"]},
     {"file": "memprompt.py", "old": "bb.text_pool(t, ids, n)", "new": "bb.text_pool(t, ids, 0)",
      "why": "CLIP text pooled at offset 0", "tests": ["tests/test_memprompt.py::test_clip_equals_a_library_loop"]},
