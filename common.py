@@ -12,6 +12,8 @@ Backbones (both frozen; `freeze` asserts it and prints the trainable count):
     clip       open_clip ViT-B-16, OpenAI weights (QuickGELU as the tag requires), dual stream.
     vilt       HF ViltModel dandelin/vilt-b32-mlm, single stream.
     tiny-clip  / tiny-vilt: the same classes and code paths with tiny random-initialised configurations.
+    ViLT runs as the original: ViT LayerNorm eps 1e-6, and --backbone-dropout (MAP's drop_rate) only while the method
+    trains (the frozen modules stay in eval mode; `FrozenViLT.train` switches only that dropout).
 
 Per-layer interface. Prompts are always *prepended* to a sequence, so the pooled position moves by the
 number of prompt tokens in front of it:
