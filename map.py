@@ -1,42 +1,56 @@
 """MAP: Multimodal Prompting with Missing Modalities for Visual Recognition (Lee et al., CVPR 2023, arXiv 2303.03369).
 
-Official code: YiLunLee/missing_aware_prompts @ 9aa538159f4623de1936d25daee880ec47c062be (ViLT). The CLIP variant
-follows how DCP (hulianyuyy/Deep_Correlated_Prompting) carries MAP to a dual-stream model: prompts in both towers.
+Official code: YiLunLee/missing_aware_prompts @ 9aa538159f4623de1936d25daee880ec47c062be (ViLT); read, not copied.
+tests/test_official_map.py ports its forward (vilt_missing_aware_prompt_module.py, vision_transformer_prompts.py)
+and checks logits, loss and gradients against this file for both prompt types.
 
 Map from the paper to this file:
     Sec. 3.2 missing-aware prompts, one set per missing case (2^M - 1 = 3)   -> `MissingAwarePrompts`
     Sec. 3.3 input-level prompting (prepend at each layer, accumulate)      -> `MAP.forward_vilt / forward_clip`
-    Sec. 3.3 attention-level prompting (prompts as extra keys/values)       -> `attend_with_prefix`
+    Sec. 3.3 attention-level prompting: P/2 raw keys + P/2 raw values per
+             case and layer, after the frozen K/V projections, every query  -> `keys_values`, FrozenViLT.block(kv_prefix)
     task loss only (CE; BCE for MM-IMDb)                                    -> `loss_fn`
 
 Deviations and assumptions:
-    - Attention-level: the prompt tokens join the keys/values *before* the block's LayerNorm and K/V projections and
-      their outputs are dropped (the official code appends 8 raw key + 8 raw value tokens after the projections):
-      a reparameterisation of the same prefix, which keeps the library's block untouched.
-    - CLIP (not in the paper): one prompt set per tower per case; the image and text features are concatenated
-      (DCP) and fed to MAP's MLP head. Text prompts sit before the text tokens, under CLIP's causal mask.
-    - Validation once per epoch (official: every 0.2 epoch); the best validation epoch is tested.
-    - Prompts are initialised as in the official code (zeros with a one-hot marker row per case).
+    - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends;
+      set_schedule's weight-decay names. Warm-up: lr (s + 1) / W at step s (official HF polynomial schedule: s / W).
+    - The best validation check's state is tested (official run.py: trainer.test(model) after fit, i.e. the final
+      weights under PyTorch Lightning 1.1).
+    - Mixed precision: bf16 autocast on CUDA (official: fp16 AMP, precision=16); --precision fp32 turns it off.
+    - Attention-level: the official reshape hard-codes 12 heads (ViLT-B); here the layer's own head count (the same
+      on ViLT-B/32). An odd --prompt-length is an error (the official code fails on the value reshape).
+    - Initialisation as the official code: zeros with row 0 = 1 (complete), row 1 (image missing), row 2 (text
+      missing); attention-level also row P/2 + the same. A row past P is skipped, as the official slice assignment.
+    - Data (data.py): Food-101 validation = 10% of each class of the train rows, seed 0 (official: the val list of
+      datasets/Food101/split.json); missing tables from this repository's generator (official: random.sample tables
+      saved under datasets/missing_tables/).
+    - CLIP (not in the paper; this repository's own adaptation): one prompt set per tower per case. Input-level:
+      prepended in each tower (text prompts before SOT, seen by every text token under the causal mask); attention-
+      level: raw keys/values in each tower's blocks (`clip_block_with_prefix`). The pooled image and text features
+      are concatenated and fed to MAP's MLP head; no pooler.
     - CLIP, eval mode: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
-    - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
+    - --prompt-depth 0: no prompts (the frozen backbone, pooler and head); tiny backbones clamp the depth.
 
 Usage: python map.py --dataset food101 --missing both --rate 0.7          (ViLT, the paper's setting)
        python map.py --dataset toy --backbone tiny-vilt                   (offline, CPU, about a minute)
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import build_parser, cli, finish, fit, setup, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
 def parser():
     p = build_parser("map", __doc__, backbone="vilt")
     # Method-specific
     p.add_argument("--prompt-type", default="input", choices=["input", "attention"],
-                   help="input-level (prepend and accumulate) or attention-level (prefix keys/values), Sec. 3.3")
+                   help="input-level (prepend and accumulate) or attention-level (P/2 raw keys + P/2 raw values), "
+                        "Sec. 3.3")
     p.add_argument("--prompt-length", type=int, default=16, help="L_p, prompt tokens per layer (Sec. 4.1)")
-    p.add_argument("--prompt-depth", type=int, default=6, help="N, prompted layers from the first (Sec. 4.1)")
+    p.add_argument("--prompt-depth", type=int, default=6,
+                   help="N, prompted layers from the first (Sec. 4.1); 0 = no prompts (the frozen backbone + head)")
     p.set_defaults(lr=1e-2, weight_decay=2e-2, batch_size=256, epochs=20, schedule="linear", warmup=0.1)
     p.set_defaults(backbone_dropout=0.1, val_interval={"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11})  # config.py
     return p
@@ -47,13 +61,14 @@ def parser():
 # ---------------------------------------------------------------------------------------------------------
 class MissingAwarePrompts(nn.Module):
     """One prompt per missing case and prompted layer: (3, N, P, D), indexed by MAP's codes
-    0 = complete, 1 = text missing, 2 = image missing."""
+    0 = complete, 1 = text missing, 2 = image missing. Attention-level: rows [:P/2] are keys, [P/2:] values."""
 
-    def __init__(self, depth, length, width):
+    def __init__(self, depth, length, width, attention=False):
         super().__init__()
         prompts = torch.zeros(3, depth, length, width)
-        for case, marker in ((COMPLETE, 0), (IMAGE_MISSING, 1), (TEXT_MISSING, 2)):   # official initialisation
-            prompts[case, :, marker % length] = 1.0
+        for case, marker in ((COMPLETE, 0), (IMAGE_MISSING, 1), (TEXT_MISSING, 2)):   # the official initialisation:
+            rows = (marker, length // 2 + marker) if attention else (marker,)         # zeros, one-hot rows per case
+            prompts[case, :, [r for r in rows if r < length]] = 1.0                   # (rows past P: none, as there)
         self.prompts = nn.Parameter(prompts)
 
     def forward(self, missing, layer):                          # (B,) codes -> (B, P, D)
@@ -71,10 +86,28 @@ def mlp_head(width, num_outputs):
     return head
 
 
-def attend_with_prefix(block, prompt, x):
-    """Attention-level prompting: the prompt tokens are extra keys/values of the block; only the real tokens
-    are queried and kept. block(seq) runs the untouched library block on [prompt, x]."""
-    return block(torch.cat([prompt, x], dim=1))[:, prompt.shape[1]:]
+def keys_values(prompt):
+    """Attention-level (Sec. 3.3): a (B, P, D) prompt -> raw keys (B, P/2, D) and raw values (B, P/2, D)."""
+    half = prompt.shape[1] // 2
+    return prompt[:, :half], prompt[:, half:]
+
+
+def clip_block_with_prefix(block, x, kv_prefix, attn_mask=None):
+    """An open_clip ResidualAttentionBlock whose attention also sees raw keys/values kv_prefix = (K_p, V_p), each
+    (B, P/2, D), prepended after its frozen K/V projections and seen by every query (the ViLT form of
+    FrozenViLT.block). Runs the block's own modules: x + ls_1(Attn(ln_1 x)), then x + ls_2(MLP(ln_2 x))."""
+    attn, (K_p, V_p) = block.attn, kv_prefix
+    B, L, D = x.shape
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    k, v = torch.cat([K_p.to(k.dtype), k], dim=1), torch.cat([V_p.to(v.dtype), v], dim=1)
+
+    def heads(t):                                               # (B, S, D) -> (B, H, S, D / H)
+        return t.view(B, t.shape[1], attn.num_heads, D // attn.num_heads).transpose(1, 2)
+    if attn_mask is not None:                                   # (L, L) -> (L, P/2 + L): the prefix is never masked
+        attn_mask = F.pad(attn_mask.to(q.dtype), (K_p.shape[1], 0))
+    a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
+    x = x + block.ls_1(attn.out_proj(a.transpose(1, 2).reshape(B, L, D)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,15 +116,19 @@ def attend_with_prefix(block, prompt, x):
 class MAP(nn.Module):
     def __init__(self, bb, num_outputs, prompt_type="input", length=16, depth=6):
         super().__init__()
+        if depth < 0 or length < 1 or (prompt_type == "attention" and length % 2):
+            raise DataError(f"--prompt-depth {depth} / --prompt-length {length}: the depth must be >= 0 (0 = no "
+                            f"prompts) and the length >= 1, even for --prompt-type attention (P/2 keys + P/2 values)")
         self.bb, self.prompt_type, self.length = bb, prompt_type, length
         self.depth = min(depth, bb.num_layers)
+        attention = prompt_type == "attention"
         if bb.kind == "vilt":
-            self.prompts = MissingAwarePrompts(self.depth, length, bb.width)
+            self.prompts = MissingAwarePrompts(self.depth, length, bb.width, attention)
             self.pooler = bb.pooler_copy()                       # trained, as in the official code
             self.head = mlp_head(bb.width, num_outputs)
         else:
-            self.image_prompts = MissingAwarePrompts(self.depth, length, bb.width_image)
-            self.text_prompts = MissingAwarePrompts(self.depth, length, bb.width_text)
+            self.image_prompts = MissingAwarePrompts(self.depth, length, bb.width_image, attention)
+            self.text_prompts = MissingAwarePrompts(self.depth, length, bb.width_text, attention)
             self.head = mlp_head(2 * bb.embed_dim, num_outputs)
 
     def forward(self, batch):
@@ -107,18 +144,15 @@ class MAP(nn.Module):
     def forward_vilt(self, batch):
         bb, m = self.bb, batch["missing"]
         x, mask = bb.embed(batch)                                # (B, L_t + L_v, D)
-        ones = mask.new_ones(mask.shape[0], self.length)
         bias = bb.attention_bias(mask, x.dtype)
-        if self.prompt_type == "attention":                      # the prefix length is constant: one mask per batch
-            prefix_bias = bb.attention_bias(torch.cat([ones, mask], dim=1), x.dtype)
         for i in range(bb.num_layers):
             if i < self.depth and self.prompt_type == "input":  # Sec. 3.3: prepend, earlier prompts kept
                 x = torch.cat([self.prompts(m, i).to(x.dtype), x], dim=1)          # (B, P + L, D)
-                mask = torch.cat([ones, mask], dim=1)
+                mask = torch.cat([mask.new_ones(mask.shape[0], self.length), mask], dim=1)
                 bias = bb.attention_bias(mask, x.dtype)
                 x = bb.block(i, x, bias)
-            elif i < self.depth:                                 # Sec. 3.3: attention-level
-                x = attend_with_prefix(lambda seq: bb.block(i, seq, prefix_bias), self.prompts(m, i).to(x.dtype), x)
+            elif i < self.depth:                                 # Sec. 3.3: attention-level, raw keys and values
+                x = bb.block(i, x, bias, kv_prefix=keys_values(self.prompts(m, i)))
             else:
                 x = bb.block(i, x, bias)
         cls = self.depth * self.length if self.prompt_type == "input" else 0
@@ -132,9 +166,12 @@ class MAP(nn.Module):
                 x = torch.cat([self.image_prompts(m, i).to(x.dtype), x], dim=1)
                 t = torch.cat([self.text_prompts(m, i).to(t.dtype), t], dim=1)
                 x, t = bb.image_block(i, x), bb.text_block(i, t)
-            elif i < self.depth:
-                x = attend_with_prefix(lambda seq: bb.image_block(i, seq), self.image_prompts(m, i).to(x.dtype), x)
-                t = attend_with_prefix(lambda seq: bb.text_block(i, seq), self.text_prompts(m, i).to(t.dtype), t)
+            elif i < self.depth:                                 # attention-level in each tower's blocks
+                image_block = bb.model.visual.transformer.resblocks[i]
+                text_block = bb.model.transformer.resblocks[i]
+                x = clip_block_with_prefix(image_block, x, keys_values(self.image_prompts(m, i)))
+                t = clip_block_with_prefix(text_block, t, keys_values(self.text_prompts(m, i)),
+                                           bb.causal_mask(t.shape[1], t.device, t.dtype))
             else:
                 x, t = bb.image_block(i, x), bb.text_block(i, t)
         n = self.depth * self.length if self.prompt_type == "input" else 0

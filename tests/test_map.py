@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import map as map_method
 from common import Collate, cli, finalize_args, load_backbone, task_loss
@@ -92,3 +93,124 @@ def test_toy_training_beats_majority(tmp_path):
     labels = load_split("toy", None, "test", missing_type="none", rate=0, seed=0).labels()
     majority = np.bincount(labels).max() / len(labels)
     assert res["metrics"]["test"]["accuracy"] >= majority + 0.15, (res["metrics"]["test"], majority)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# No prompts = the library's own output; CLIP oracles (the ViLT oracle is tests/test_official_map.py)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+@pytest.mark.parametrize("prompt_type", ["input", "attention"])
+def test_depth_zero_is_the_frozen_backbone(backbone, prompt_type):
+    """--prompt-depth 0: the feature is HF ViltModel's pooler_output / open_clip's encode_image + encode_text."""
+    model, batch = build(backbone, prompt_type)
+    model = map_method.MAP(model.bb, 4, prompt_type, 16, 0).eval()
+    with torch.no_grad():
+        if backbone == "tiny-vilt":
+            ref = model.bb.vilt(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
+                                pixel_values=batch["image"], pixel_mask=batch["pixel_mask"]).pooler_output
+            got = model.forward_vilt(batch)
+        else:
+            clip = model.bb.model
+            ref = torch.cat([clip.encode_image(batch["image"]), clip.encode_text(batch["text"])], dim=-1)
+            got = model.forward_clip(batch)
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_bad_depth_or_odd_attention_length_is_an_error():
+    bb = load_backbone(finalize_args(map_method.parser().parse_args(["--backbone", "tiny-vilt"])))
+    for kw in ({"depth": -1}, {"length": 5, "prompt_type": "attention"}):
+        with pytest.raises(map_method.DataError, match="--prompt-"):
+            map_method.MAP(bb, 4, **{"prompt_type": "input", "length": 4, "depth": 2, **kw})
+
+
+def test_clip_prefix_block_equals_the_library_block_on_projected_tokens():
+    """Raw keys/values that are the block's own K/V projections of tokens z give the library block's output on
+    [z, x] (the real rows): in the image tower and, under the causal mask, in the text tower."""
+    model, _ = build("tiny-clip", "attention")
+    bb = model.bb
+    torch.manual_seed(0)
+    for block, L, causal in ((bb.model.visual.transformer.resblocks[1], 5, False),
+                             (bb.model.transformer.resblocks[2], 7, True)):
+        D, P = block.attn.embed_dim, 3
+        x, z = torch.randn(2, L, D), torch.randn(2, P, D)
+        _, k, v = F.linear(block.ln_1(z), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+        mask = bb.causal_mask(L, x.device, x.dtype) if causal else None
+        full = bb.causal_mask(P + L, x.device, x.dtype) if causal else None
+        with torch.no_grad():
+            got = map_method.clip_block_with_prefix(block, x, (k, v), mask)
+            ref = block(torch.cat([z, x], 1), attn_mask=full)[:, P:]
+        assert (got - ref).abs().max() <= 1e-5
+
+
+def clip_reference(model, batch):
+    """Input-level MAP on CLIP written with the library's modules: resblocks on [prompts of all earlier layers, tokens],
+    open_clip's own pooling on the real tokens (image [CLS] / text EOT behind all N*P prompts)."""
+    clip, m, ids = model.bb.model, batch["missing"], batch["text"]
+    x = clip.visual._embeds(batch["image"])
+    t = clip.token_embedding(ids) + clip.positional_embedding
+    for i in range(len(clip.transformer.resblocks)):
+        if i < model.depth:
+            x = torch.cat([model.image_prompts.prompts[m, i], x], 1)
+            t = torch.cat([model.text_prompts.prompts[m, i], t], 1)
+        x = clip.visual.transformer.resblocks[i](x)
+        causal = torch.full((t.shape[1], t.shape[1]), float("-inf")).triu(1)
+        t = clip.transformer.resblocks[i](t, attn_mask=causal)
+    n = model.depth * model.length
+    image = clip.visual._pool(x[:, n:])[0] @ clip.visual.proj
+    text = clip.ln_final(t[:, n:])[torch.arange(len(ids)), ids.argmax(-1)] @ clip.text_projection
+    return torch.cat([image, text], -1)
+
+
+def test_clip_input_level_equals_a_library_loop():
+    model, batch = build("tiny-clip", "input")
+    model = map_method.MAP(model.bb, 4, "input", 3, 2).eval()
+    with torch.no_grad():
+        model.image_prompts.prompts.normal_()
+        model.text_prompts.prompts.normal_()
+        assert (model.forward_clip(batch) - clip_reference(model, batch)).abs().max() <= 1e-5
+
+
+MUTATIONS = [
+    {"file": "map.py", "old": "return self.pooler(bb.final_norm(x)[:, cls:cls + 1])",
+     "new": "return self.pooler(bb.final_norm(x)[:, 0:1])",
+     "why": "pool a prompt token instead of the text [CLS]", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "x = torch.cat([self.prompts(m, i).to(x.dtype), x], dim=1)          # (B, P + L, D)",
+     "new": "x = torch.cat([self.prompts(m, i).to(x.dtype), x[:, self.length * (i > 0):]], dim=1)",
+     "why": "replace the prompts per layer instead of accumulating them", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "elif i < self.depth:                                 # Sec. 3.3: attention-level, raw keys",
+     "new": "elif False:  # attention-level off",
+     "why": "--prompt-type attention silently runs without prompts", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": 'attention = prompt_type == "attention"\n',
+     "new": 'attention = False\n',
+     "why": "attention-level prompts lose the value-half marker rows of the official init",
+     "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": 'if i < self.depth and self.prompt_type == "input":  # Sec. 3.3: prepend',
+     "new": 'if i < self.depth:  # Sec. 3.3: prepend',
+     "why": "--prompt-type attention silently runs input-level", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "return prompt[:, :half], prompt[:, half:]", "new": "return prompt[:, half:], prompt[:, :half]",
+     "why": "keys and values swapped", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "(COMPLETE, 0), (IMAGE_MISSING, 1), (TEXT_MISSING, 2)",
+     "new": "(COMPLETE, 0), (IMAGE_MISSING, 2), (TEXT_MISSING, 1)",
+     "why": "marker rows of the two missing cases swapped", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "prompts = torch.zeros(3, depth, length, width)",
+     "new": "prompts = torch.randn(3, depth, length, width) * 0.02",
+     "why": "random init instead of the official zeros + one-hot rows", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "p.set_defaults(lr=1e-2,", "new": "p.set_defaults(lr=1e-3,",
+     "why": "lr 1e-3 instead of the official 1e-2", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": 'schedule="linear", warmup=0.1)', "new": 'schedule="linear", warmup=0.0)',
+     "why": "no warm-up", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "backbone_dropout=0.1,", "new": "backbone_dropout=0.0,",
+     "why": "the frozen ViLT trains without the official drop_rate 0.1", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]", "new": "return self.prompts[missing.flip(0), layer]",
+     "why": "a sample gets another sample's case prompt", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "bb.text_pool(t, batch[\"text\"], n)", "new": "bb.text_pool(t, batch[\"text\"], 0)",
+     "why": "CLIP text pooled at offset 0 (a prompt row, not EOT)",
+     "tests": ["tests/test_map.py::test_clip_input_level_equals_a_library_loop"]},
+    {"file": "map.py", "old": "attn_mask = F.pad(attn_mask.to(q.dtype), (K_p.shape[1], 0))",
+     "new": "attn_mask = F.pad(attn_mask.to(q.dtype), (K_p.shape[1], 0), value=float('-inf'))",
+     "why": "CLIP text tower: the prefix keys are masked out",
+     "tests": ["tests/test_map.py::test_clip_prefix_block_equals_the_library_block_on_projected_tokens"]},
+    {"file": "map.py", "old": "x = bb.block(i, x, bias, kv_prefix=keys_values(self.prompts(m, i)))",
+     "new": "x = bb.block(i, x, bias, kv_prefix=keys_values(self.prompts(m, i).detach()))",
+     "why": "attention-level prompts get no gradient", "tests": ["tests/test_official_map.py"]},
+]
