@@ -27,6 +27,12 @@ Deviations and assumptions (one line each):
 - ASSUMPTION: NM2I's ground truth is the prompt-free input of layer l (the bank's); L_CR's z is the prompted output.
 - Heads use PyTorch's default initialisation (official: N(0, 0.02)).
 
+Use from your own code (README, "Use a method in your own code"): `AOEPT(bb, bank, num_outputs, args, depth)` on a
+frozen `common.load_clip()` / `load_vilt()` backbone; loss `make_loss(alpha, task)` (L_task + alpha L_CR, from the
+training-mode outputs); pre-pass: the bank {"text", "image"}: (N, K, D_m) prototypes, `mcp_bank(run, depth, K)` in a
+run, or `common.kmeans` per layer of `common.modality_tokens(bb, batch, depth)` over the training samples that have
+the modality (`presence`). Copy this file with common.py and data.py.
+
 Usage: python aoept.py --dataset food101 --missing text --rate 0.7 [--backbone vilt] [--mcp mlp] [--nm2i]
 """
 import hashlib

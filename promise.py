@@ -30,6 +30,12 @@ Deviations and assumptions:
     - NON-PAPER ADAPTATION (ViLT is single-stream): unimodal features from single-modality passes over ViLT's own
       tokens: text-only pass -> mean of the text tokens; image-only pass -> mean of the image tokens.
 
+Use from your own code (README, "Use a method in your own code"): `PROMISE(bb, num_outputs, args)` on a frozen
+`common.load_clip()` / `load_vilt()` backbone; loss `promise_loss(out, batch, task, args)`; training batches carry
+an augmented view as `aug_*` keys (`PromiseCollate(common.Collate(...), args)` on items with a "view"); the feature
+cache as a plain call: `unimodal_features(bb, batch)`, passed as `feat_image` / `feat_text` (+ `_a` in training).
+Copy this file with common.py and data.py.
+
 Usage: python promise.py --dataset food101 --missing both --rate 0.7 --cache-features    (CLIP ViT-L/14)
        python promise.py --dataset toy --backbone tiny-clip --cache-features             (offline, CPU, seconds)
 """

@@ -39,6 +39,10 @@ Deviations and assumptions (each also marked ASSUMPTION where it is coded):
     - Tiny backbones have 4 layers: M = min(--prompt-depth, layers).
     - CLIP: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
 
+Use from your own code (README, "Use a method in your own code"): `SyP(bb, num_outputs, length, depth, r)` on a
+frozen `common.load_clip()` / `load_vilt()` backbone; `model(batch)["logits"]`; loss `common.task_loss`; no
+pre-pass. Copy this file with common.py and data.py.
+
 Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's setting)
        python syp.py --dataset food101 --missing text --rate 0.7 --no-static   (Table 3, dynamic prompt only)
        python syp.py --dataset toy --backbone tiny-clip                       (offline, CPU, a few minutes)
