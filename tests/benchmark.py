@@ -443,7 +443,7 @@ def run_presets(args, device):
         config = pre["config"] + ("" if args.size == "real" else " (tiny backbone: not comparable)")
         rows.append({"preset": name, "config": config, "official_train_ratio_floor": pre["official"][0],
                      "official_infer_ratio_floor": pre["official"][1], **row})
-        print(f"preset {name}: done", file=sys.stderr, flush=True)
+        print(preset_markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)   # each as it comes
     return rows
 
 
