@@ -126,14 +126,13 @@ def parse_args(argv=None):
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)}; use any of {', '.join(METHODS)}")
-    short = args.quick or args.gpu_check
-    args.batch_size = args.batch_size or (4 if args.preset else 2 if args.quick else 32 if
-                                          args.device.startswith("cuda") or not args.gpu_check else 4)
+    short, cuda = args.quick or args.gpu_check, args.device.startswith("cuda")
+    args.batch_size = args.batch_size or (4 if args.preset or (args.gpu_check and not cuda) else 2 if args.quick else 32)
     args.warmup = (1 if short else 2) if args.warmup is None else args.warmup
     args.repeats = args.repeats or (3 if short else 5)
     args.threads = args.threads or (2 if args.preset else None)
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.size = args.size or ("tiny" if args.gpu_check and not args.device.startswith("cuda") else "real")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.size = args.size or ("tiny" if args.gpu_check and not cuda else "real")
     return args
 
 

@@ -13,7 +13,7 @@ from tests import benchmark as bm
 # MAP vilt/config.py @9aa5381 task_finetune_hatememes: max_text_len 128, image_size 384, prompt_length 16,
 # prompt_layers [0..5], input prompts; AOEPT core/model/AOEPT/AOEPT_CLIP_MMIMDB_text.yaml @b312905: L 12,
 # prompt_depth 4, seq_len 77, a 128-prototype cluster file; AOEPT_ViLT_MMIMDB_text.yaml: L 8, prompt_depth 6,
-# seq_len 77, 256 prototypes. The measurements: batch 4, 2 threads, 2 warm-ups, median of 5 (issue 11).
+# seq_len 77, 256 prototypes. The official measurements: batch 4, 2 threads, 2 warm-ups, median of 5.
 OFFICIAL = {
     "map-hatememes": {"method": "map", "backbone": "vilt", "text_len": 128, "image": (384, 384), "task": "binary",
                       "opts": {"prompt_type": "input", "prompt_length": 16, "prompt_depth": 6},
@@ -42,24 +42,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def check():
     return bm.main(CHECK)
-
-
-def test_gpu_check_on_cpu_passes_every_method_and_backbone(check):
-    rows = check["checks"]
-    assert check["ok"] and check["size"] == "tiny" and check["dtype"] == "fp32"
-    assert {(r["method"], r["backbone"]) for r in rows} == {(m, b) for m in bm.METHODS for b in ("clip", "vilt")}
-    for r in rows:
-        assert "error" not in r, r
-        assert r["finite"] and r["frozen"] and len(r["losses"]) == 1 and all(map(math.isfinite, r["losses"]))
-        assert r["train_samples_per_s"] == pytest.approx(r["batch"] / r["train_s"])
-        assert r["infer_samples_per_s"] == pytest.approx(r["batch"] / r["infer_s"])
-        assert r["train_ratio_floor"] == pytest.approx(r["train_s"] / r["floor_train_s"])
-        assert r["infer_ratio_bare"] == pytest.approx(r["infer_s"] / r["bare_infer_s"])
-        assert r["syncs_train"] is None and r["trainable_params"] > 0       # no device to sync with on CPU
-    assert set(check["food101_hours"]) == {f"{m}/{b}" for m in bm.METHODS if m != "muap-align"
-                                           for b in ("clip", "vilt")}
-    table = bm.check_markdown(rows, check["food101_hours"])
-    assert table.count("| food101 |") == 16 and table.count("| yes |") == 16 and "- aoept/vilt: " in table
 
 
 def tiny_check(monkeypatch, break_loss):
@@ -164,6 +146,24 @@ def test_check_sizes_are_the_real_ones():
     assert batch["image"].shape == (3, 3, 32, 48) and batch["pixel_mask"].shape == (3, 32, 48)
     assert batch["label"].shape == (3, 23) and batch["label"].dtype == torch.float32
     assert batch["missing"].tolist() == [1, 0, 1] and batch["aug_missing"].tolist() == [1, 0, 1]
+
+
+def test_gpu_check_on_cpu_passes_every_method_and_backbone(check):
+    rows = check["checks"]
+    assert check["ok"] and check["size"] == "tiny" and check["dtype"] == "fp32"
+    assert {(r["method"], r["backbone"]) for r in rows} == {(m, b) for m in bm.METHODS for b in ("clip", "vilt")}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["finite"] and r["frozen"] and len(r["losses"]) == 1 and all(map(math.isfinite, r["losses"]))
+        assert r["train_samples_per_s"] == pytest.approx(r["batch"] / r["train_s"])
+        assert r["infer_samples_per_s"] == pytest.approx(r["batch"] / r["infer_s"])
+        assert r["train_ratio_floor"] == pytest.approx(r["train_s"] / r["floor_train_s"])
+        assert r["infer_ratio_bare"] == pytest.approx(r["infer_s"] / r["bare_infer_s"])
+        assert r["syncs_train"] is None and r["trainable_params"] > 0       # no device to sync with on CPU
+    assert set(check["food101_hours"]) == {f"{m}/{b}" for m in bm.METHODS if m != "muap-align"
+                                           for b in ("clip", "vilt")}
+    table = bm.check_markdown(rows, check["food101_hours"])
+    assert table.count("| food101 |") == 16 and table.count("| yes |") == 16 and "- aoept/vilt: " in table
 
 
 MUTATIONS = [
