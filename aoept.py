@@ -49,6 +49,12 @@ Deviations and assumptions (one line each):
   the best validation epoch is kept.
 - Recipe (README): ViLT LN eps 1e-6 (official: HF's 1e-12); as official: all params decayed, 1 plot/movie, no dropout.
 
+Use from your own code (README, "Use a method in your own code"): `AOEPT(bb, bank, num_outputs, args, depth)` on a
+frozen `common.load_clip()` / `load_vilt()` backbone; loss `make_loss(alpha, task)` (L_task + alpha L_CR, from the
+training-mode outputs); pre-pass: the bank {"text", "image"}: (N, K, D_m) prototypes, `mcp_bank(run, depth, K)` in a
+run, or `common.kmeans` per layer of `common.modality_tokens(bb, batch, depth)` over the training samples that have
+the modality (`presence`). Copy this file with common.py and data.py.
+
 Usage: python aoept.py --dataset food101 --missing text --rate 0.7 [--backbone vilt] [--recipe paper] [--nm2i]
 """
 import hashlib

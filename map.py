@@ -31,6 +31,10 @@ Deviations and assumptions:
     - CLIP, eval mode: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
     - --prompt-depth 0: no prompts (the frozen backbone, pooler and head); tiny backbones clamp the depth.
 
+Use from your own code (README, "Use a method in your own code"): `MAP(bb, num_outputs, prompt_type, length,
+depth)` on a frozen `common.load_vilt()` / `load_clip()` backbone; `model(batch)["logits"]`; loss
+`common.task_loss(logits, labels, task)`; no pre-pass. Copy this file with common.py and data.py.
+
 Usage: python map.py --dataset food101 --missing both --rate 0.7          (ViLT, the paper's setting)
        python map.py --dataset toy --backbone tiny-vilt                   (offline, CPU, about a minute)
 """

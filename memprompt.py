@@ -51,6 +51,11 @@ Deviations and assumptions:
     - --prompt-depth 0 (or --gen-layers 0 --shared-layers 0): no prompts, the frozen ViLT baseline of Table 2.
       Tiny backbones clamp the layer counts.
 
+Use from your own code (README, "Use a method in your own code"): `MemPrompt(bb, num_outputs, length, memory_size,
+top_n, depth, placement, softmax_over)` on a frozen `common.load_vilt()` / `load_clip()` backbone, after
+`resolve_defaults(args)`; `model(batch)["logits"]`; loss `common.task_loss`; no pre-pass. Copy this file with
+common.py and data.py.
+
 Usage: python memprompt.py --dataset food101 --missing text --rate 0.7 --test-missing image   (Table 1, cross case)
        python memprompt.py --dataset toy --backbone tiny-vilt                                  (offline, CPU)
 """

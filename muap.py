@@ -42,6 +42,11 @@ Deviations and assumptions (one line each; the paper leaves these open; ASSUMPTI
     - Recipe as MAP's code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
     - The single-stage snapshots are written to OUT/teacher-<stage>.safetensors, which --resume reads back.
 
+Use from your own code (README, "Use a method in your own code"): `MuAP(bb, num_outputs, fusion, length, depth)` on a
+frozen `common.load_vilt()` / `load_clip()` backbone; stages by `set_stage(model, text, image)`, teachers by
+`snapshot(model)` into `model.teachers`; losses `common.task_loss` (single stages) and `alignment_loss` (alignment,
+`main` shows the order); no pre-pass. Copy this file with common.py and data.py.
+
 Usage: python muap.py --dataset food101 --missing both --rate 0.7 --fusion head     (ViLT, the paper's setting)
        python muap.py --dataset toy --backbone tiny-vilt --epochs 4 --batch-size 16   (offline, on CPU)
 """

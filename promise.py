@@ -47,6 +47,12 @@ Deviations and assumptions:
       blocks never see a dummy.
     - Recipe (README): Adam without weight decay, val once per epoch, MM-IMDb per plot; ViLT: LN eps 1e-6, no dropout.
 
+Use from your own code (README, "Use a method in your own code"): `PROMISE(bb, num_outputs, args)` on a frozen
+`common.load_clip()` / `load_vilt()` backbone; loss `promise_loss(out, batch, task, args)`; training batches carry
+an augmented view as `aug_*` keys (`PromiseCollate(common.Collate(...), args)` on items with a "view"); the feature
+cache as a plain call: `unimodal_features(bb, batch)`, passed as `feat_image` / `feat_text` (+ `_a` in training).
+Copy this file with common.py and data.py.
+
 Usage: python promise.py --dataset food101 --missing both --rate 0.7 --cache-features    (CLIP ViT-L/14)
        python promise.py --dataset toy --backbone tiny-clip --cache-features             (offline, CPU, seconds)
 """

@@ -50,6 +50,10 @@ Assumptions (the paper is silent; each also marked ASSUMPTION where it is coded)
     - CLIP: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
     - Recipe (README): DCP's no-decay names, val once per epoch, MM-IMDb per plot; on ViLT LN eps 1e-6, no dropout.
 
+Use from your own code (README, "Use a method in your own code"): `SyP(bb, num_outputs, length, depth, r)` on a
+frozen `common.load_clip()` / `load_vilt()` backbone; `model(batch)["logits"]`; loss `common.task_loss`; no
+pre-pass. Copy this file with common.py and data.py.
+
 Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's backbone)
        python syp.py --dataset food101 --missing both --rate 0.7            (the paper's main table: 82.45)
        python syp.py --dataset food101 --missing both --rate 0.5 --no-static   (Table 3, dynamic prompt only)

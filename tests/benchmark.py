@@ -1,5 +1,6 @@
-"""Speed and memory of every method against the frozen backbone's floors, and image loading with and without the
-uint8 image cache (issue 11). Not a test: pytest collects test_*.py only.
+"""Speed and memory of every method against the frozen backbone's floors, the official measurements'
+configurations (presets), a one-command GPU check, and image loading with and without the uint8 image cache.
+Not a test: pytest collects test_*.py only (tests/test_benchmark.py runs the GPU check's tiny CPU configuration).
 
 Real-size open_clip ViT-B-16 (QuickGELU) and HF ViltModel(ViltConfig()), random weights (cost does not depend on them);
 synthetic batches of the real shapes, missing codes 0/1/2 in turn with common.Collate's dummy inputs, 101 classes.
@@ -16,10 +17,20 @@ Variants: map-attn (MAP's attention-level prompts); muap is a step with both pro
 alignment stage (the teachers' logits looked up: muap.py computes them once per stage, one pass over train, not
 timed here). PROMISE runs its encoder path (no --cache-features): batches carry aug_* copies.
 
+--preset NAME: the configuration at which an official implementation was measured (PRESETS: its text length, image
+size, prompt sizes, task, batch 4, 2 threads, 2 warm-ups, median of 5), our ratios printed next to the official ones.
+--gpu-check: every method x backbone x dataset size, a few bf16 training and inference steps; checks finite losses
+and logits and an unchanged frozen backbone; prints step times, samples/s, peak memory, ratios to the floors,
+host-device syncs per step (CUDA: torch.cuda.set_sync_debug_mode) and a 20-epoch Food-101 wall-time estimate.
+Exit status 1 if a check fails. On CPU it runs tiny backbones at tiny sizes (--size tiny), as the test suite does.
+
 Usage:
     python tests/benchmark.py                                 # GPU: batch 32, bf16, every method, both backbones
     python tests/benchmark.py --quick --threads 2             # CPU: batch 2, 1 warm-up, median of 3, no variants
     python tests/benchmark.py --quick --methods map,aoept --backbones clip --out runs/benchmark.json
+    python tests/benchmark.py --preset all                    # CPU: the official measurements' configurations
+    python tests/benchmark.py --preset map-hatememes --quick  # 1 warm-up, median of 3
+    python tests/benchmark.py --device cuda --gpu-check       # real sizes, bf16, batch 32; --datasets to restrict
     python tests/benchmark.py --images                        # images/s: JPEG decode + preprocess vs the cache
     python tests/benchmark.py --sdpa --quick --text-len 512 --batch-size 4 --threads 2 --warmup 0
                                                               # ViLT floor (b): bb.block (SDPA) vs HF's eager layer
@@ -28,12 +39,14 @@ import argparse
 import contextlib
 import ctypes
 import importlib
+import math
 import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -48,19 +61,65 @@ METHODS = ("map", "map-attn", "muap", "muap-align", "memprompt", "syp", "aoept",
 ROW_KEYS = ("method", "backbone", "train_s", "infer_s", "train_ratio_floor", "train_ratio_token_floor",
             "infer_ratio_floor", "infer_ratio_token_floor", "peak_mem_ratio_floor", "trainable_params")
 
+# The official implementations' CPU measurements (2 threads, batch 4, random-init real-size backbones, 2 warm-ups,
+# median of 5, method and floor interleaved), training and inference step / floor, and the configuration of each:
+# MAP's Hateful Memes config (YiLunLee/missing_aware_prompts @9aa5381, config.py: max_text_len 128, 384 images,
+# prompt_length 16, prompt_layers 0-5); AOEPT's MM-IMDb text-missing configs (Jian-Lang/AOEPT @b312905,
+# core/model/AOEPT/AOEPT_{CLIP,ViLT}_MMIMDB_text.yaml: L 12 / 8 prompt tokens, depth 4 / 6, seq_len 77; the cluster
+# files hold K = 128 / 256 prototypes). Both AOEPT configs also train L shared prompt tokens (use_shared_prompt, on
+# by default there), which aoept.py does not have: its towers carry L prompt tokens where the official carry 2 L.
+PRESETS = {
+    "map-hatememes": {
+        "method": "map", "backbone": "vilt", "text_len": 128, "image": (384, 384), "outputs": 2, "task": "binary",
+        "missing": "both", "argv": ["--dataset", "hatememes", "--prompt-type", "input", "--prompt-length", "16",
+                                    "--prompt-depth", "6"],
+        "config": "ViLT, text 128, 384x384, input prompts 16 x 6 layers", "official": ("1.34-1.38", "1.31-1.33")},
+    "aoept-clip-mmimdb-text": {
+        "method": "aoept", "backbone": "clip", "text_len": 77, "image": (224, 224), "outputs": 23,
+        "task": "multilabel", "missing": "text",
+        "argv": ["--dataset", "mmimdb", "--missing", "text", "--prompt-length", "12", "--prompt-depth", "4",
+                 "--clusters", "128"],
+        "config": "CLIP ViT-B/16, text 77, 224x224, M 12 x 4 layers, K 128", "official": ("1.22-1.23", "1.19-1.22")},
+    "aoept-vilt-mmimdb-text": {
+        "method": "aoept", "backbone": "vilt", "text_len": 77, "image": (384, 384), "outputs": 23,
+        "task": "multilabel", "missing": "text",
+        "argv": ["--dataset", "mmimdb", "--missing", "text", "--prompt-length", "8", "--prompt-depth", "6",
+                 "--clusters", "256"],
+        "config": "ViLT, text 77, 384x384, M 8 x 6 layers, K 256", "official": ("1.12", "1.08-1.11")},
+}
+MISSING_CODES = {"both": (0, TEXT_MISSING, IMAGE_MISSING), "text": (TEXT_MISSING, 0), "image": (IMAGE_MISSING, 0)}
+
+# GPU check sizes: dataset -> (ViLT text tokens (common.VILT_MAX_TEXT_LEN), outputs, task). CLIP: 77 tokens at 224;
+# ViLT: the largest image the pixelbert resize makes (384 x 640). Tiny: tiny-clip / tiny-vilt at their own sizes.
+CHECK_DATASETS = {"food101": (common.VILT_MAX_TEXT_LEN["food101"], 101, "multiclass"),
+                  "hatememes": (common.VILT_MAX_TEXT_LEN["hatememes"], 2, "binary"),
+                  "mmimdb": (common.VILT_MAX_TEXT_LEN["mmimdb"], 23, "multilabel")}
+REAL_SIZES = {"vilt_image": (384, 640), "tiny_text": 40, "tiny_vilt_image": (32, 48)}
+# UPMC Food-101 split sizes (data.py): 67,988 official train rows less 16 without a title, floor(10%) of each class to
+# validation; test 22,716. About: the estimate needs no more.
+FOOD101_SIZES = {"train": 61_200, "val": 6_800, "test": 22_716}
+EPOCHS = 20
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="default 32; 2 with --quick")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32; 2 with --quick; 4 with --preset")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast; default bf16 on CUDA")
     p.add_argument("--methods", nargs="+", default=None, help=f"of {', '.join(METHODS)} (or a,b); --quick: no variants")
     p.add_argument("--backbones", nargs="+", default=["clip", "vilt"], choices=["clip", "vilt"])
     p.add_argument("--text-len", type=int, default=40, help="L_t of the ViLT batches (positions extended past 40)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--warmup", type=int, default=None, help="default 2; 1 with --quick")
-    p.add_argument("--repeats", type=int, default=None, help="default 5; 3 with --quick")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 2 with --preset)")
+    p.add_argument("--warmup", type=int, default=None, help="default 2; 1 with --quick or --gpu-check")
+    p.add_argument("--repeats", type=int, default=None, help="default 5; 3 with --quick or --gpu-check")
     p.add_argument("--quick", action="store_true", help="CPU-sized: batch 2, 1 warm-up, median of 3, no variants")
+    p.add_argument("--preset", default=None, choices=list(PRESETS) + ["all"],
+                   help="an official measurement's configuration (batch 4, 2 threads, 2 warm-ups, median of 5)")
+    p.add_argument("--gpu-check", action="store_true", help="every method x backbone x dataset: checks and timings")
+    p.add_argument("--datasets", nargs="+", default=list(CHECK_DATASETS), choices=list(CHECK_DATASETS),
+                   help="--gpu-check: the datasets whose sizes are run")
+    p.add_argument("--size", default=None, choices=["real", "tiny"],
+                   help="backbones and inputs (default: real on CUDA, tiny on CPU for --gpu-check, real otherwise)")
     p.add_argument("--images", action="store_true", help="only the image-loading benchmark")
     p.add_argument("--sdpa", action="store_true", help="only the ViLT training floor: SDPA block vs HF eager ViltLayer")
     p.add_argument("--num-images", type=int, default=300, help="generated JPEGs for --images")
@@ -68,87 +127,109 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.methods = [m for a in args.methods for m in a.split(",") if m] if args.methods else \
         [m for m in METHODS if not (args.quick and "-" in m)]
-    args.batch_size = args.batch_size or (2 if args.quick else 32)
-    args.warmup = (1 if args.quick else 2) if args.warmup is None else args.warmup
-    args.repeats = args.repeats or (3 if args.quick else 5)
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)}; use any of {', '.join(METHODS)}")
+    short, cuda = args.quick or args.gpu_check, args.device.startswith("cuda")
+    args.batch_size = args.batch_size or (4 if args.preset or (args.gpu_check and not cuda) else 2 if args.quick else 32)
+    args.warmup = (1 if short else 2) if args.warmup is None else args.warmup
+    args.repeats = args.repeats or (3 if short else 5)
+    args.threads = args.threads or (2 if args.preset else None)
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.size = args.size or ("tiny" if args.gpu_check and not cuda else "real")
     return args
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Backbones, batches, methods
 # ---------------------------------------------------------------------------------------------------------
-def build_backbone(name, text_len):
+def build_backbone(name, text_len, size="real", clip_model="ViT-B-16"):
+    """Random-init real-size backbone (ViLT positions extended to text_len), or tiny-clip / tiny-vilt."""
+    if size == "tiny":
+        bb = common.load_clip("tiny-clip", "") if name == "clip" else common.load_vilt("tiny-vilt")
+        if name == "vilt":
+            common.extend_text_positions(bb, text_len)
+        return bb
     if name == "clip":
         import open_clip
-        model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None, force_quick_gelu=True)
-        info = {"backbone": "clip", "model": "ViT-B-16", "pretrained": "", "quick_gelu": True}
-        return common.FrozenCLIP(model, open_clip.get_tokenizer("ViT-B-16"), preprocess, info)
+        model, _, preprocess = open_clip.create_model_and_transforms(clip_model, pretrained=None, force_quick_gelu=True)
+        info = {"backbone": "clip", "model": clip_model, "pretrained": "", "quick_gelu": True}
+        return common.FrozenCLIP(model, open_clip.get_tokenizer(clip_model), preprocess, info)
     from transformers import ViltConfig, ViltModel
     bb = common.FrozenViLT(ViltModel(ViltConfig()), common.tiny_vilt_tokenizer(), {"backbone": "vilt", "model": "random"})
     common.extend_text_positions(bb, text_len)
     return bb
 
 
-def synthetic_batch(bb, B, text_len, device):
-    """Codes 0, 1, 2 in turn with the dummy inputs ('' and an all-ones image), texts of varied length, padding."""
+def synthetic_batch(bb, B, text_len, device, image=None, outputs=NUM_CLASSES, task=TASK, missing="both"):
+    """Missing codes in turn (both: 0, 1, 2) with the dummy inputs ('' and an all-ones image), texts of varied
+    length, padding. image: ViLT (H, W), default S x S; CLIP always its own size. Labels of the task."""
     g = torch.Generator().manual_seed(0)
-    missing = torch.arange(B) % 3
+    codes = MISSING_CODES[missing]
+    missing = torch.tensor([codes[k % len(codes)] for k in range(B)])
     lengths = [0 if missing[k] == TEXT_MISSING else 8 + 13 * k % 30 for k in range(B)]   # words between the ends
-    batch = {"missing": missing, "label": torch.randint(NUM_CLASSES, (B,), generator=g)}
+    if task == "multilabel":
+        label = (torch.rand(B, outputs, generator=g) < 0.2).float()
+    else:
+        label = torch.randint(outputs, (B,), generator=g)
+    batch = {"missing": missing, "label": label}
     if bb.kind == "clip":
         ids = torch.zeros(B, 77, dtype=torch.long)                  # SOT words EOT, then zeros
         for k, n in enumerate(lengths):
             ids[k, 0], ids[k, 1:n + 1], ids[k, n + 1] = 49406, torch.randint(1, 49406, (n,), generator=g), 49407
         batch.update(text=ids, image=torch.randn(B, 3, bb.image_size, bb.image_size, generator=g))
     else:
-        tok, S = bb.tokenizer, bb.shorter
+        tok, (H, W) = bb.tokenizer, image or (bb.shorter, bb.shorter)
         ids = torch.randint(len(tok.all_special_ids), bb.vilt.config.vocab_size, (B, text_len), generator=g)
         mask = torch.zeros(B, text_len, dtype=torch.long)
         for k, n in enumerate(lengths):
             n = min(n, text_len - 2)
             ids[k, 0], ids[k, n + 1], ids[k, n + 2:], mask[k, :n + 2] = tok.cls_token_id, tok.sep_token_id, 0, 1
-        batch.update(input_ids=ids, text_mask=mask, image=torch.randn(B, 3, S, S, generator=g),
-                     pixel_mask=torch.ones(B, S, S, dtype=torch.long))
+        batch.update(input_ids=ids, text_mask=mask, image=torch.randn(B, 3, H, W, generator=g),
+                     pixel_mask=torch.ones(B, H, W, dtype=torch.long))
     batch["image"][missing == IMAGE_MISSING] = 1.0
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["ids"] = [f"sample-{k}" for k in range(B)]                # sample ids, as common.Collate gives them
     return {**batch, **{f"aug_{k}": v for k, v in batch.items()}}  # PROMISE's augmented view; others ignore it
 
 
-def build_method(name, bb, device, batch):
-    """-> (model on device, loss_fn(out, batch), the method's args), through the method file's own classes."""
+def method_args(name, argv=("--dataset", "food101")):
     mod = importlib.import_module(name.split("-")[0])
+    return mod, mod.parser().parse_args(list(argv) + (["--prompt-type", "attention"] if name == "map-attn" else []))
+
+
+def build_method(name, bb, device, batch, argv=("--dataset", "food101"), outputs=NUM_CLASSES, task=TASK):
+    """-> (model on device, loss_fn(out, batch), the method's args), through the method file's own classes."""
+    mod, a = method_args(name, argv)
     kind = mod.__name__
-    a = mod.parser().parse_args(["--dataset", "food101"] + (["--prompt-type", "attention"] if name == "map-attn" else []))
 
     def task_loss(out, batch):
-        return common.task_loss(out["logits"], batch["label"], TASK)
+        return common.task_loss(out["logits"], batch["label"], task)
     if kind == "map":
-        return mod.MAP(bb, NUM_CLASSES, a.prompt_type, a.prompt_length, a.prompt_depth).to(device), task_loss, a
+        return mod.MAP(bb, outputs, a.prompt_type, a.prompt_length, a.prompt_depth).to(device), task_loss, a
     if kind == "muap":
-        model = mod.MuAP(bb, NUM_CLASSES, a.fusion, a.prompt_length, a.prompt_depth, a.head_combine).to(device)
+        model = mod.MuAP(bb, outputs, a.fusion, a.prompt_length, a.prompt_depth, a.head_combine).to(device)
         mod.set_stage(model, text=True, image=True)
         if name != "muap-align":
             return model, task_loss, a
         with torch.no_grad():                                       # the teachers' logits, computed once per stage
             y_t, y_v = (mod.snapshot(model)(batch)["logits"].float() for _ in range(2))
         model.teachers = mod.TeacherTable(batch["ids"], y_t, y_v)
-        return model, lambda out, batch: mod.alignment_loss(out, batch["label"], TASK, a.lambda_t, a.lambda_v), a
+        return model, lambda out, batch: mod.alignment_loss(out, batch["label"], task, a.lambda_t, a.lambda_v), a
     if kind == "memprompt":
         a = mod.resolve_defaults(a)
-        return mod.MemPrompt(bb, NUM_CLASSES, a.prompt_length, a.memory_size, a.top_n, a.prompt_depth, a.placement,
+        return mod.MemPrompt(bb, outputs, a.prompt_length, a.memory_size, a.top_n, a.prompt_depth, a.placement,
                              a.softmax_over).to(device), task_loss, a
     if kind == "syp":
-        return mod.SyP(bb, NUM_CLASSES, a.prompt_length, a.prompt_depth, a.reduction, dynamic=not a.no_dynamic,
+        return mod.SyP(bb, outputs, a.prompt_length, a.prompt_depth, a.reduction, dynamic=not a.no_dynamic,
                        static=not a.no_static, adapter=not a.no_adapter).to(device), task_loss, a
     if kind == "aoept":
         depth = min(a.prompt_depth, bb.num_layers)
         D_t, D_v = (bb.width_text, bb.width_image) if bb.kind == "clip" else (bb.width, bb.width)
         bank = {"text": torch.randn(depth, a.clusters, D_t), "image": torch.randn(depth, a.clusters, D_v)}  # K-means'
-        return mod.AOEPT(bb, bank, NUM_CLASSES, a, depth).to(device), mod.make_loss(a.cr_weight, TASK), a
+        return mod.AOEPT(bb, bank, outputs, a, depth).to(device), mod.make_loss(a.cr_weight, task), a
     if kind == "promise":
-        return mod.PROMISE(bb, NUM_CLASSES, a).to(device), lambda out, batch: mod.promise_loss(out, batch, TASK, a), a
+        return mod.PROMISE(bb, outputs, a).to(device), lambda out, batch: mod.promise_loss(out, batch, task, a), a
     raise ValueError(f"unknown method {name}; use one of {METHODS}")
 
 
@@ -245,6 +326,7 @@ def trainer(model, loss_fn, margs, batch, precision):
             torch.nn.utils.clip_grad_norm_(params, margs.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
     return step
 
 
@@ -254,7 +336,7 @@ def inferer(forward, batch, precision):
         if isinstance(forward, nn.Module):
             forward.eval()
         with precision():
-            forward(batch)
+            return forward(batch)
     return step
 
 
@@ -310,15 +392,20 @@ def peak_memory(fn, device):
     return max(peak[0], rss()) - start
 
 
-def benchmark(name, bb, batch, args, device):
-    precision = contextlib.nullcontext if args.dtype == "fp32" else \
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-    model, loss_fn, margs = build_method(name, bb, device, batch)
+def precision_of(args, device):
+    if args.dtype == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def benchmark(name, bb, batch, args, device, argv=("--dataset", "food101"), outputs=NUM_CLASSES, task=TASK):
+    precision = precision_of(args, device)
+    model, loss_fn, margs = build_method(name, bb, device, batch, argv, outputs, task)
     extra = extra_tokens(model, bb, batch)
-    floor, token_floor = Floor(bb, NUM_CLASSES).to(device), Floor(bb, NUM_CLASSES, extra).to(device)
+    floor, token_floor = Floor(bb, outputs).to(device), Floor(bb, outputs, extra).to(device)
 
     def floor_loss(out, batch):
-        return common.task_loss(out["logits"], batch["label"], TASK)
+        return common.task_loss(out["logits"], batch["label"], task)
     calls = {"train": trainer(model, loss_fn, margs, batch, precision),
              "train_floor": trainer(floor, floor_loss, margs, batch, precision),
              "train_token_floor": trainer(token_floor, floor_loss, margs, batch, precision),
@@ -344,6 +431,180 @@ def markdown(rows):
         cells = [f"{r[k]:.3f}" for k in ROW_KEYS[2:4]] + [f"{r[k]:.2f}" for k in ROW_KEYS[4:9]]
         tokens = "/".join(str(max(v)) for v in r["extra_tokens"].values())
         lines.append(f"| {r['method']} | {r['backbone']} | {' | '.join(cells)} | {r['trainable_params']:,} | {tokens} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets: the official measurements' configurations, ours next to theirs
+# ---------------------------------------------------------------------------------------------------------
+def run_presets(args, device):
+    rows = []
+    for name in PRESETS if args.preset == "all" else [args.preset]:
+        pre = PRESETS[name]
+        bb = build_backbone(pre["backbone"], pre["text_len"], args.size).to(device)
+        image = pre["image"] if args.size == "real" else None
+        batch = synthetic_batch(bb, args.batch_size, pre["text_len"], device, image, pre["outputs"], pre["task"],
+                                pre["missing"])
+        row = benchmark(pre["method"], bb, batch, args, device, pre["argv"], pre["outputs"], pre["task"])
+        config = pre["config"] + ("" if args.size == "real" else " (tiny backbone: not comparable)")
+        rows.append({"preset": name, "config": config, "official_train_ratio_floor": pre["official"][0],
+                     "official_infer_ratio_floor": pre["official"][1], **row})
+        print(preset_markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)   # each as it comes
+    return rows
+
+
+def preset_markdown(rows):
+    lines = ["| preset | configuration | train/floor | official | infer/floor | official | train/token floor | "
+             "extra tokens (max) |", "|" + "---|" * 8]
+    for r in rows:
+        tokens = "/".join(str(max(v)) for v in r["extra_tokens"].values())
+        lines.append(f"| {r['preset']} | {r['config']} | {r['train_ratio_floor']:.2f} | "
+                     f"{r['official_train_ratio_floor']} | {r['infer_ratio_floor']:.2f} | "
+                     f"{r['official_infer_ratio_floor']} | {r['train_ratio_token_floor']:.2f} | {tokens} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU check: every method x backbone x dataset size, a few steps; finite, frozen, timings, syncs, an estimate
+# ---------------------------------------------------------------------------------------------------------
+def frozen_state(bb):
+    return {k: v.detach().clone() for k, v in bb.state_dict().items()}
+
+
+def frozen_changes(bb, reference):
+    """Names of the backbone's tensors that changed, train, or hold a gradient since `reference` was taken."""
+    changed = [k for k, v in bb.state_dict().items() if not torch.equal(v, reference[k])]
+    return changed + [n for n, p in bb.named_parameters() if p.requires_grad or p.grad is not None]
+
+
+def all_finite(tensors):
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def syncs(fn, device):
+    """Host-device synchronisations in one call of fn: torch.cuda.set_sync_debug_mode warns on each (it misses
+    some, torch says); None on CPU, where there is no device to wait for."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def check_sizes(dataset, kind, size):
+    """-> (text_len, ViLT image (H, W) or None, outputs, task) of the GPU check for one dataset and backbone."""
+    text_len, outputs, task = CHECK_DATASETS[dataset]
+    if size == "tiny":
+        return REAL_SIZES["tiny_text"], REAL_SIZES["tiny_vilt_image"] if kind == "vilt" else None, outputs, task
+    return (77, None, outputs, task) if kind == "clip" else (text_len, REAL_SIZES["vilt_image"], outputs, task)
+
+
+def check_method(name, bb, batch, args, device, dataset, outputs, task, reference):
+    precision = precision_of(args, device)
+    model, loss_fn, margs = build_method(name, bb, device, batch, ["--dataset", dataset], outputs, task)
+    floor = Floor(bb, outputs).to(device)
+
+    def floor_loss(out, batch):
+        return common.task_loss(out["logits"], batch["label"], task)
+    calls = {"train": trainer(model, loss_fn, margs, batch, precision),
+             "train_floor": trainer(floor, floor_loss, margs, batch, precision),
+             "infer": inferer(model, batch, precision), "infer_bare": inferer(bb.encode, batch, precision)}
+    losses = [calls["train"]() for _ in range(args.warmup + 1)]      # the checked steps
+    logits = [calls["infer"]()["logits"] for _ in range(2)]
+    t = measure(calls, device, 0, args.repeats)
+    memory = {k: peak_memory(calls[k], device) for k in ("train", "train_floor")}
+    changed = frozen_changes(bb, reference)
+    B = len(batch["missing"])
+    return {"dataset": dataset, "method": name, "backbone": bb.kind, "model": bb.info.get("model"), "batch": B,
+            "finite": all_finite(losses + logits), "frozen": not changed, "changed": changed[:5],
+            "losses": [float(x) for x in losses], "train_s": t["train"], "infer_s": t["infer"],
+            "train_samples_per_s": B / t["train"], "infer_samples_per_s": B / t["infer"],
+            "train_ratio_floor": t["train"] / t["train_floor"], "infer_ratio_bare": t["infer"] / t["infer_bare"],
+            "floor_train_s": t["train_floor"], "bare_infer_s": t["infer_bare"],
+            "peak_mem_mb": memory["train"] / 2 ** 20, "peak_mem_ratio_floor": memory["train"] / max(1, memory["train_floor"]),
+            "syncs_train": syncs(calls["train"], device), "syncs_infer": syncs(calls["infer"], device),
+            "trainable_params": common.count_trainable(model)}
+
+
+def estimate_hours(rows, epochs=EPOCHS, sizes=FOOD101_SIZES):
+    """Food-101 wall time of an `epochs`-epoch run per method x backbone, compute only (data loading hidden by the
+    workers or --cache-images): per epoch train/B training steps and val/B inference steps, then test/B; AOEPT adds
+    its bank pass (train/B bare forwards); MuAP trains 1/4 + 1/4 of the epochs single-stage, 1/2 aligned (muap.py's
+    default 5/5/10) when muap-align was measured; PROMISE is its encoder path (--cache-features is faster)."""
+    by = {(r["method"], r["backbone"]): r for r in rows if r["dataset"] == "food101" and "error" not in r}
+    out = {}
+    for (name, kind), r in by.items():
+        if name == "muap-align":                                    # a stage of muap, not a run
+            continue
+        steps = {k: math.ceil(n / r["batch"]) for k, n in sizes.items()}
+        epoch = {name: steps["train"] * r["train_s"]}
+        if name == "muap" and ("muap-align", kind) in by:
+            quarter = max(1, epochs // 4)
+            train = 2 * quarter * r["train_s"] + (epochs - 2 * quarter) * by["muap-align", kind]["train_s"]
+            total = steps["train"] * train
+        else:
+            total = epochs * epoch[name]
+        total += epochs * steps["val"] * r["infer_s"] + steps["test"] * r["infer_s"]
+        if name == "aoept":
+            total += steps["train"] * r["bare_infer_s"]
+        out[f"{name}/{kind}"] = total / 3600
+    return out
+
+
+def gpu_check(args, device):
+    rows = []
+    for dataset in args.datasets:
+        for kind in args.backbones:
+            text_len, image, outputs, task = check_sizes(dataset, kind, args.size)
+            models = {}                                             # clip model -> methods (PROMISE: ViT-L-14)
+            for name in args.methods:
+                clip_model = method_args(name, ["--dataset", dataset])[1].clip_model if kind == "clip" else ""
+                models.setdefault(clip_model, []).append(name)
+            for clip_model, names in models.items():
+                bb = build_backbone(kind, text_len, args.size, clip_model or "ViT-B-16").to(device)
+                batch = synthetic_batch(bb, args.batch_size, text_len, device, image, outputs, task)
+                reference = frozen_state(bb)
+                for name in names:
+                    try:
+                        rows.append(check_method(name, bb, batch, args, device, dataset, outputs, task, reference))
+                    except Exception as e:                          # report it, check the rest
+                        rows.append({"dataset": dataset, "method": name, "backbone": kind,
+                                     "error": f"{type(e).__name__}: {e}"[:300]})
+                    print(f"gpu-check {dataset} {name} on {kind}: {rows[-1].get('error', 'done')}", file=sys.stderr,
+                          flush=True)
+                del bb, batch, reference
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def check_ok(row):
+    return "error" not in row and row["finite"] and row["frozen"]
+
+
+def check_markdown(rows, hours):
+    def cell(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+    lines = ["| dataset | method | backbone | ok | train s | samples/s | infer s | train/floor | infer/bare | "
+             "peak MB | mem/floor | syncs train/infer |", "|" + "---|" * 12]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['dataset']} | {r['method']} | {r['backbone']} | error: {r['error']} |" + " |" * 8)
+            continue
+        ok = "yes" if check_ok(r) else ("not finite " if not r["finite"] else "") + \
+            (f"frozen changed: {', '.join(r['changed'])}" if not r["frozen"] else "")
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['backbone']} | {ok} | {r['train_s']:.3f} | "
+                     f"{r['train_samples_per_s']:.1f} | {r['infer_s']:.3f} | {r['train_ratio_floor']:.2f} | "
+                     f"{r['infer_ratio_bare']:.2f} | {r['peak_mem_mb']:.0f} | {r['peak_mem_ratio_floor']:.2f} | "
+                     f"{cell(r['syncs_train'], 'd')}/{cell(r['syncs_infer'], 'd')} |")
+    lines += ["", f"Estimated {EPOCHS}-epoch Food-101 run (compute only, this device and batch):", ""]
+    lines += [f"- {k}: {v:.2f} h" for k, v in hours.items()]
     return "\n".join(lines)
 
 
@@ -432,15 +693,24 @@ def main(argv=None):
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu, {torch.get_num_threads()} threads", "batch_size": args.batch_size, "dtype": args.dtype,
-              "warmup": args.warmup, "repeats": args.repeats, "text_len": args.text_len}
+              "warmup": args.warmup, "repeats": args.repeats, "text_len": args.text_len, "size": args.size}
     if args.images:
         result["images"] = image_loading(args)
     elif args.sdpa:
         result["sdpa"] = sdpa_vs_eager(args, device)
+    elif args.preset:
+        result["presets"] = rows = run_presets(args, device)
+        print(preset_markdown(rows))
+    elif args.gpu_check:
+        result["checks"] = rows = gpu_check(args, device)
+        result["food101_hours"] = hours = estimate_hours(rows)
+        result["ok"] = all(check_ok(r) for r in rows)
+        print(check_markdown(rows, hours))
+        print(f"gpu-check: {sum(map(check_ok, rows))}/{len(rows)} passed", flush=True)
     else:
         result["rows"] = rows = []
         for name in args.backbones:
-            bb = build_backbone(name, args.text_len).to(device)
+            bb = build_backbone(name, args.text_len, args.size).to(device)
             batch = synthetic_batch(bb, args.batch_size, args.text_len, device)
             for method in args.methods:
                 t0 = time.perf_counter()
@@ -458,4 +728,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main().get("ok", True) else 1)
