@@ -258,7 +258,6 @@ def test_cr_gradient_of_a_global_batch_equals_four_ranks_of_a_quarter(tmp_path):
     under DDP (the CR vectors gathered across ranks, u with its gradient). Without the gather, each rank's InfoNCE
     would only see its own 4 samples and the gradients would differ."""
     import socket
-    import torch._dynamo  # noqa: F401  (DDP's first construction imports it: once here, not in each forked rank)
     import torch.multiprocessing as mp
     torch.manual_seed(0)
     model = CRToy()
@@ -268,7 +267,7 @@ def test_cr_gradient_of_a_global_batch_equals_four_ranks_of_a_quarter(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(cr_rank, args=(4, port, state, str(tmp_path / "g.pt")), nprocs=4, start_method="fork")
+    mp.start_processes(cr_rank, args=(4, port, state, str(tmp_path / "g.pt")), nprocs=4, start_method="spawn")
     grads = torch.load(tmp_path / "g.pt")
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-5), n
