@@ -237,16 +237,17 @@ def build_method(name, bb, device, batch, argv=("--dataset", "food101"), outputs
 # Floors: the frozen backbone, one learnable vector per stream, plain learnable tokens per layer, a linear head
 # ---------------------------------------------------------------------------------------------------------
 def streams(bb):
-    """{stream: (width, the library's block modules)}."""
+    """{stream: (width, one module per layer that receives the layer's input first)}: CLIP's blocks; ViLT's
+    layernorm_before (FrozenViLT.block runs the layer's submodules through SDPA, never the ViltLayer itself)."""
     if bb.kind == "clip":
         return {"image": (bb.width_image, bb.model.visual.transformer.resblocks),
                 "text": (bb.width_text, bb.model.transformer.resblocks)}
-    return {"joint": (bb.width, bb.vilt.encoder.layer)}
+    return {"joint": (bb.width, [layer.layernorm_before for layer in bb.vilt.encoder.layer])}
 
 
 @torch.no_grad()
 def sequence_lengths(forward, bb, batch):
-    """{stream: [longest sequence entering block i during forward(batch)]} (SyP also runs a prompt-free pass)."""
+    """{stream: [longest sequence entering block i during forward(batch)]}."""
     lengths = {s: [0] * bb.num_layers for s in streams(bb)}
 
     def hook(s, i):

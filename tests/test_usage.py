@@ -110,7 +110,7 @@ MUTATIONS = [
      "why": "the README example never steps the optimiser"},
     {"file": "README.md", "old": "loss = loss_fn(model(batch), batch)\nloss.backward()",
      "new": "loss = loss_fn(model(batch), batch)\nloss.detach()", "why": "the README example computes no gradient"},
-    {"file": "README.md", "old": "optimizer = common.make_optimizer([p for p in model.parameters() if p.requires_grad], a)",
-     "new": "optimizer = common.make_optimizer([p for p in model.parameters() if p.requires_grad][:1], a)",
+    {"file": "README.md", "old": "optimizer = common.make_optimizer(model, a)",
+     "new": "optimizer = torch.optim.AdamW([next(p for p in model.parameters() if p.requires_grad)], lr=a.lr)",
      "why": "the README example optimises one tensor of the method"},
 ]
