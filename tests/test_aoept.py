@@ -390,20 +390,40 @@ def test_only_method_modules_train_backbone_untouched(backbone):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Wiring, seen from forward hooks on the frozen layers and the gates
+# Wiring, seen on the frozen layers (hooks; ViLT: a wrapper of FrozenViLT.block) and the gates
 # ---------------------------------------------------------------------------------------------------------
+class _Unwrap:
+    """A handle like a hook's: remove() drops the wrapper of FrozenViLT.block again."""
+    def __init__(self, bb):
+        self.bb = bb
+
+    def remove(self):
+        del self.bb.block
+
+
 def record(model):
-    """Forward hooks: each frozen block's input and output, each gate call's (layer, source h, present)."""
+    """Each frozen block's input and output (CLIP: forward hooks on open_clip's resblocks; ViLT: a wrapper of
+    common.FrozenViLT.block, whose SDPA path runs the layer's submodules, never the ViltLayer module), each gate
+    call's (layer, source h, present)."""
     seen = {"in": {}, "out": {}, "gate_t": {}, "gate_v": {}}
-    blocks = ({"text": model.bb.model.transformer.resblocks, "image": model.bb.model.visual.transformer.resblocks}
-              if model.bb.kind == "clip" else {"joint": model.bb.vilt.encoder.layer})
-    handles = []
-    for tower, layers in blocks.items():
-        for l, block in enumerate(layers):
-            def hook(module, args, output, key=(tower, l)):
-                seen["in"][key] = args[0].detach().clone()
-                seen["out"][key] = (output[0] if isinstance(output, tuple) else output).detach().clone()
-            handles.append(block.register_forward_hook(hook))
+    bb, handles = model.bb, []
+    if bb.kind == "clip":
+        for tower, layers in {"text": bb.model.transformer.resblocks,
+                              "image": bb.model.visual.transformer.resblocks}.items():
+            for l, block in enumerate(layers):
+                def hook(module, args, output, key=(tower, l)):
+                    seen["in"][key] = args[0].detach().clone()
+                    seen["out"][key] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+                handles.append(block.register_forward_hook(hook))
+    else:
+        block = bb.block
+
+        def wrapped(l, x, bias, kv_prefix=None):
+            out = block(l, x, bias, kv_prefix)
+            seen["in"]["joint", l], seen["out"]["joint", l] = x.detach().clone(), out.detach().clone()
+            return out
+        bb.block = wrapped
+        handles.append(_Unwrap(bb))
     for name in ("gate_t", "gate_v"):
         def gate_hook(module, args, output, name=name):
             seen[name][args[0]] = (args[1].detach().clone(), args[2].clone(), output.detach().clone())
@@ -585,8 +605,10 @@ def test_recipe_defaults_and_explicit_flags():
     a = parse("--dataset", "mmimdb", "--prompt-length", "3", "--lr", "7e-4", "--max-text-len", "60", "--clusters", "9")
     assert (a.prompt_length, a.prompt_depth, a.lr, a.weight_decay, a.max_text_len, a.clusters) == (3, 4, 7e-4, 1e-4, 60, 9)
     assert parse().micro_batch is None                      # main sets it to the per-process share of the batch
-    opt = common.make_optimizer([torch.nn.Parameter(torch.zeros(1))], parse("--dataset", "mmimdb"))
-    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["weight_decay"] == 1e-4   # torch's AdamW betas
+    opt = common.make_optimizer(torch.nn.Linear(1, 1), parse("--dataset", "mmimdb"))
+    assert opt.defaults["betas"] == (0.9, 0.999)                                           # torch's AdamW betas
+    [group] = opt.param_groups                                  # the official get_optimizer: the bias decays too
+    assert group["weight_decay"] == 1e-4 and len(group["params"]) == 2
     with pytest.raises(SystemExit):
         parse("--prompt-depth", "0")
 

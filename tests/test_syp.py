@@ -2,7 +2,7 @@
 flags, the first-layer prompt of every variant against a per-sample loop over the paper's formulas (one S_d for
 both towers), X_C = the layer-0 token means of common.modality_tokens with the missing half zero and no extra
 encoder pass, a sample's logits blind to its missing modality, the layer-0 injection and F_i = LN(FC(GELU(FC(.))))
-of the tokens that left layer i-1 (recorded by hooks on the library's blocks), the head's input, the
+of the tokens that left layer i-1 (recorded on the library's blocks), the head's input, the
 classifier-only row equal to a head on the frozen features, and the standard outputs of the CLI."""
 import json
 import os
@@ -90,16 +90,28 @@ def backbone(kind):
     return load_clip("tiny-clip", "") if kind == "tiny-clip" else load_vilt("tiny-vilt")
 
 
-def blocks(bb):
-    return [bb.model.visual.transformer.resblocks, bb.model.transformer.resblocks] if bb.kind == "clip" \
-        else [bb.vilt.encoder.layer]
-
-
 def record(bb, fn):
-    """Run fn() with forward hooks on the library's blocks -> per tower (inputs, outputs) of every layer call."""
-    seen = [([], []) for _ in blocks(bb)]
+    """Run fn() recording every layer call of the library's blocks -> per tower (inputs, outputs). CLIP: forward
+    hooks on open_clip's resblocks; ViLT: a wrapper of common.FrozenViLT.block (its SDPA path calls the layer's
+    submodules, never the ViltLayer module, so hooks on encoder.layer would not fire)."""
+    if bb.kind != "clip":
+        seen, block = ([], []), bb.block
+
+        def wrapped(i, x, bias, kv_prefix=None):
+            out = block(i, x, bias, kv_prefix)
+            seen[0].append(x)
+            seen[1].append(out)
+            return out
+        bb.block = wrapped
+        try:
+            with torch.no_grad():
+                fn()
+        finally:
+            del bb.block
+        return {"joint": seen}
+    seen = [([], []) for _ in range(2)]
     hooks = []
-    for s, layers in enumerate(blocks(bb)):
+    for s, layers in enumerate([bb.model.visual.transformer.resblocks, bb.model.transformer.resblocks]):
         for block in layers:
             def hook(module, args, out, s=s):
                 seen[s][0].append(args[0])
@@ -111,7 +123,7 @@ def record(bb, fn):
     finally:
         for h in hooks:
             h.remove()
-    return dict(zip(["image", "text"] if bb.kind == "clip" else ["joint"], seen))
+    return dict(zip(["image", "text"], seen))
 
 
 def X_oracle(bb, batch):
@@ -179,7 +191,7 @@ def test_defaults_and_the_paper_rows_of_the_flags(capsys):
     assert syp.paper_variant(args) == "full" and syp.check_args(args) is None
     head = syp.SyP(backbone("tiny-clip"), 101).head                             # FC: N(0, 0.02), bias 0 (DCP)
     assert (head.bias == 0).all() and abs(float(head.weight.detach().std()) - 0.02) < 0.002
-    rows = {(): None, ("--no-static",): "dynamic-only", ("--no-dynamic",): "static-only",
+    rows = {(): "full", ("--no-static",): "dynamic-only", ("--no-dynamic",): "static-only",
             ("--no-static", "--no-adapter"): "base-only", ("--no-adapter",): "no-adapter",
             ("--no-dynamic", "--no-static", "--head", "cls"): "classifier-only",
             ("--head", "cls"): "full+head-cls", ("--no-static", "--prompt-length", "4"): "dynamic-only+prompt-length=4"}
