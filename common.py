@@ -989,8 +989,6 @@ def apply_checkpoint_config(args, argv):
         args.test_rate = config.get("test_rate")
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------
 # NM2I, AOEPT's diagnostic (AOEPT paper, its NM2I analysis): the official code has no estimator, so this one is ours;
 # any method whose forward returns "prompt_means" {modality: (B, N, D_m)} can be measured with --nm2i.

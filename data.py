@@ -620,9 +620,6 @@ def make_loader(run, dataset, batches):
                                        generator=torch.Generator().manual_seed(run.args.seed))
 
 
-
-
-
 def to_device(batch, device):
     non_blocking = device.type == "cuda"
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
