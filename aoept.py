@@ -69,10 +69,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (autocast, build_parser, cli, clip_text_mask, finish, fit, gather_rows, kmeans, make_loader,
-                    masked_mean, modality_tokens, rank_batches, read_checkpoint, save_tensors, setup, task_loss,
-                    to_device)
-from data import IMAGE_MISSING, TEXT_MISSING, DataError
+from common import (autocast, build_parser, cli, clip_text_mask, finish, fit, gather_rows, kmeans, masked_mean,
+                    modality_tokens, read_checkpoint, save_tensors, setup, task_loss)
+from data import IMAGE_MISSING, TEXT_MISSING, DataError, make_loader, rank_batches, to_device
 
 # --recipe official (header table): (backbone, dataset) -> M and lr per missing type (text, image, both), N, K, wd
 OFFICIAL = {

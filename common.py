@@ -1,6 +1,10 @@
-"""Shared pieces of the six method files: frozen backbones with per-layer access, preprocessing and the
-dummy inputs for a missing modality, metrics, and the run helpers (CLI, seeding, optimiser and schedule,
-training loop with accumulation / DDP / resume, evaluation, results and checkpoints).
+"""Shared pieces of the six method files, except the data side (data.py): the frozen backbones with per-layer access,
+metrics, the command line and the run (setup, training loop with accumulation / DDP / resume, evaluation, results and
+checkpoints), AOEPT's NM2I diagnostic, the robustness grid, seeds and summary, and the papers' numbers.
+Sections, in reading order: Backbones, Metrics, Command line, Files (checkpoints), Run setup, Precision / optimiser /
+schedule, Training loop, Resume, Evaluation, NM2I, Grid / seeds / summary, The papers' numbers, cli.
+A run goes method -> common (setup, fit, finish) -> data (datasets, missing tables, preprocessing, dummy inputs, image
+cache, loaders) and back.
 
 Nothing here is described by any of the papers; everything a paper describes lives in its method file.
 
@@ -29,10 +33,6 @@ With no prompts these reproduce open_clip's encode_image / encode_text and HF Vi
 
 Precision: the backbones and method modules run under the run's autocast (bf16 on CUDA); every similarity or
 contrastive logit is computed in fp32 with autocast off, through `fp32_logits`.
-
-Dummy inputs for a missing modality (one place, `Collate`): text -> "" (tokenises to start/end tokens and
-padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for ViLT, DCP
-for CLIP). SyP zeroes the missing tower's feature itself before its head, as DCP's code does (not its paper).
 """
 import argparse
 import collections
@@ -53,12 +53,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TEXT_MISSING, DataError,
-                  load_split, table_counts)
+from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TEXT_MISSING, CachedImages, Collate,
+                  DataError, atomic_write, global_batches, load_split, make_loader, rank_batches, rank_micro_batches,
+                  table_counts, to_device, write_json)
 
 # Paper max text lengths for ViLT (MAP config; MemPrompt Sec. 4.2). CLIP always uses its 77 tokens.
 VILT_MAX_TEXT_LEN = {"food101": 512, "mmimdb": 1024, "hatememes": 128}
@@ -334,159 +334,6 @@ def load_backbone(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Preprocessing and the dummy inputs (in DataLoader workers)
-# ---------------------------------------------------------------------------------------------------------
-def vilt_resize(img, bb):
-    """MAP's pixelbert resize: shorter side to S, longer <= 1333/800 S, floored to patch multiples, bicubic."""
-    w, h = img.size
-    scale = bb.shorter / min(w, h)
-    if max(w, h) * scale > bb.longer:
-        scale = bb.longer / max(w, h)
-    nw, nh = int(w * scale + 0.5), int(h * scale + 0.5)             # round, then floor to patch multiples
-    nw, nh = max(bb.patch, nw // bb.patch * bb.patch), max(bb.patch, nh // bb.patch * bb.patch)
-    return img.resize((nw, nh), Image.BICUBIC)
-
-
-def resize_image(img, bb):
-    """The geometric part of the backbone's preprocessing -> uint8 (H, W, 3). CLIP: its own Resize + CenterCrop."""
-    if bb.kind == "clip":
-        for t in bb.preprocess.transforms[:-2]:                     # all but ToTensor and Normalize
-            img = t(img)
-        return np.array(img.convert("RGB"), dtype=np.uint8)
-    return np.array(vilt_resize(img, bb), dtype=np.uint8)
-
-
-def normalise_image(arr, bb):
-    """uint8 (H, W, 3) -> normalised (3, H, W): CLIP's mean/std, ViLT's 0.5/0.5."""
-    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 255.0          # copy: memmaps are read-only
-    if bb.kind == "clip":
-        norm = bb.preprocess.transforms[-1]
-        return (x - torch.tensor(norm.mean)[:, None, None]) / torch.tensor(norm.std)[:, None, None]
-    return (x - 0.5) / 0.5
-
-
-def vilt_transform(img, bb):
-    return normalise_image(resize_image(img, bb), bb)
-
-
-class CachedImages(torch.utils.data.Dataset):
-    """--cache-images: a split whose images are decoded and resized once into a uint8 memory-mapped array for this
-    backbone's preprocessing (rebuilt when the files or the preprocessing change). Items carry the normalised
-    tensor; everything else (labels, missing table, ids) is the wrapped split's."""
-
-    def __init__(self, dataset, bb, folder, workers=0):
-        self.dataset, self.bb = dataset, bb
-        key = image_cache_key(dataset, bb)
-        base = os.path.join(folder, f"{dataset.name}-{dataset.split}-{key}")
-        if not os.path.isfile(base + ".json"):
-            build_image_cache(dataset, bb, base, workers)
-        with open(base + ".json") as f:
-            self.index = json.load(f)
-        self.array = np.memmap(base + ".u8", dtype=np.uint8, mode="r")
-        self._labels = dataset.labels()
-
-    def __getattr__(self, name):                                     # labels(), ids, missing, task, ...
-        return getattr(self.__dict__["dataset"], name)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        offset, h, w = self.index[i]
-        arr = self.array[offset:offset + h * w * 3].reshape(h, w, 3)
-        label = self._labels[i] if self.dataset.task == "multilabel" else int(self._labels[i])
-        return dict(id=self.dataset.ids[i], image=normalise_image(arr, self.bb), text=self.dataset.texts[i],
-                    label=label, missing=int(self.dataset.missing[i]))
-
-
-def image_cache_key(dataset, bb):
-    import hashlib
-    h = hashlib.sha256(json.dumps([bb.info, getattr(bb, "image_size", None), getattr(bb, "shorter", None),
-                                   str(getattr(bb, "preprocess", ""))]).encode())
-    for i, image in enumerate(dataset.images):
-        if isinstance(image, np.ndarray):
-            h.update(image.tobytes())
-        else:
-            st = os.stat(image)
-            h.update(f"{image}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-class _Resized(torch.utils.data.Dataset):
-    def __init__(self, dataset, bb):
-        self.dataset, self.bb = dataset, bb
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return resize_image(self.dataset.load_image(i), self.bb)
-
-
-def build_image_cache(dataset, bb, base, workers):
-    """Decode + resize every image once (in DataLoader workers), append to a flat uint8 file, then write the index;
-    the index appears last and atomically, so a half-built cache is never used."""
-    loader = torch.utils.data.DataLoader(_Resized(dataset, bb), batch_size=None, num_workers=workers)
-    index, offset = [], 0
-
-    def write(tmp):
-        nonlocal offset
-        with open(tmp, "wb") as f:
-            for arr in tqdm(loader, total=len(dataset), desc=f"caching {dataset.name}/{dataset.split} images"):
-                arr = np.asarray(arr, dtype=np.uint8)
-                f.write(arr.tobytes())
-                index.append([offset, arr.shape[0], arr.shape[1]])
-                offset += arr.size
-    atomic_write(base + ".u8", write)
-    write_json(base + ".json", index)
-
-
-class Collate:
-    """list of dataset items -> batch dict. Applies the dummy input of a missing modality (module docstring).
-    CLIP batch: image (B,3,S,S), text (B,77). ViLT batch: image (B,3,H,W) zero-padded, pixel_mask (B,H,W),
-    input_ids / text_mask (B, L_t) padded to the longest in the batch, truncated at max_text_len.
-    Both: label, missing (B,) codes, ids (list)."""
-
-    def __init__(self, bb, max_text_len):
-        self.bb, self.max_text_len = bb, max_text_len
-
-    def image(self, item):
-        if torch.is_tensor(item["image"]):                          # already preprocessed (an image cache)
-            pixels = item["image"]
-        elif self.bb.kind == "clip":
-            pixels = self.bb.preprocess(item["image"])
-        else:
-            pixels = vilt_transform(item["image"], self.bb)
-        return torch.ones_like(pixels) if item["missing"] == IMAGE_MISSING else pixels
-
-    def __call__(self, items):
-        texts = ["" if it["missing"] == TEXT_MISSING else it["text"] for it in items]
-        images = [self.image(it) for it in items]
-        batch = {"ids": [it["id"] for it in items],
-                 "missing": torch.tensor([it["missing"] for it in items], dtype=torch.long),
-                 "label": torch.as_tensor(np.stack([np.asarray(it["label"]) for it in items]))}
-        if self.bb.kind == "clip":
-            batch["text"] = self.bb.tokenizer(texts)
-            batch["image"] = torch.stack(images)
-            return batch
-        tok = self.bb.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                                return_tensors="pt")
-        batch["input_ids"], batch["text_mask"] = tok["input_ids"], tok["attention_mask"]
-        H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-        batch["image"] = torch.zeros(len(images), 3, H, W)
-        batch["pixel_mask"] = torch.zeros(len(images), H, W, dtype=torch.long)
-        for k, img in enumerate(images):
-            batch["image"][k, :, :img.shape[1], :img.shape[2]] = img
-            batch["pixel_mask"][k, :img.shape[1], :img.shape[2]] = 1
-        return batch
-
-
-def to_device(batch, device):
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Metrics (numpy). Scores: multiclass (N, C) logits/probs; multilabel (N, C) probabilities; binary (N,) p(1).
 # ---------------------------------------------------------------------------------------------------------
 def accuracy(labels, scores):
@@ -670,29 +517,8 @@ def refuse_training_folder(out):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints
+# Files: checkpoints (written with data.atomic_write)
 # ---------------------------------------------------------------------------------------------------------
-def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=float)
-    atomic_write(path, write)
-
-
 def method_state(model):
     """Everything the method owns: the model's state minus the frozen backbone (kept under `model.bb`)."""
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("bb.")}
@@ -800,34 +626,8 @@ def check_frozen(model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Batching: the global batch is the same whatever the number of processes
+# Precision, optimiser and schedule
 # ---------------------------------------------------------------------------------------------------------
-def global_batches(n, batch_size, seed, epoch):
-    """Seeded permutation of the training set cut into global batches; an incomplete last batch is dropped
-    (unless the split is smaller than one batch). Identical on every rank."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    steps = max(1, n // batch_size)
-    size = min(batch_size, n)
-    return [order[k * size:(k + 1) * size] for k in range(steps)]
-
-
-def rank_micro_batches(batch, rank, world, micro):
-    """This rank's contiguous share of a global batch, cut into micro-batches."""
-    share = len(batch) // world
-    mine = batch[rank * share:(rank + 1) * share] if rank < world - 1 else batch[(world - 1) * share:]
-    return [mine[k:k + micro] for k in range(0, len(mine), micro)]
-
-
-def make_loader(run, dataset, batches):
-    """Batches given as index lists. Its own generator: opening a loader draws no number from the global RNG, so a run
-    resumed mid-epoch (a new loader) continues the same random stream (dropout) as the uninterrupted one."""
-    workers = run.args.num_workers
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=run.collate, num_workers=workers,
-                                       pin_memory=run.device.type == "cuda", persistent_workers=False,
-                                       generator=torch.Generator().manual_seed(run.args.seed))
-
-
 def autocast(run):
     if run.device.type == "cuda" and run.args.precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -1055,12 +855,6 @@ def resume(run, model, optimizer, schedule, best):
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: every sample exactly once across processes, gathered to all ranks before any metric
 # ---------------------------------------------------------------------------------------------------------
-def rank_batches(run, n):
-    """This process's share of n samples (every rank-th index), cut into micro-batches: each sample once overall."""
-    mine = list(range(run.rank, n, run.world))
-    return [mine[k:k + run.args.micro_batch] for k in range(0, len(mine), run.args.micro_batch)]
-
-
 def gather_rows(run, batches, rows):
     """Per-sample rows (a dict of tensors, first axis = this rank's samples in `batches` order) -> every rank's rows
     in dataset order, on every rank. Used by evaluation and by passes that encode a whole split (AOEPT, PROMISE)."""
@@ -1193,8 +987,6 @@ def apply_checkpoint_config(args, argv):
         args.test_missing = config.get("test_missing")
     if "--test-rate" not in given:
         args.test_rate = config.get("test_rate")
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------

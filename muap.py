@@ -57,9 +57,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (autocast, build_parser, checkpoint_meta, cli, finish, fit, gather_rows, make_loader, method_state,
-                    rank_batches, read_checkpoint, save_tensors, setup, task_loss, to_device)
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
+from common import (autocast, build_parser, checkpoint_meta, cli, finish, fit, gather_rows, method_state,
+                    read_checkpoint, save_tensors, setup, task_loss)
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError, make_loader, rank_batches, to_device
 
 
 def parser():

@@ -26,7 +26,7 @@ Deviations and assumptions:
       e mod V, the same computation as without the cache while e < V). Disk: (V + 1) x N x 2 x E values in the autocast
       dtype (bf16 on CUDA: lossless, the first trainable layer casts to it), ~4 GB for Food-101 train on ViT-L/14 and
       V = 20, ~1 GB MM-IMDb, ~0.5 GB Hateful Memes. --aug-views 0: no augmentation, x_a = x.
-    - Cache key (--cache-features): every image file's path, size and mtime (common.image_cache_key), ids and texts,
+    - Cache key (--cache-features): every image file's path, size and mtime (data.image_cache_key), ids and texts,
       data root, backbone and a digest of its weights, feature dtype, missing table, rate, seed, text length, views.
     - --cache-images is refused with augmented views (its images are preprocessed tensors; the views crop the decoded
       image); with --cache-features every image is decoded once anyway.
@@ -49,7 +49,7 @@ Deviations and assumptions:
 
 Use from your own code (README, "Use a method in your own code"): `PROMISE(bb, num_outputs, args)` on a frozen
 `common.load_clip()` / `load_vilt()` backbone; loss `promise_loss(out, batch, task, args)`; training batches carry
-an augmented view as `aug_*` keys (`PromiseCollate(common.Collate(...), args)` on items with a "view"); the feature
+an augmented view as `aug_*` keys (`PromiseCollate(data.Collate(...), args)` on items with a "view"); the feature
 cache as a plain call: `unimodal_features(bb, batch)`, passed as `feat_image` / `feat_text` (+ `_a` in training).
 Copy this file with common.py and data.py.
 
@@ -73,9 +73,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (autocast, build_parser, cli, finish, fit, gather_rows, image_cache_key, rank_batches,
-                    read_checkpoint, save_tensors, setup, task_loss, to_device)
-from data import IMAGE_MISSING, TEXT_MISSING, DataError
+from common import (autocast, build_parser, cli, finish, fit, gather_rows, read_checkpoint, save_tensors, setup,
+                    task_loss)
+from data import IMAGE_MISSING, TEXT_MISSING, DataError, image_cache_key, rank_batches, to_device
 
 MODALITIES = ("image", "text")
 OTHER = {"image": "text", "text": "image"}

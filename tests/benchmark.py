@@ -3,7 +3,7 @@ configurations (presets), a one-command GPU check, and image loading with and wi
 Not a test: pytest collects test_*.py only (tests/test_benchmark.py runs the GPU check's tiny CPU configuration).
 
 Real-size open_clip ViT-B-16 (QuickGELU) and HF ViltModel(ViltConfig()), random weights (cost does not depend on them);
-synthetic batches of the real shapes, missing codes 0/1/2 in turn with common.Collate's dummy inputs, 101 classes.
+synthetic batches of the real shapes, missing codes 0/1/2 in turn with data.Collate's dummy inputs, 101 classes.
 Each method is built by its own file's classes with its parser's paper defaults (--dataset food101). In one process,
 per method x backbone, after the warm-ups, the median over the repeats, method and references interleaved per round:
     train    forward, the method's own loss, backward, its optimiser's step (and --clip-grad)
@@ -54,6 +54,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
 from data import IMAGE_MISSING, TEXT_MISSING, MMDataset  # noqa: E402
 
 NUM_CLASSES, TASK = 101, "multiclass"
@@ -189,7 +190,7 @@ def synthetic_batch(bb, B, text_len, device, image=None, outputs=NUM_CLASSES, ta
                      pixel_mask=torch.ones(B, H, W, dtype=torch.long))
     batch["image"][missing == IMAGE_MISSING] = 1.0
     batch = {k: v.to(device) for k, v in batch.items()}
-    batch["ids"] = [f"sample-{k}" for k in range(B)]                # sample ids, as common.Collate gives them
+    batch["ids"] = [f"sample-{k}" for k in range(B)]                # sample ids, as data.Collate gives them
     return {**batch, **{f"aug_{k}": v for k, v in batch.items()}}  # PROMISE's augmented view; others ignore it
 
 
@@ -610,7 +611,7 @@ def check_markdown(rows, hours):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Image loading: JPEG decode + preprocess on the fly vs common.CachedImages (uint8 memory map)
+# Image loading: JPEG decode + preprocess on the fly vs data.CachedImages (uint8 memory map)
 # ---------------------------------------------------------------------------------------------------------
 def write_jpegs(folder, n):
     """n generated 640 x 480 JPEGs (smooth colour fields plus noise); both backbones' preprocessing resizes them."""
@@ -640,10 +641,10 @@ def image_loading(args):
                        missing_type="none", rate=0.0, seed=0)
         for name in args.backbones:
             bb = build_backbone(name, args.text_len)
-            collate = common.Collate(bb, args.text_len)
+            collate = data.Collate(bb, args.text_len)
             decode = images_per_s(lambda i: collate.image(ds[i]), n)
             t0 = time.perf_counter()
-            cached = common.CachedImages(ds, bb, os.path.join(tmp, "cache"))
+            cached = data.CachedImages(ds, bb, os.path.join(tmp, "cache"))
             build_s = time.perf_counter() - t0
             read = images_per_s(lambda i: collate.image(cached[i]), n)
             rows.append({"backbone": name, "images": n, "decode_images_per_s": decode, "cached_images_per_s": read,
@@ -724,7 +725,7 @@ def main(argv=None):
                       file=sys.stderr, flush=True)
         print(markdown(rows))
     if args.out:
-        common.write_json(args.out, result)
+        data.write_json(args.out, result)
     return result
 
 

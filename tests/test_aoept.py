@@ -11,8 +11,8 @@ from sklearn.metrics import normalized_mutual_info_score
 
 import aoept
 import common
-from common import Collate, cli, finalize_args, load_backbone
-from data import IMAGE_MISSING, TEXT_MISSING, load_split
+from common import cli, finalize_args, load_backbone
+from data import IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 
 FAST = ["--epochs", "1", "--batch-size", "128"]
 

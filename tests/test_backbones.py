@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 import common
-from common import Collate, load_clip, load_vilt
-from data import load_split
+import data
+from common import load_clip, load_vilt
+from data import Collate, load_split
 
 TOL = 1e-5
 
@@ -140,14 +141,14 @@ def test_image_cache_gives_the_same_pixels(tmp_path, food101_root, name):
     second opening reuses the cache files."""
     bb = load_clip("tiny-clip", "") if name == "tiny-clip" else load_vilt("tiny-vilt")
     ds = load_split("food101", food101_root, "val", missing_type="none", rate=0, seed=0)
-    cached = common.CachedImages(ds, bb, str(tmp_path))
+    cached = data.CachedImages(ds, bb, str(tmp_path))
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and len(cached) == len(ds) and cached.labels().tolist() == ds.labels().tolist()
     collate = Collate(bb, 40)
     a, b = collate([ds[i] for i in range(len(ds))]), collate([cached[i] for i in range(len(ds))])
     assert torch.allclose(a["image"], b["image"], atol=1e-6) and a["ids"] == b["ids"]
     mtime = os.path.getmtime(tmp_path / files[0])
-    common.CachedImages(ds, bb, str(tmp_path))
+    data.CachedImages(ds, bb, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == files and os.path.getmtime(tmp_path / files[0]) == mtime
 
 
@@ -175,13 +176,13 @@ MUTATIONS = [
      "new": "pooled, _ = self.model.visual._pool(x)", "why": "CLIP image pooling reads the first prompt token, not [CLS]"},
     {"file": "common.py", "old": "return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min",
      "new": "return 0.0 * mask[:, None, None, :].to(dtype)", "why": "ViLT attends to padded text tokens"},
-    {"file": "common.py", "old": "return torch.ones_like(pixels) if item[\"missing\"] == IMAGE_MISSING else pixels",
+    {"file": "data.py", "old": "return torch.ones_like(pixels) if item[\"missing\"] == IMAGE_MISSING else pixels",
      "new": "return torch.zeros_like(pixels) if item[\"missing\"] == IMAGE_MISSING else pixels",
      "why": "the missing-image dummy is zeros, not MAP's all-ones tensor"},
-    {"file": "common.py", "old": "texts = [\"\" if it[\"missing\"] == TEXT_MISSING else it[\"text\"] for it in items]",
+    {"file": "data.py", "old": "texts = [\"\" if it[\"missing\"] == TEXT_MISSING else it[\"text\"] for it in items]",
      "new": "texts = [it[\"text\"] for it in items]", "why": "a text-missing sample keeps its text"},
-    {"file": "common.py", "old": "scale = bb.shorter / min(w, h)", "new": "scale = bb.shorter / max(w, h)",
+    {"file": "data.py", "old": "scale = bb.shorter / min(w, h)", "new": "scale = bb.shorter / max(w, h)",
      "why": "ViLT resize scales the longer side to S"},
-    {"file": "common.py", "old": "return (x - torch.tensor(norm.mean)[:, None, None]) / torch.tensor(norm.std)[:, None, None]",
+    {"file": "data.py", "old": "return (x - torch.tensor(norm.mean)[:, None, None]) / torch.tensor(norm.std)[:, None, None]",
      "new": "return x - torch.tensor(norm.mean)[:, None, None]", "why": "cached CLIP images are not divided by the std"},
 ]

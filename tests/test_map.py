@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import map as map_method
-from common import Collate, cli, finalize_args, load_backbone, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from common import cli, finalize_args, load_backbone, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 
 FAST = ["--epochs", "1", "--batch-size", "256", "--micro-batch", "128"]
 

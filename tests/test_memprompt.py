@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import memprompt as M
-from common import Collate, cli, finalize_args, finish, fit, load_clip, load_vilt, setup, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from common import cli, finalize_args, finish, fit, load_clip, load_vilt, setup, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 
 FAST = ["--batch-size", "32", "--micro-batch", "32", "--prompt-length", "2"]
 

@@ -15,8 +15,8 @@ import torch
 
 import common
 import muap
-from common import Collate, cli, load_clip, load_vilt, task_loss, to_device
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from common import cli, load_clip, load_vilt, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split, to_device
 
 FAST = ["--batch-size", "64", "--micro-batch", "64", "--prompt-length", "2"]
 

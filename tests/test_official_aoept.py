@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import aoept
-from common import Collate, finalize_args, load_backbone
-from data import IMAGE_MISSING, TEXT_MISSING, load_split
+from common import finalize_args, load_backbone
+from data import IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 
 
 @pytest.fixture(scope="module", autouse=True)

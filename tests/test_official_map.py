@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import map as map_method
-from common import Collate, load_vilt, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from common import load_vilt, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 
 TOL = 1e-5                              # on max |a - b| / max(1, max |b|): fp32 rounding of logits ~10 is ~1e-6
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import memprompt as M
-from common import Collate, load_vilt, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from common import load_vilt, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 from tests.test_official_map import TOL, close, layer_norm, official_block
 
 @pytest.fixture(autouse=True, scope="module")

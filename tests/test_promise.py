@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import common
 import promise
-from common import Collate, cli, finalize_args, load_backbone, seed_everything
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from common import cli, finalize_args, load_backbone, seed_everything
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 from tests.fixtures import make_food101
 
 MUTATIONS = [

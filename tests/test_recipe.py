@@ -143,8 +143,7 @@ class Method(torch.nn.Module):
 
 
 def toy_vilt_batch(bb, n=6):
-    from common import Collate
-    from data import load_split
+    from data import Collate, load_split
     ds = load_split("toy", None, "train", missing_type="none", rate=0, seed=0)
     return Collate(bb, 40)([ds[i] for i in range(n)])
 
@@ -435,7 +434,7 @@ MUTATIONS = [
      "why": "a resumed mid-epoch run restarts the epoch from its first batch"},
     {"file": "common.py", "old": 'return meta["epoch"] + (1 if meta["epoch_end"] else 0)', "new": 'return meta["epoch"] + 1',
      "why": "a resumed mid-epoch run skips the rest of the epoch"},
-    {"file": "common.py", "old": "generator=torch.Generator().manual_seed(run.args.seed))", "new": "generator=None)",
+    {"file": "data.py", "old": "generator=torch.Generator().manual_seed(run.args.seed))", "new": "generator=None)",
      "why": "opening a loader draws from the global RNG, so a resumed run's dropout masks drift"},
     {"file": "common.py", "old": "with torch.autocast(tensors[0].device.type, enabled=False):",
      "new": "with contextlib.nullcontext():", "why": "fp32_logits leaves autocast on (bf16 similarity logits)"},

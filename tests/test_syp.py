@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import syp
-from common import Collate, check_frozen, cli, load_clip, load_vilt, modality_tokens, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, load_split
+from common import check_frozen, cli, load_clip, load_vilt, modality_tokens, task_loss
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 
 FAST = ["--batch-size", "32", "--micro-batch", "32", "--prompt-length", "4"]
 VARIANTS = {"full": {}, "dynamic-only": {"static": False}, "static-only": {"dynamic": False},
