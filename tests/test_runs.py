@@ -396,8 +396,6 @@ MUTATIONS = [
     {"file": "common.py", "old": "if score > best[\"metric\"] or best[\"epoch\"] < 0:", "new": "if True:",
      "why": "the last epoch is selected instead of the best validation epoch",
      "tests": ["tests/test_runs.py::test_resume_after_the_last_epoch_tests_the_best_state"]},
-    {"file": "common.py", "old": "    return meta[\"epoch\"] + (1 if meta[\"epoch_end\"] else 0)\n", "new": "    return meta[\"epoch\"]\n",
-     "why": "--resume repeats the epoch it had finished", "tests": ["tests/test_runs.py::test_resume_after_interruption_matches_uninterrupted"]},
     {"file": "common.py", "old": "    optimizer.load_state_dict({\"state\": state, \"param_groups\": meta[\"param_groups\"]})\n",
      "new": "", "why": "--resume restarts AdamW's moments", "tests": ["tests/test_runs.py::test_resume_after_interruption_matches_uninterrupted"]},
     {"file": "common.py", "old": "    schedule.load_state_dict(meta[\"schedule\"])\n", "new": "",
