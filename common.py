@@ -39,6 +39,7 @@ import collections
 import contextlib
 import copy
 import csv
+import importlib
 import json
 import math
 import os
@@ -1170,7 +1171,7 @@ def run_seeds(args, main):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The papers' numbers, each with its provenance
+# The papers' numbers (each method file keeps its own as PAPER_NUMBERS), with their provenance, and the summary
 # ---------------------------------------------------------------------------------------------------------
 # Key: (method, backbone as the source ran it, dataset, train missing, train rate, test missing, test rate, variant).
 #   backbone: "vilt" (dandelin/vilt-b32-mlm) or "clip <open_clip model>" with OpenAI weights.
@@ -1186,90 +1187,30 @@ def run_seeds(args, main):
 #            setting is this repository's reading, said in the note).
 Paper = collections.namedtuple("Paper", "value source kind setting note")
 CLIP_B16, CLIP_L14 = "clip ViT-B-16", "clip ViT-L-14"
-PAPER_NUMBERS = {}
+METHODS = ("map", "muap", "memprompt", "syp", "aoept", "promise")
 
 
-def _record(method, backbone, variant, source, kind, setting, note, rows):
-    """rows: (dataset, train missing, train rate, test missing, test rate, value)."""
-    for dataset, missing, rate, test_missing, test_rate, value in rows:
-        key = (method, backbone, dataset, missing, rate, test_missing, test_rate, variant)
-        PAPER_NUMBERS[key] = PAPER_NUMBERS.get(key, ()) + (Paper(value, source, kind, setting, note),)
+def paper_table(method, groups):
+    """A method file's PAPER_NUMBERS: groups (backbone, variant, source, kind, setting, note, rows), each row
+    (dataset, train missing, train rate, test missing, test rate, value) -> {key: (Paper, ...)}."""
+    table = {}
+    for backbone, variant, source, kind, setting, note, rows in groups:
+        for dataset, missing, rate, test_missing, test_rate, value in rows:
+            key = (method, backbone, dataset, missing, rate, test_missing, test_rate, variant)
+            table[key] = table.get(key, ()) + (Paper(value, source, kind, setting, note),)
+    return table
 
 
-def _table1(values):
-    """MemPrompt Table 1 layout: per dataset, train text / image / both (rows) x test text / image / both, at 70%."""
+def type_grid(values, rate=0.7):
+    """Rows of a train type x test type table (text / image / both, MemPrompt Table 1's layout), per dataset."""
     types = ("text", "image", "both")
-    return [(dataset, train, 0.7, test, 0.7, v) for dataset, grid in values.items()
+    return [(dataset, train, rate, test, rate, v) for dataset, grid in values.items()
             for train, row in zip(types, grid) for test, v in zip(types, row)]
 
 
-MEMPROMPT_T1 = "MemPrompt (IJCAI 2025) Table 1"
-_record("memprompt", "vilt", None, MEMPROMPT_T1, "paper", "stated", "", _table1({
-    "mmimdb": [(38.47, 35.06, 37.60), (34.86, 48.59, 42.14), (39.09, 45.37, 42.47)],
-    "food101": [(75.15, 80.81, 78.11), (60.63, 86.52, 74.07), (72.39, 86.12, 79.76)],
-    "hatememes": [(60.26, 59.64, 62.55), (59.82, 65.63, 65.12), (61.91, 64.26, 65.74)]}))
-_record("map", "vilt", "input", MEMPROMPT_T1 + ", column MAP (Input)", "re-report", "stated",
-        "MAP re-run by MemPrompt, not MAP's own table", _table1({
-            "mmimdb": [(36.03, 21.02, 30.72), (22.08, 44.64, 35.00), (37.55, 44.35, 41.48)],
-            "food101": [(74.25, 27.82, 51.17), (29.68, 86.30, 57.93), (72.24, 85.91, 79.11)],
-            "hatememes": [(59.13, 57.55, 58.08), (59.32, 65.27, 58.82), (61.03, 64.05, 60.35)]}))
-_record("map", "vilt", "attention", MEMPROMPT_T1 + ", column MAP (Attention)", "re-report", "stated",
-        "MAP re-run by MemPrompt, not MAP's own table", _table1({
-            "mmimdb": [(35.82, 28.76, 33.33), (25.30, 44.46, 36.38), (35.77, 42.08, 39.51)],
-            "food101": [(73.54, 27.82, 51.38), (39.98, 85.68, 62.68), (71.31, 85.28, 78.39)],
-            "hatememes": [(61.66, 59.44, 58.50), (59.04, 64.57, 58.33), (61.06, 61.75, 58.10)]}))
-# MAP's own Table 1 (CVPR 2023): the one cell a public source quotes.
-_record("map", "vilt", "input", "MAP (CVPR 2023) Table 1, as quoted in YiLunLee/missing_aware_prompts issue #13",
-        "issue", "inferred", "setting read from the official config's defaults (both 0.7, input-level; "
-        "vilt/config.py @ 9aa5381), with which the issue reproduced it",
-        [("mmimdb", "both", 0.7, "both", 0.7, 42.66)])
-
-SYP_MAIN = "SyP (ICCV 2025) main results table (read in a public review of the paper)"
-_record("syp", CLIP_B16, "full", SYP_MAIN, "review", "stated",
-        "balanced 'both' missing type", [
-            (dataset, "both", rate, "both", rate, v) for dataset, values in (
-                ("mmimdb", (55.02, 52.90, 49.63)), ("food101", (86.17, 82.45, 81.03)),
-                ("hatememes", (68.16, 68.42, 68.93))) for rate, v in zip((0.5, 0.7, 0.9), values)])
-for _variant, _values, _what in (
-        ("classifier-only", (57.35, 71.59, 44.63), "classifier fine-tuning only, no prompts"),
-        ("dynamic-only", (66.37, 82.90, 51.21), "dynamic prompt only = base prompt + dynamic adapter (two rows)"),
-        ("static-only", (65.62, 83.06, 50.34), "static prompt only"),
-        ("base-only", (64.27, 81.68, 48.95), "base prompt only"),
-        ("no-adapter", (66.19, 84.85, 51.90), "synergistic prompts without the dynamic adapter"),
-        ("full", (68.16, 86.17, 54.72), "synergistic prompts + dynamic adapter (the full model)")):
-    _record("syp", CLIP_B16, _variant, "SyP (ICCV 2025) ablation tables (read in a public review of the paper)",
-            "review", "inferred", f"{_what}; setting not given: read as 'both' 50%, where the full-model row equals "
-            f"the main table on Hateful Memes and Food-101", [
-                (d, "both", 0.5, "both", 0.5, v) for d, v in zip(("hatememes", "food101", "mmimdb"), _values)])
-
-AOEPT_MAIN = "AOEPT (ICML 2026) main results table (read in a public review of the paper)"
-_AOEPT_RECIPE = "which recipe (the paper's text or the official per-setting configs) produced it is not said"
-_record("aoept", CLIP_B16, None, AOEPT_MAIN, "review", "stated", _AOEPT_RECIPE, [
-    (d, m, 0.7, m, 0.7, v) for d, values in (("mmimdb", (51.50, 54.86, 53.31)), ("hatememes", (71.12, 67.96, 69.80)),
-                                             ("food101", (80.77, 88.86, 83.24)))
-    for m, v in zip(("text", "image", "both"), values)] + [
-    (d, "avg", rate, "avg", rate, v) for rate, values in ((0.7, (53.22, 69.63, 84.29)), (0.9, (51.45, 68.57, 82.06)))
-    for d, v in zip(("mmimdb", "hatememes", "food101"), values)])
-for _variant, _values, _what in (("no-mcp", (48.93, 68.63, 78.78), "random prompts instead of MCP"),
-                                 ("no-instantiation", (49.17, 69.42, 79.13), "global MCP, no instance gate"),
-                                 ("no-consistency", (50.56, 69.85, 79.59), "without L_CR"),
-                                 ("reconstruction", (48.55, 70.13, 76.81), "a reconstruction network instead of MCP")):
-    _record("aoept", CLIP_B16, _variant, "AOEPT (ICML 2026) ablation table (read in a public review of the paper)",
-            "review", "stated", f"{_what}; {_AOEPT_RECIPE}", [
-                (d, "text", 0.7, "text", 0.7, v) for d, v in zip(("mmimdb", "hatememes", "food101"), _values)])
-_record("syp", CLIP_B16, "full", "AOEPT (ICML 2026) main results table, SyP re-run under AOEPT's protocol "
-        "(read in a public review of the paper)", "re-report", "stated", "mean over text / image / both; the "
-        "sources give no per-type SyP numbers", [
-            (d, "avg", rate, "avg", rate, v)
-            for rate, values in ((0.7, (51.88, 68.11, 83.56)), (0.9, (49.58, 67.72, 81.26)))
-            for d, v in zip(("mmimdb", "hatememes", "food101"), values)])
-
-_record("muap", "vilt", None, "MuAP (arXiv 2409.04693) headline result (read in a public summary of the paper)",
-        "review", "inferred", "the source gives 'Hateful Memes AUROC' only; 'both' 70% is this repository's reading "
-        "(the protocol's headline setting)", [("hatememes", "both", 0.7, "both", 0.7, 65.09)])
-_record("promise", CLIP_L14, None, "PROMISE (AAAI 2026) headline results (read in a public summary of the paper)",
-        "review", "inferred", "the source gives '70% missing rate' only; the 'both' type is this repository's reading",
-        [("food101", "both", 0.7, "both", 0.7, 88.10), ("hatememes", "both", 0.7, "both", 0.7, 67.17)])
+def paper_numbers_of(methods=METHODS):
+    """The PAPER_NUMBERS that the method files keep (each its paper's numbers), merged; unknown methods have none."""
+    return {k: v for m in methods if m in METHODS for k, v in importlib.import_module(m).PAPER_NUMBERS.items()}
 
 
 def paper_backbone(info):
@@ -1295,8 +1236,8 @@ def run_variant(results):
 
 def paper_numbers(method, backbone, dataset, missing, rate, test_missing, test_rate, variant=None):
     """Every Paper entry for exactly this configuration, the one to compare with first (stated before inferred)."""
-    found = PAPER_NUMBERS.get((method, backbone, dataset, missing, round(rate, 2), test_missing, round(test_rate, 2),
-                               variant), ())
+    table = paper_numbers_of([method])
+    found = table.get((method, backbone, dataset, missing, round(rate, 2), test_missing, round(test_rate, 2), variant), ())
     return sorted(found, key=lambda p: p.setting != "stated")
 
 
@@ -1308,7 +1249,7 @@ def paper_number(*config, **kw):
 def paper_backbones(method, dataset, missing, rate, test_missing, test_rate, variant=None):
     """The backbones under which a source reports this setting (to say why a run gets no comparison)."""
     setting = (method, dataset, missing, round(rate, 2), test_missing, round(test_rate, 2), variant)
-    return sorted({k[1] for k in PAPER_NUMBERS if k[:1] + k[2:] == setting})
+    return sorted({k[1] for k in paper_numbers_of([method]) if k[:1] + k[2:] == setting})
 
 
 def _average_rows(groups):

@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import build_parser, cli, clip_text_mask, finish, fit, fp32_logits, setup, task_loss
+from common import build_parser, cli, clip_text_mask, finish, fit, fp32_logits, paper_table, setup, task_loss, type_grid
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
@@ -323,6 +323,16 @@ def main(args):
                            "placement": args.placement if run.bb.kind == "vilt" else "per-tower",
                            "softmax_over": args.softmax_over}}
     return finish(run, model, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The numbers to compare with (percent), each with its provenance (`common.paper_table`; read by the summary)
+# ---------------------------------------------------------------------------------------------------------
+PAPER_NUMBERS = paper_table("memprompt", [
+    ("vilt", None, "MemPrompt (IJCAI 2025) Table 1", "paper", "stated", "", type_grid({
+        "mmimdb": [(38.47, 35.06, 37.60), (34.86, 48.59, 42.14), (39.09, 45.37, 42.47)],
+        "food101": [(75.15, 80.81, 78.11), (60.63, 86.52, 74.07), (72.39, 86.12, 79.76)],
+        "hatememes": [(60.26, 59.64, 62.55), (59.82, 65.63, 65.12), (61.91, 64.26, 65.74)]}))])
 
 
 if __name__ == "__main__":

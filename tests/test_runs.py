@@ -148,14 +148,14 @@ def test_summary_averages_over_missing_types(tmp_path):
 def test_paper_numbers_carry_their_provenance(tmp_path):
     """Every number says where it comes from and whether its missing setting is stated or inferred; the settings
     no source states are marked inferred, also in the printed table; the tables are complete."""
-    entries = [(k, p) for k, ps in common.PAPER_NUMBERS.items() for p in ps]
+    entries = [(k, p) for k, ps in common.paper_numbers_of().items() for p in ps]
     for key, p in entries:
         assert len(key) == 8 and p.kind in ("paper", "re-report", "review", "issue") and p.source, key
         assert p.setting in ("stated", "inferred") and (p.setting == "stated" or p.note), key
         assert key[1] in ("vilt", "clip ViT-B-16", "clip ViT-L-14"), key
 
     def one(*key):
-        (p,) = common.PAPER_NUMBERS[key]
+        (p,) = common.paper_numbers_of()[key]
         return p
     assert one("muap", "vilt", "hatememes", "both", 0.7, "both", 0.7, None)[::3] == (65.09, "inferred")
     assert one("promise", "clip ViT-L-14", "food101", "both", 0.7, "both", 0.7, None)[::3] == (88.10, "inferred")
