@@ -38,7 +38,6 @@ import argparse
 import collections
 import contextlib
 import copy
-import csv
 import importlib
 import json
 import math
@@ -57,13 +56,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TEXT_MISSING, CachedImages, Collate,
-                  DataError, atomic_write, global_batches, load_split, make_loader, rank_batches, rank_micro_batches,
-                  table_counts, to_device, write_json)
+from data import (COMPLETE, DATASETS, IMAGE_MISSING, METRIC, MISSING_NAMES, TEXT_MISSING, TOY_MAX_TEXT_LEN,
+                  VILT_MAX_TEXT_LEN, Collate, DataError, atomic_write, global_batches, load_data, make_loader,
+                  rank_batches, rank_micro_batches, table_counts, to_device, write_csv, write_json)
 
-# Paper max text lengths for ViLT (MAP config; MemPrompt Sec. 4.2). CLIP always uses its 77 tokens.
-VILT_MAX_TEXT_LEN = {"food101": 512, "mmimdb": 1024, "hatememes": 128}
-TOY_MAX_TEXT_LEN = 40
 CLIP_DEFAULT, CLIP_PRETRAINED_DEFAULT, VILT_DEFAULT = "ViT-B-16", "openai", "dandelin/vilt-b32-mlm"
 VIT_LAYER_NORM_EPS = 1e-6
 
@@ -365,13 +361,8 @@ def auroc(labels, scores):
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], len(s)]
-    for a, b in zip(starts, ends):                                   # average rank within each tie group
-        ranks[order[a:b]] = (a + b + 1) / 2.0
+    _, group, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[group]          # 1-based ranks, a tie group's average
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -584,25 +575,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def load_data(run, split, missing_type=None, rate=None):
-    args = run.args
-    if split == "test":
-        missing_type, rate = missing_type or args.test_missing, args.test_rate if rate is None else rate
-    else:
-        missing_type, rate = args.missing, args.rate
-    ds = load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
-                    hm_test=args.hm_test, mmimdb_plots=args.mmimdb_plots)
-    if args.cache_images:
-        ds = CachedImages(ds, run.bb, args.image_cache_dir, args.num_workers)
-    return ds
-
-
 def setup(args):
     """Seed, device, backbone, datasets, run folder. Everything a method needs before building its model."""
     run = Run(args)
     seed_everything(args.seed)
     run.bb = load_backbone(args).to(run.device)
-    run.train_set, run.val_set, run.test_set = (load_data(run, s) for s in ("train", "val", "test"))
+    run.train_set, run.val_set, run.test_set = (load_data(args, run.bb, s) for s in ("train", "val", "test"))
     run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
     run.num_outputs = num_outputs(run.task, run.num_classes)
     run.metric = METRIC[run.task]
@@ -887,26 +865,18 @@ def evaluate(run, model, dataset, scores=None):
 
 
 def write_predictions(path, dataset, scores, task, class_names):
-    labels = dataset.labels()
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            if task == "multilabel":
-                w.writerow(["id", "missing"] + [f"label_{c}" for c in class_names] + [f"score_{c}" for c in class_names])
-                for i, sid in enumerate(dataset.ids):
-                    w.writerow([sid, MISSING_NAMES[int(dataset.missing[i])]] + [int(v) for v in labels[i]]
-                               + [f"{v:.6f}" for v in scores[i]])
-            elif task == "binary":
-                w.writerow(["id", "missing", "label", "score"])
-                for i, sid in enumerate(dataset.ids):
-                    w.writerow([sid, MISSING_NAMES[int(dataset.missing[i])], int(labels[i]), f"{scores[i]:.6f}"])
-            else:
-                w.writerow(["id", "missing", "label", "prediction", "score"])
-                for i, sid in enumerate(dataset.ids):
-                    k = int(scores[i].argmax())
-                    w.writerow([sid, MISSING_NAMES[int(dataset.missing[i])], int(labels[i]), k, f"{scores[i, k]:.6f}"])
-    atomic_write(path, write)
+    """predictions_test.csv: id, missing, then label(s) and score(s) (multiclass: the predicted class and its score)."""
+    labels, missing = dataset.labels(), [MISSING_NAMES[int(m)] for m in dataset.missing]
+    if task == "multilabel":
+        header = ["id", "missing"] + [f"label_{c}" for c in class_names] + [f"score_{c}" for c in class_names]
+        rows = [[int(v) for v in labels[i]] + [f"{v:.6f}" for v in scores[i]] for i in range(len(labels))]
+    elif task == "binary":
+        header = ["id", "missing", "label", "score"]
+        rows = [[int(labels[i]), f"{scores[i]:.6f}"] for i in range(len(labels))]
+    else:
+        header, k = ["id", "missing", "label", "prediction", "score"], scores.argmax(1)
+        rows = [[int(labels[i]), int(k[i]), f"{scores[i, k[i]]:.6f}"] for i in range(len(labels))]
+    write_csv(path, header, [[sid, m, *row] for sid, m, row in zip(dataset.ids, missing, rows)])
 
 
 def protocol(run):
@@ -982,7 +952,7 @@ def apply_checkpoint_config(args, argv):
         raise DataError(f"{args.checkpoint} was trained on backbone {config.get('backbone')}, not {args.backbone}; "
                         f"drop --backbone or pass --backbone {config.get('backbone')}")
     for k, v in config.items():
-        if k not in RUNTIME_ARGS and not (k in ("test_missing", "test_rate")):
+        if k not in RUNTIME_ARGS:
             setattr(args, k, v)
     if "--test-missing" not in given:
         args.test_missing = config.get("test_missing")
@@ -1107,19 +1077,13 @@ def eval_grid(run, model):
     args, rows = run.args, []
     for missing_type in ("none", "text", "image", "both"):
         for rate in ([0.0] if missing_type == "none" else args.grid_rates):
-            ds = load_data(run, "test", missing_type, rate)
+            ds = load_data(args, run.bb, "test", missing_type, rate)
             metrics = evaluate(run, model, ds)
             rows.append({"missing": missing_type, "rate": rate, **table_counts(ds.missing), **metrics})
             run.log(f"grid {missing_type:5s} {rate:.2f}  {run.metric} {metrics[run.metric]:.4f}")
     if run.main:
         write_json(os.path.join(args.out, "grid.json"), rows)
-
-        def write(tmp):
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-        atomic_write(os.path.join(args.out, "grid.csv"), write)
+        write_csv(os.path.join(args.out, "grid.csv"), list(rows[0]), [list(r.values()) for r in rows])
         plot_grid(rows, run.metric, os.path.join(args.out, "robustness.png"))
     return rows
 
@@ -1348,9 +1312,4 @@ if __name__ == "__main__":
     table = summary_rows(opts.folders)
     print(summary_markdown(table))
     if opts.csv and table:
-        def write_csv(tmp):
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(table[0]))
-                w.writeheader()
-                w.writerows(table)
-        atomic_write(opts.csv, write_csv)
+        write_csv(opts.csv, list(table[0]), [list(r.values()) for r in table])

@@ -7,8 +7,9 @@ Sections, in reading order:
                       and three synthetic `toy` datasets that run in seconds.
     Preprocessing     each backbone's image preprocessing (ViLT's resize, CLIP's own transform, normalisation); the
                       parameters are the backbone's (bb.shorter, bb.longer, bb.patch, bb.preprocess).
-    Files             atomic writes (also used by common.py for results and checkpoints).
-    Image cache       --cache-images: each split decoded and resized once into a uint8 memory map.
+    Files             atomic writes, JSON and CSV (also used by common.py for results and checkpoints).
+    Image cache       --cache-images: each split decoded and resized once into a uint8 memory map; `load_data`,
+                      one split as a run's arguments ask for it.
     Dummy inputs      `Collate`, the one place they are decided: text -> "" (tokenises to start/end tokens and
                       padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for
                       ViLT, DCP for CLIP). SyP zeroes the missing tower's feature itself before its head, as DCP's
@@ -52,6 +53,9 @@ DATASETS = ("food101", "mmimdb", "hatememes", "toy", "toy-multilabel", "toy-bina
 TASK = {"food101": "multiclass", "mmimdb": "multilabel", "hatememes": "binary",
         "toy": "multiclass", "toy-multilabel": "multilabel", "toy-binary": "binary"}
 METRIC = {"multiclass": "accuracy", "multilabel": "f1_macro", "binary": "auroc"}
+# Paper max text lengths for ViLT (MAP config; MemPrompt Sec. 4.2); CLIP always uses its 77 tokens.
+VILT_MAX_TEXT_LEN = {"food101": 512, "mmimdb": 1024, "hatememes": 128}
+TOY_MAX_TEXT_LEN = 40
 
 # MAP's genre order; Adult, News, Reality-TV and Talk-Show are ignored.
 MMIMDB_GENRES = ["Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror",
@@ -465,6 +469,13 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def write_csv(path, header, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    atomic_write(path, write)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Image cache (--cache-images): decoded and resized once, a uint8 memory map
 # ----------------------------------------------------------------------------------------------------
@@ -538,6 +549,20 @@ def build_image_cache(dataset, bb, base, workers):
                 offset += arr.size
     atomic_write(base + ".u8", write)
     write_json(base + ".json", index)
+
+
+def load_data(args, bb, split, missing_type=None, rate=None):
+    """One split as the run's arguments say: train / val with --missing --rate, test with --test-missing --test-rate
+    (or the given type and rate, for the robustness grid); with --cache-images, read through the image cache."""
+    if split == "test":
+        missing_type, rate = missing_type or args.test_missing, args.test_rate if rate is None else rate
+    else:
+        missing_type, rate = args.missing, args.rate
+    ds = load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
+                    hm_test=args.hm_test, mmimdb_plots=args.mmimdb_plots)
+    if args.cache_images:
+        ds = CachedImages(ds, bb, args.image_cache_dir, args.num_workers)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------

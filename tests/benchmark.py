@@ -90,11 +90,11 @@ PRESETS = {
 }
 MISSING_CODES = {"both": (0, TEXT_MISSING, IMAGE_MISSING), "text": (TEXT_MISSING, 0), "image": (IMAGE_MISSING, 0)}
 
-# GPU check sizes: dataset -> (ViLT text tokens (common.VILT_MAX_TEXT_LEN), outputs, task). CLIP: 77 tokens at 224;
+# GPU check sizes: dataset -> (ViLT text tokens (data.VILT_MAX_TEXT_LEN), outputs, task). CLIP: 77 tokens at 224;
 # ViLT: the largest image the pixelbert resize makes (384 x 640). Tiny: tiny-clip / tiny-vilt at their own sizes.
-CHECK_DATASETS = {"food101": (common.VILT_MAX_TEXT_LEN["food101"], 101, "multiclass"),
-                  "hatememes": (common.VILT_MAX_TEXT_LEN["hatememes"], 2, "binary"),
-                  "mmimdb": (common.VILT_MAX_TEXT_LEN["mmimdb"], 23, "multilabel")}
+CHECK_DATASETS = {"food101": (data.VILT_MAX_TEXT_LEN["food101"], 101, "multiclass"),
+                  "hatememes": (data.VILT_MAX_TEXT_LEN["hatememes"], 2, "binary"),
+                  "mmimdb": (data.VILT_MAX_TEXT_LEN["mmimdb"], 23, "multilabel")}
 REAL_SIZES = {"vilt_image": (384, 640), "tiny_text": 40, "tiny_vilt_image": (32, 48)}
 # UPMC Food-101 split sizes (data.py): 67,988 official train rows less 16 without a title, floor(10%) of each class to
 # validation; test 22,716. About: the estimate needs no more.

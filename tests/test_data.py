@@ -356,6 +356,9 @@ def test_toy_modalities_are_complementary(dataset, margin, floor):
 
 # Semantic breaks of data.py these tests must catch (python tests/mutations.py --file data.py).
 MUTATIONS = [
+    {"file": "data.py", "old": "missing_type or args.test_missing, args.test_rate", "new": "missing_type or args.missing, args.test_rate",
+     "why": "the test split is drawn with the training missing type",
+     "tests": ["tests/test_memprompt.py::test_train_text_missing_test_image_missing"]},
     {"file": "data.py", "old": "total = n * exact_rate.numerator // exact_rate.denominator", "new": "total = int(n * rate)",
      "why": "the missing count in floating point (90 x 0.7 -> 62)"},
     {"file": "data.py", "old": "        n_image = total // 2\n", "new": "        n_image = total - total // 2\n",

@@ -69,6 +69,6 @@ MUTATIONS = [
      "why": "F1-samples skips rows with no true and no predicted label"},
     {"file": "common.py", "old": "\"f1_weighted\": float((per_class * support).sum() / support.sum())",
      "new": "\"f1_weighted\": float(per_class.mean())", "why": "weighted F1 ignores the class support"},
-    {"file": "common.py", "old": "ranks[order[a:b]] = (a + b + 1) / 2.0", "new": "ranks[order[a:b]] = np.arange(a, b) + 1.0",
-     "why": "AUROC ranks ties by sort order instead of their average rank"},
+    {"file": "common.py", "old": "(np.cumsum(counts) - (counts - 1) / 2)[group]", "new": "(np.cumsum(counts) - (counts - 1))[group]",
+     "why": "AUROC gives a tie group its lowest rank instead of the average rank"},
 ]

@@ -88,6 +88,33 @@ def write_results(folder, method, backbone, dataset, metric, value, missing="bot
         "metrics": {"test": {metric: value}}, **extra}))
 
 
+@pytest.mark.parametrize("dataset", ["toy", "toy-binary", "toy-multilabel"])
+def test_predictions_file_holds_each_sample_once(dataset, tmp_path):
+    """predictions_test.csv against a plain loop over the samples: id, missing case, label(s), and the scores
+    (multiclass: the argmax class and its probability; binary: p(1); multilabel: every class)."""
+    from data import MISSING_NAMES, load_split
+    ds = load_split(dataset, None, "test", missing_type="both", rate=0.5, seed=1)
+    probs = np.random.default_rng(0).random((len(ds), ds.num_classes))
+    scores = probs[:, 1] if ds.task == "binary" else probs
+    common.write_predictions(str(tmp_path / "p.csv"), ds, scores, ds.task, ds.class_names)
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    labels = ds.labels()
+    assert len(rows) == len(ds)
+    for i, r in enumerate(rows):
+        assert (r["id"], r["missing"]) == (str(ds.ids[i]), MISSING_NAMES[int(ds.missing[i])])
+        if ds.task == "multiclass":
+            k = int(np.argmax(scores[i]))
+            assert (int(r["label"]), int(r["prediction"])) == (int(labels[i]), k)
+            assert float(r["score"]) == pytest.approx(scores[i, k], abs=1e-6)
+        elif ds.task == "binary":
+            assert int(r["label"]) == int(labels[i]) and float(r["score"]) == pytest.approx(scores[i], abs=1e-6)
+        else:
+            for c, name in enumerate(ds.class_names):
+                assert int(r[f"label_{name}"]) == int(labels[i][c])
+                assert float(r[f"score_{name}"]) == pytest.approx(scores[i, c], abs=1e-6)
+
+
 def test_summary_table_has_paper_numbers(tmp_path):
     for seed, acc in ((0, 0.80), (1, 0.82)):
         write_results(tmp_path / "syp-food101" / f"seed{seed}", "syp", CLIP_OPENAI, "food101", "accuracy", acc,
@@ -390,6 +417,17 @@ def test_nm2i_for_other_prompt_methods(trained, tmp_path):
 
 # Semantic breaks of common.py's run plumbing these tests must catch (python tests/mutations.py --file common.py).
 MUTATIONS = [
+    {"file": "common.py", "old": "int(k[i]), f\"{scores[i, k[i]]:.6f}\"", "new": "int(labels[i]), f\"{scores[i, k[i]]:.6f}\"",
+     "why": "the predictions file writes the label as the prediction", "tests": ["tests/test_runs.py::test_predictions_file_holds_each_sample_once"]},
+    {"file": "common.py", "old": "[f\"{v:.6f}\" for v in scores[i]]", "new": "[f\"{v:.6f}\" for v in scores[i][::-1]]",
+     "why": "multi-label scores are written under the wrong classes", "tests": ["tests/test_runs.py::test_predictions_file_holds_each_sample_once"]},
+    {"file": "common.py", "old": "for train, row in zip(types, grid) for test, v in zip(types, row)]",
+     "new": "for test, row in zip(types, grid) for train, v in zip(types, row)]",
+     "why": "a train x test table is read transposed", "tests": ["tests/test_runs.py::test_readme_paper_table_matches_paper_numbers"]},
+    {"file": "common.py", "old": "for m in methods if m in METHODS for k, v", "new": "for m in methods[1:] if m in METHODS for k, v",
+     "why": "one method file's numbers are left out of the merged table", "tests": ["tests/test_runs.py::test_paper_numbers_carry_their_provenance"]},
+    {"file": "syp.py", "old": "(\"food101\", (86.17, 82.45, 81.03))", "new": "(\"food101\", (86.17, 81.03, 82.45))",
+     "why": "the paper's numbers are keyed by the wrong missing rate", "tests": ["tests/test_runs.py::test_readme_paper_table_matches_paper_numbers"]},
     {"file": "common.py", "old": "select it, as uninterrupted\n            model.load_state_dict(best[\"state\"], strict=False)",
      "new": "select it, as uninterrupted\n            pass", "why": "resumed past the last epoch: the last state is tested, not the best",
      "tests": ["tests/test_runs.py::test_resume_after_the_last_epoch_tests_the_best_state", "tests/test_runs.py::test_muap_resumed_in_its_first_stage_matches_uninterrupted"]},
