@@ -55,6 +55,9 @@ training-mode outputs); pre-pass: the bank {"text", "image"}: (N, K, D_m) protot
 run, or `common.kmeans` per layer of `common.modality_tokens(bb, batch, depth)` over the training samples that have
 the modality (`presence`). Copy this file with common.py and data.py.
 
+Sections, in reading order: command line and recipes; MCP bank (one frozen pass, K-means); prompt module;
+forward; loss (CR, L) and run; the numbers to compare with.
+
 Usage: python aoept.py --dataset food101 --missing text --rate 0.7 [--backbone vilt] [--recipe paper] [--nm2i]
 """
 import hashlib
@@ -73,6 +76,9 @@ from common import (CLIP_B16, autocast, build_parser, cli, clip_text_mask, finis
                     masked_mean, modality_tokens, paper_table, read_checkpoint, save_tensors, setup, task_loss)
 from data import IMAGE_MISSING, TEXT_MISSING, DataError, make_loader, rank_batches, to_device
 
+# ---------------------------------------------------------------------------------------------------------
+# AOEPT: command line (the paper's and the official code's defaults)
+# ---------------------------------------------------------------------------------------------------------
 # --recipe official (header table): (backbone, dataset) -> M and lr per missing type (text, image, both), N, K, wd
 OFFICIAL = {
     ("clip", "food101"): dict(M=(6, 6, 6), lr=(1e-2, 1e-2, 1e-2), N=4, K=256, wd=2e-2, text=77),

@@ -1,18 +1,26 @@
-"""Shared pieces of the six method files, except the data side (data.py): the frozen backbones with per-layer access,
-metrics, the command line and the run (setup, training loop with accumulation / DDP / resume, evaluation, results and
-checkpoints), AOEPT's NM2I diagnostic, the robustness grid, seeds and summary, and the papers' numbers.
-Sections, in reading order: Backbones, Metrics, Command line, Files (checkpoints), Run setup, Precision / optimiser /
-schedule, Training loop, Resume, Evaluation, NM2I, Grid / seeds / summary, The papers' numbers, cli.
-A run goes method -> common (setup, fit, finish) -> data (datasets, missing tables, preprocessing, dummy inputs, image
-cache, loaders) and back.
-
-Nothing here is described by any of the papers; everything a paper describes lives in its method file.
+"""What the six method files share, except the data side (data.py). Sections, in reading order:
+    Backbones         frozen open_clip CLIP and HF ViLT, cut into per-layer pieces (below); tiny configurations
+    Metrics           accuracy, F1 (macro / micro / weighted / samples), AUROC; the task losses
+    Command line      the flags every method file shares; --eval-only never writes into a training run's folder
+    Files             checkpoints (safetensors, written atomically with data.atomic_write)
+    Run setup         seed, device, torchrun processes, backbone, the three splits (data.load_data), the Collate
+    Optimiser         autocast, fp32 logits, AdamW / Adam with the official weight-decay groups, warm-up schedules
+    Training loop     `fit`: global batches from micro-batches, validation checks, the best check's state
+    Resume            OUT/last.safetensors at every check; a resumed run equals an uninterrupted one
+    Evaluation        `finish`: every sample once across processes, predictions_test.csv, results.json
+    NM2I              AOEPT's diagnostic (this repository's estimator), k-means, prompt-free modality means
+    Grid and seeds    --eval-grid, --seeds
+    Papers' numbers   how the method files key their papers' numbers; `python common.py summarize RUN...`
+    cli               the entry point of every method file
+A run goes method -> common (setup) -> data (datasets, missing tables, preprocessing, image cache, dummy inputs,
+loaders) -> common (fit, finish) -> method. Nothing here is described by any of the papers; everything a paper
+describes, its numbers included, lives in its method file.
 
 Shape glossary (used in every file):
     B    batch                     L_t  text tokens          L_v  image tokens (incl. [CLS])
     D    width of a stream         P    prompt length        N    prompted layers          C  outputs
 
-Backbones (both frozen; `freeze` asserts it and prints the trainable count):
+Backbones (both frozen; `freeze` asserts it, `check_frozen` again around every epoch):
     clip       open_clip ViT-B-16, OpenAI weights (QuickGELU as the tag requires), dual stream.
     vilt       HF ViltModel dandelin/vilt-b32-mlm, single stream.
     tiny-clip  / tiny-vilt: the same classes and code paths with tiny random-initialised configurations.
@@ -539,7 +547,7 @@ def config_of(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Run setup: seeding, device, distributed, data
+# Run setup: seeding, device, distributed, the splits
 # ---------------------------------------------------------------------------------------------------------
 class Run:
     """What a method's main needs: args, device, rank/world, the backbone and the three splits."""
@@ -605,7 +613,7 @@ def check_frozen(model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Precision, optimiser and schedule
+# Optimiser: precision, weight-decay groups, schedule
 # ---------------------------------------------------------------------------------------------------------
 def autocast(run):
     if run.device.type == "cuda" and run.args.precision == "bf16":
@@ -1069,7 +1077,7 @@ def nm2i(run, model, k):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Robustness grid, seeds, and the summary table
+# Robustness grid and seeds
 # ---------------------------------------------------------------------------------------------------------
 def eval_grid(run, model):
     """Test metric for every test missing type and rate (none once, at rate 0): OUT/grid.json, grid.csv and,
@@ -1135,7 +1143,7 @@ def run_seeds(args, main):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The papers' numbers (each method file keeps its own as PAPER_NUMBERS), with their provenance, and the summary
+# The papers' numbers (each method file keeps its own as PAPER_NUMBERS, with its provenance) and the summary
 # ---------------------------------------------------------------------------------------------------------
 # Key: (method, backbone as the source ran it, dataset, train missing, train rate, test missing, test rate, variant).
 #   backbone: "vilt" (dandelin/vilt-b32-mlm) or "clip <open_clip model>" with OpenAI weights.

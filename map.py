@@ -35,6 +35,8 @@ Use from your own code (README, "Use a method in your own code"): `MAP(bb, num_o
 depth)` on a frozen `common.load_vilt()` / `load_clip()` backbone; `model(batch)["logits"]`; loss
 `common.task_loss(logits, labels, task)`; no pre-pass. Copy this file with common.py and data.py.
 
+Sections, in reading order: command line; prompt module (Sec. 3.2); forward; loss and run; the numbers to compare with.
+
 Usage: python map.py --dataset food101 --missing both --rate 0.7          (ViLT, the paper's setting)
        python map.py --dataset toy --backbone tiny-vilt                   (offline, CPU, about a minute)
 """
@@ -46,6 +48,9 @@ from common import build_parser, cli, finish, fit, paper_table, setup, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
+# ---------------------------------------------------------------------------------------------------------
+# MAP: command line (the paper's and the official code's defaults)
+# ---------------------------------------------------------------------------------------------------------
 def parser():
     p = build_parser("map", __doc__, backbone="vilt")
     # Method-specific

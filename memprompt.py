@@ -56,6 +56,9 @@ top_n, depth, placement, softmax_over)` on a frozen `common.load_vilt()` / `load
 `resolve_defaults(args)`; `model(batch)["logits"]`; loss `common.task_loss`; no pre-pass. Copy this file with
 common.py and data.py.
 
+Sections, in reading order: command line; prompt module (Sec. 3.3); forward; loss and run (Eq. 3); the numbers to
+compare with.
+
 Usage: python memprompt.py --dataset food101 --missing text --rate 0.7 --test-missing image   (Table 1, cross case)
        python memprompt.py --dataset toy --backbone tiny-vilt                                  (offline, CPU)
 """
@@ -69,6 +72,9 @@ from common import build_parser, cli, clip_text_mask, finish, fit, fp32_logits, 
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError
 
 
+# ---------------------------------------------------------------------------------------------------------
+# MemPrompt: command line (the paper's and the official code's defaults)
+# ---------------------------------------------------------------------------------------------------------
 def parser():
     p = build_parser("memprompt", __doc__, backbone="vilt")
     # Method-specific

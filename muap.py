@@ -47,6 +47,9 @@ frozen `common.load_vilt()` / `load_clip()` backbone; stages by `set_stage(model
 `snapshot(model)` into `model.teachers`; losses `common.task_loss` (single stages) and `alignment_loss` (alignment,
 `main` shows the order); no pre-pass. Copy this file with common.py and data.py.
 
+Sections, in reading order: command line; prompt module (Sec. 3.4); forward (Sec. 3.5); multi-step prompt tuning
+(Sec. 3.6); loss and run (Sec. 3.6); the numbers to compare with.
+
 Usage: python muap.py --dataset food101 --missing both --rate 0.7 --fusion head     (ViLT, the paper's setting)
        python muap.py --dataset toy --backbone tiny-vilt --epochs 4 --batch-size 16   (offline, on CPU)
 """
@@ -62,6 +65,9 @@ from common import (autocast, build_parser, checkpoint_meta, cli, finish, fit, g
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError, make_loader, rank_batches, to_device
 
 
+# ---------------------------------------------------------------------------------------------------------
+# MuAP: command line (the paper's and the official code's defaults)
+# ---------------------------------------------------------------------------------------------------------
 def parser():
     p = build_parser("muap", __doc__, backbone="vilt")
     # Method-specific

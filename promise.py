@@ -53,6 +53,9 @@ an augmented view as `aug_*` keys (`PromiseCollate(data.Collate(...), args)` on 
 cache as a plain call: `unimodal_features(bb, batch)`, passed as `feat_image` / `feat_text` (+ `_a` in training).
 Copy this file with common.py and data.py.
 
+Sections, in reading order: command line; prompt module (Prompt Attention); forward; loss (FNCL, CCCL); augmented
+views, the view of each epoch, the feature cache, and run; the numbers to compare with.
+
 Usage: python promise.py --dataset food101 --missing both --rate 0.7 --cache-features    (CLIP ViT-L/14)
        python promise.py --dataset toy --backbone tiny-clip --cache-features             (offline, CPU, seconds)
 """
@@ -77,6 +80,9 @@ from common import (CLIP_L14, autocast, build_parser, cli, finish, fit, gather_r
                     save_tensors, setup, task_loss)
 from data import IMAGE_MISSING, TEXT_MISSING, DataError, image_cache_key, rank_batches, to_device
 
+# ---------------------------------------------------------------------------------------------------------
+# PROMISE: command line (the paper's and the official code's defaults)
+# ---------------------------------------------------------------------------------------------------------
 MODALITIES = ("image", "text")
 OTHER = {"image": "text", "text": "image"}
 ABSENT = {"image": IMAGE_MISSING, "text": TEXT_MISSING}

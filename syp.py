@@ -54,6 +54,9 @@ Use from your own code (README, "Use a method in your own code"): `SyP(bb, num_o
 frozen `common.load_clip()` / `load_vilt()` backbone; `model(batch)["logits"]`; loss `common.task_loss`; no
 pre-pass. Copy this file with common.py and data.py.
 
+Sections, in reading order: command line; prompt module (dynamic adapter, synergistic prompts, propagation);
+forward; loss (E8) and run; the numbers to compare with.
+
 Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's backbone)
        python syp.py --dataset food101 --missing both --rate 0.7            (the paper's main table: 82.45)
        python syp.py --dataset food101 --missing both --rate 0.5 --no-static   (Table 3, dynamic prompt only)
@@ -66,6 +69,9 @@ from common import CLIP_B16, build_parser, cli, clip_text_mask, finish, fit, mas
 from data import IMAGE_MISSING, TEXT_MISSING
 
 
+# ---------------------------------------------------------------------------------------------------------
+# SyP: command line (the paper's and the official code's defaults)
+# ---------------------------------------------------------------------------------------------------------
 def parser():
     p = build_parser("syp", __doc__, backbone="clip")
     # Method-specific
