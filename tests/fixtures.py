@@ -6,11 +6,19 @@ import csv
 import json
 import os
 import random
+import socket
 
 from PIL import Image
 
 WORDS = ["tasty", "fresh", "recipe", "home", "easy", "best", "quick", "classic", "spicy", "sweet",
          "movie", "story", "family", "night", "city", "love", "war", "dark", "funny", "old"]
+
+
+def free_port():
+    """A TCP port no process listens on now (torchrun's rendezvous; a fixed port fails where one is taken)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _write_image(path, rng, size=(24, 24)):

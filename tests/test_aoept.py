@@ -13,6 +13,7 @@ import aoept
 import common
 from common import cli, finalize_args, load_backbone
 from data import IMAGE_MISSING, TEXT_MISSING, Collate, load_split
+from tests.fixtures import free_port
 
 FAST = ["--epochs", "1", "--batch-size", "128"]
 
@@ -257,17 +258,13 @@ def test_cr_gradient_of_a_global_batch_equals_four_ranks_of_a_quarter(tmp_path):
     """L_CR over the global batch: the gradient of one 16-sample step equals that of 4 gloo processes x 4 samples
     under DDP (the CR vectors gathered across ranks, u with its gradient). Without the gather, each rank's InfoNCE
     would only see its own 4 samples and the gradients would differ."""
-    import socket
     import torch.multiprocessing as mp
     torch.manual_seed(0)
     model = CRToy()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, z, present, labels = cr_inputs()
     aoept.make_loss(0.5, "multiclass")(model(x, z, present), {"label": labels}).backward()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(cr_rank, args=(4, port, state, str(tmp_path / "g.pt")), nprocs=4, start_method="spawn")
+    mp.start_processes(cr_rank, args=(4, free_port(), state, str(tmp_path / "g.pt")), nprocs=4, start_method="spawn")
     grads = torch.load(tmp_path / "g.pt")
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-5), n

@@ -13,6 +13,7 @@ import common
 import map as map_method
 from common import cli, run_variant, summarize_seeds, summary_markdown, summary_rows
 from data import missing_table, table_counts
+from tests.fixtures import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--backbone", "tiny-clip", "--prompt-length", "4", "--batch-size", "64", "--micro-batch", "32",
@@ -337,7 +338,7 @@ def test_eval_only_never_overwrites_a_training_run(trained, tmp_path):
 def test_torchrun_two_processes_match_single_process(trained, tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "map.py")] + BASE + ["--epochs", "2", "--out", out, "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -364,7 +365,7 @@ def test_torchrun_splits_the_encoding_passes(tmp_path, method, extra, prefix):
     for n in (1, 2):
         folders[n] = tmp_path / f"cache{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-               str(29540 + n), os.path.join(ROOT, f"{method}.py")] + argv + [
+               str(free_port()), os.path.join(ROOT, f"{method}.py")] + argv + [
                "--cache-dir", str(folders[n]), "--out", str(tmp_path / f"run{n}")]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
