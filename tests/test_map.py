@@ -170,7 +170,65 @@ def test_clip_input_level_equals_a_library_loop():
         assert (model.forward_clip(batch) - clip_reference(model, batch)).abs().max() <= 1e-5
 
 
+def test_clip_attention_level_equals_a_library_loop():
+    """Attention-level MAP on CLIP, end to end: when the raw keys/values of layer i are that layer's own projections
+    of tokens z (per case and layer), each prompted layer equals the library resblock on [z, tokens] with z's rows
+    dropped after it (the text tower under the causal mask over z and the text), and pooling is open_clip's own."""
+    model, batch = build("tiny-clip", "attention")
+    model = map_method.MAP(model.bb, 4, "attention", 6, 2).eval()
+    clip, m, ids, half = model.bb.model, batch["missing"], batch["text"], 3
+    towers = {"image": (model.image_prompts, clip.visual.transformer.resblocks),
+              "text": (model.text_prompts, clip.transformer.resblocks)}
+    torch.manual_seed(0)
+    z = {name: torch.randn(3, model.depth, half, blocks[0].attn.embed_dim) for name, (_, blocks) in towers.items()}
+    with torch.no_grad():
+        for name, (prompts, blocks) in towers.items():
+            for i in range(model.depth):
+                block = blocks[i]
+                _, k, v = F.linear(block.ln_1(z[name][:, i]), block.attn.in_proj_weight,
+                                   block.attn.in_proj_bias).chunk(3, dim=-1)
+                prompts.prompts[:, i] = torch.cat([k, v], 1)                      # (3 cases, P, D): keys, values
+        ours = model.forward_clip(batch)
+        x = clip.visual._embeds(batch["image"])
+        t = clip.token_embedding(ids) + clip.positional_embedding
+        for i in range(len(clip.transformer.resblocks)):
+            n = half if i < model.depth else 0
+            if n:
+                x, t = torch.cat([z["image"][m, i], x], 1), torch.cat([z["text"][m, i], t], 1)
+            causal = torch.full((t.shape[1], t.shape[1]), float("-inf")).triu(1)
+            x = clip.visual.transformer.resblocks[i](x)[:, n:]
+            t = clip.transformer.resblocks[i](t, attn_mask=causal)[:, n:]
+        image = clip.visual._pool(x)[0] @ clip.visual.proj
+        text = clip.ln_final(t)[torch.arange(len(ids)), ids.argmax(-1)] @ clip.text_projection
+    assert (ours - torch.cat([image, text], -1)).abs().max() <= 1e-5
+
+
 MUTATIONS = [
+    {"file": "map.py", "old": "nn.LayerNorm(2 * width), nn.GELU(),", "new": "nn.LayerNorm(2 * width), nn.ReLU(),",
+     "why": "the classifier's activation is not the official GELU", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "nn.init.normal_(m.weight, std=0.02)", "new": "nn.init.normal_(m.weight, std=0.2)",
+     "why": "the classifier is not initialised as the official init_weights", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "mask = torch.cat([mask.new_ones(mask.shape[0], self.length), mask], dim=1)",
+     "new": "mask = torch.cat([mask.new_zeros(mask.shape[0], self.length), mask], dim=1)",
+     "why": "ViLT input-level prompts are masked out as keys", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "x = bb.block(i, x, bias, kv_prefix=keys_values(self.prompts(m, i)))",
+     "new": "x = bb.block(i, x, bias, kv_prefix=keys_values(self.prompts(m, 0)))",
+     "why": "attention-level prompts of layer 0 reused in every layer", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "return torch.cat([bb.image_pool(x, n), bb.text_pool(t, batch[\"text\"], n)], dim=-1)",
+     "new": "return torch.cat([bb.image_pool(x, 0), bb.text_pool(t, batch[\"text\"], n)], dim=-1)",
+     "why": "CLIP image tower pools a prompt row instead of [CLS]", "tests": ["tests/test_map.py::test_clip_input_level_equals_a_library_loop"]},
+    {"file": "map.py", "old": "                                           bb.causal_mask(t.shape[1], t.device, t.dtype))",
+     "new": "                                           None)",
+     "why": "CLIP attention-level text tower runs without its causal mask",
+     "tests": ["tests/test_map.py::test_clip_attention_level_equals_a_library_loop"]},
+    {"file": "map.py", "old": "self.depth = min(depth, bb.num_layers)", "new": "self.depth = min(depth, bb.num_layers - 1)",
+     "why": "the last prompted layer is dropped when the depth covers the backbone", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "p.set_defaults(backbone_dropout=0.1, val_interval={\"food101\": 0.2, \"mmimdb\": 0.2, \"hatememes\": 0.11})",
+     "new": "p.set_defaults(backbone_dropout=0.1, val_interval={\"food101\": 0.2, \"mmimdb\": 0.2, \"hatememes\": 0.2})",
+     "why": "Hateful Memes validates at 0.2 instead of the official val_check_interval 0.11", "tests": ["tests/test_official_map.py"]},
+    {"file": "map.py", "old": "(marker, length // 2 + marker) if attention else (marker,)",
+     "new": "(marker, length // 2 + marker) if attention else (marker, marker + 1)",
+     "why": "input-level prompts get two one-hot rows instead of the official one", "tests": ["tests/test_official_map.py"]},
     {"file": "map.py", "old": "return self.pooler(bb.final_norm(x)[:, cls:cls + 1])",
      "new": "return self.pooler(bb.final_norm(x)[:, 0:1])",
      "why": "pool a prompt token instead of the text [CLS]", "tests": ["tests/test_official_map.py"]},

@@ -187,6 +187,24 @@ def test_model_uses_the_official_initialisation(tiny):
         assert torch.equal(model.prompts.prompts[COMPLETE], ref["complete"])
 
 
+def test_head_is_the_official_classifier():
+    """ViLTransformerSS's <dataset>_classifier: Linear(D, 2D) -> LayerNorm(2D) -> GELU -> Linear(2D, C), built here as
+    the official nn.Sequential with map.mlp_head's weights (same outputs), and objectives.init_weights: Linear weights
+    N(0, 0.02), Linear biases 0, LayerNorm weight 1 and bias 0."""
+    torch.manual_seed(0)
+    head = map_method.mlp_head(64, 5)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.GELU(),
+                              torch.nn.Linear(128, 5))
+    ref.load_state_dict(head.state_dict())
+    x = 3 * torch.randn(7, 64)
+    assert torch.allclose(head(x), ref(x), atol=1e-6)
+    big = map_method.mlp_head(768, 101)
+    for linear in (big[0], big[3]):
+        assert abs(float(linear.weight.std()) - 0.02) < 1e-3 and abs(float(linear.weight.mean())) < 1e-3
+        assert not linear.bias.any()
+    assert torch.equal(big[1].weight, torch.ones(1536)) and not big[1].bias.any()
+
+
 def test_defaults_are_the_official_config(tiny):
     """task_finetune_{food101,mmimdb,hatememes} + the base config: lr 1e-2, wd 2e-2, batch 256, 20 epochs, warm-up
     0.1 then linear decay to 0 (decay_power 1, end_lr 0), AdamW (0.9, 0.98) eps 1e-8, drop_rate 0.1 in the frozen
