@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import memprompt as M
 from common import cli, finalize_args, finish, fit, load_clip, load_vilt, setup, task_loss
@@ -292,7 +293,11 @@ def test_clip_equals_a_library_loop(gen, shared):
     model = M.MemPrompt(bb, 4, length=2, memory_size=4, top_n=2, depth=4, gen_layers=gen, shared_layers=shared).eval()
     batch = toy_batch(bb)
     with torch.no_grad():
-        assert (model.forward_clip(batch) - clip_reference(model, batch)).abs().max() <= 1e-5
+        feature = clip_reference(model, batch)
+        assert (model.forward_clip(batch) - feature).abs().max() <= 1e-5
+        # the header's CLIP head: one Linear(2E, C) on [image, text]
+        logits = F.linear(feature, model.head.weight, model.head.bias)
+        assert (model(batch)["logits"] - logits).abs().max() <= 1e-5
 
 
 def test_similarity_in_fp32_under_autocast():
@@ -319,6 +324,39 @@ def test_layer_counts_and_bad_values():
 
 
 MUTATIONS = [
+    {"file": "memprompt.py", "old": "top, idx = cos.topk(self.N, dim=1)", "new": "top, idx = (-cos).topk(self.N, dim=1)",
+     "why": "the N least similar entries are retrieved", "tests": ["tests/test_memprompt.py", "tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "cos = F.normalize(f, dim=-1) @ F.normalize(q, dim=-1).T", "new": "cos = F.normalize(f, dim=-1) @ q.T",
+     "why": "retrieval scores are dot products with unnormalised keys, not cosines", "tests": ["tests/test_memprompt.py", "tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "p_s = torch.stack([self.shared_missing_t + self.shared_missing_v,",
+     "new": "p_s = torch.stack([self.shared_missing_t,",
+     "why": "a complete sample gets the text-missing shared prompt instead of the sum of both",
+     "tests": ["tests/test_memprompt.py", "tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "return self.G_t(p_s)[missing], self.G_v(p_s)[missing]", "new": "return self.G_v(p_s)[missing], self.G_v(p_s)[missing]",
+     "why": "the text-side shared prompt goes through G_v", "tests": ["tests/test_memprompt.py", "tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "f_v = query(x[:, -L_v:], mask[:, -L_v:], self.query_pad)",
+     "new": "f_v = query(x[:, -L_v + 1:], mask[:, -L_v + 1:], self.query_pad)",
+     "why": "the image query skips the image [CLS]", "tests": ["tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "f_v = x[:, -L_v:].amax(dim=1)", "new": "f_v = x[:, -L_v:].mean(dim=1)",
+     "why": "CLIP image query mean-pooled instead of the max-pool of Eq. 4", "tests": ["tests/test_memprompt.py::test_clip_equals_a_library_loop"]},
+    {"file": "memprompt.py", "old": "args.prompt_length = 4 if hateful else 16", "new": "args.prompt_length = 16",
+     "why": "Hateful Memes runs with L = 16 instead of Sec. 4.2's 4", "tests": ["tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "help=\"N, retrieved entries per query (Eq. 6, Sec. 4.2)\")",
+     "new": "help=\"N, retrieved entries per query (Eq. 6, Sec. 4.2)\"); p.set_defaults(top_n=4)",
+     "why": "top-N default 4 instead of 5", "tests": ["tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "ones_t, ones_v = mask.new_ones(mask.shape[0], p_t.shape[1]), mask.new_ones(mask.shape[0], p_v.shape[1])",
+     "new": "ones_t, ones_v = mask.new_ones(mask.shape[0], p_t.shape[1]), mask.new_zeros(mask.shape[0], p_v.shape[1])",
+     "why": "image-side prompts are masked out as keys", "tests": ["tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "self.shared_missing_v = nn.Parameter(torch.randn(P, D_v) * 0.02)",
+     "new": "self.shared_missing_v = nn.Parameter(torch.randn(P, D_v) * 0.2)",
+     "why": "image-missing shared prompt not initialised N(0, 0.02)", "tests": ["tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "g = nn.Sequential(nn.Linear(d_in, d_in // 16), nn.GELU(), nn.Linear(d_in // 16, d_out))",
+     "new": "g = nn.Sequential(nn.Linear(d_in, d_in // 8), nn.GELU(), nn.Linear(d_in // 8, d_out))",
+     "why": "bottleneck width D / 8 instead of the code's D / 16", "tests": ["tests/test_official_memprompt.py"]},
+    {"file": "memprompt.py", "old": "            self.head = nn.Linear(2 * bb.embed_dim, num_outputs)",
+     "new": "            self.head = nn.Sequential(nn.Linear(2 * bb.embed_dim, num_outputs), nn.Tanh())",
+     "why": "CLIP head is not the linear head its header states",
+     "tests": ["tests/test_memprompt.py::test_clip_equals_a_library_loop"]},
     {"file": "memprompt.py", "old": "f_t = query(x[:, t0:t0 + L_t], mask[:, t0:t0 + L_t], self.query_pad)",
      "new": "f_t = query(x[:, :L_t], mask[:, :L_t], self.query_pad)",
      "why": "text query over the wrong slice (the prompts in front instead of the text)",

@@ -204,7 +204,8 @@ def test_initialisation_is_official():
     gain = math.sqrt(2.0 / (1 + 5))
     assert layer.mem_t.p.std().item() == pytest.approx(gain / math.sqrt(P * D), rel=0.02)
     assert layer.mem_t.q.std().item() == pytest.approx(gain / math.sqrt(D), rel=0.05)
-    assert layer.shared_missing_t.std().item() == pytest.approx(0.02, rel=0.05)
+    for p_s in (layer.shared_missing_t, layer.shared_missing_v):
+        assert p_s.std().item() == pytest.approx(0.02, rel=0.05) and abs(p_s.mean().item()) < 2e-3
     for g in (layer.G_t, layer.G_v):
         assert g[0].out_features == D // 16 and isinstance(g[1], torch.nn.GELU)
         assert g[0].weight.std().item() == pytest.approx(0.02, rel=0.05) and not g[0].bias.any()
