@@ -373,6 +373,89 @@ def test_resume_at_a_mid_epoch_check_equals_the_uninterrupted_run(tmp_path, monk
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The optimiser step: accumulation, clipping, the schedule's shapes, the global batches, the task scores
+# ---------------------------------------------------------------------------------------------------------
+def one_sgd_step(tmp_path, micro, clip=0.0):
+    """One optimiser step of train_one_epoch on map.py / tiny-clip (no dropout: deterministic) with SGD lr 1 and a
+    constant schedule, so the update is minus the (clipped) gradient -> (update per tensor, the step's mean loss)."""
+    import map
+    argv = ["--backbone", "tiny-clip", "--batch-size", "30", "--micro-batch", str(micro), "--prompt-length", "2",
+            "--prompt-depth", "2", "--val-interval", str(1 / 17), "--clip-grad", str(clip), "--out", str(tmp_path)]
+    run = common.setup(common.finalize_args(map.parser().parse_args(argv)))
+    torch.manual_seed(0)
+    model = map.MAP(run.bb, run.num_outputs, "input", 2, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+    def loss_fn(out, batch):
+        return common.task_loss(out["logits"], batch["label"], run.task)
+    step, loss, _, samples = next(common.train_one_epoch(run, model, loss_fn, opt, schedule, params, 0))
+    assert (step, samples) == (1, 30)
+    return [b - p.detach() for b, p in zip(before, params)], loss
+
+
+def test_micro_batches_accumulate_to_the_big_batch_step(tmp_path):
+    """A global batch of 30 as one forward, or as micro-batches 8 + 8 + 8 + 6 (each loss weighted by its share):
+    the same gradient (SGD lr 1: the update is the gradient) and the same reported mean loss."""
+    whole, loss_whole = one_sgd_step(tmp_path / "a", 30)
+    parts, loss_parts = one_sgd_step(tmp_path / "b", 8)
+    assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
+    for a, b in zip(whole, parts):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_clip_grad_bounds_the_gradient_norm(tmp_path):
+    """--clip-grad c below the raw gradient's total norm: the update of one SGD step (the clipped gradient) has total
+    norm c and the raw gradient's direction."""
+    raw, _ = one_sgd_step(tmp_path / "a", 30)
+    norm = float(torch.sqrt(sum((g ** 2).sum() for g in raw)))
+    c = norm / 4
+    clipped, _ = one_sgd_step(tmp_path / "b", 30, clip=c)
+    assert float(torch.sqrt(sum((g ** 2).sum() for g in clipped))) == pytest.approx(c, rel=1e-4)
+    for a, b in zip(raw, clipped):
+        assert torch.allclose(a / 4, b, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_follows_its_formula(schedule):
+    """After W = 10 warm-up steps of 100 (lr (s + 1) / W at step s): linear 1 - p, cosine (1 + cos(pi p)) / 2,
+    constant 1, with p = (s - W) / (100 - W); written out here step by step."""
+    from argparse import Namespace
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = common.make_schedule(opt, 100, Namespace(warmup=0.1, schedule=schedule))
+    for s in range(100):
+        p = (s - 10) / 90
+        expected = (s + 1) / 10 if s < 10 else {"linear": 1 - p, "cosine": (1 + math.cos(math.pi * p)) / 2,
+                                                "constant": 1.0}[schedule]
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * expected, abs=1e-12), s
+        opt.step()
+        sched.step()
+
+
+def test_global_batches_are_a_fresh_permutation_each_epoch():
+    """Every epoch: disjoint batches of exactly batch_size that cover all but the dropped remainder, drawn anew each
+    epoch and for each seed, and the same on every call (every rank computes them)."""
+    from data import global_batches
+    a0, a1, b0 = global_batches(103, 10, 4, 0), global_batches(103, 10, 4, 1), global_batches(103, 10, 5, 0)
+    for batches in (a0, a1, b0):
+        flat = [i for b in batches for i in b]
+        assert [len(b) for b in batches] == [10] * 10 and len(set(flat)) == 100 and set(flat) <= set(range(103))
+    assert a0 == global_batches(103, 10, 4, 0) and a0 != a1 and a0 != b0
+    assert global_batches(7, 10, 0, 0)[0] and sorted(global_batches(7, 10, 0, 0)[0]) == list(range(7))
+
+
+def test_scores_from_logits_per_task():
+    """Multiclass softmax, multilabel sigmoid per class, binary p(1) of the 2-logit softmax = sigmoid(l1 - l0)."""
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(common.scores_from_logits(logits, "multiclass"), logits.exp() / logits.exp().sum(1, True))
+    assert torch.allclose(common.scores_from_logits(logits, "multilabel"), 1 / (1 + (-logits).exp()))
+    two = logits[:, :2]
+    assert torch.allclose(common.scores_from_logits(two, "binary"), 1 / (1 + (two[:, 0] - two[:, 1]).exp()))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Item 7: similarity logits in fp32 with autocast off
 # ---------------------------------------------------------------------------------------------------------
 def test_fp32_logits_escape_bf16_autocast():
@@ -392,6 +475,15 @@ def test_fp32_logits_escape_bf16_autocast():
 
 
 MUTATIONS = [
+    {"file": "common.py", "old": "(loss * (len(ids) * run.world / len(batch_ids))).backward()", "new": "loss.backward()", "why": "micro-batch losses summed, not weighted by their share of the global batch", "tests": ["tests/test_recipe.py::test_micro_batches_accumulate_to_the_big_batch_step"]},
+    {"file": "common.py", "old": "total += loss.detach() * len(ids)", "new": "total += loss.detach()", "why": "the reported training loss is not the mean over the batch's samples", "tests": ["tests/test_recipe.py::test_micro_batches_accumulate_to_the_big_batch_step"]},
+    {"file": "common.py", "old": "torch.nn.utils.clip_grad_norm_(params, args.clip_grad)", "new": "torch.nn.utils.clip_grad_norm_(params, 2 * args.clip_grad)", "why": "gradients clipped at twice --clip-grad", "tests": ["tests/test_recipe.py::test_clip_grad_bounds_the_gradient_norm"]},
+    {"file": "common.py", "old": "return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))", "new": "return math.cos(0.5 * math.pi * min(1.0, progress))", "why": "cosine schedule is a quarter cosine, not (1 + cos(pi p)) / 2", "tests": ["tests/test_recipe.py::test_schedule_follows_its_formula"]},
+    {"file": "common.py", "old": "max(0.0, 1.0 - progress)", "new": "max(0.0, 1.0 - 0.9 * progress)", "why": "linear decay does not reach 0 at the last step", "tests": ["tests/test_recipe.py::test_schedule_follows_its_formula"]},
+    {"file": "data.py", "old": "manual_seed(seed * 1000003 + epoch)", "new": "manual_seed(seed * 1000003)", "why": "every epoch sees the same batches", "tests": ["tests/test_recipe.py::test_global_batches_are_a_fresh_permutation_each_epoch"]},
+    {"file": "data.py", "old": "steps = max(1, n // batch_size)", "new": "steps = max(1, -(-n // batch_size))", "why": "an incomplete last global batch is kept (its step differs in size)", "tests": ["tests/test_recipe.py::test_global_batches_are_a_fresh_permutation_each_epoch"]},
+    {"file": "common.py", "old": "    return logits.float().softmax(-1)[:, 1]", "new": "    return logits.float()[:, 1].sigmoid()", "why": "binary p(1) from one logit, not the 2-logit softmax", "tests": ["tests/test_recipe.py::test_scores_from_logits_per_task"]},
+    {"file": "common.py", "old": "    if task == \"multilabel\":\n        return logits.float().sigmoid()", "new": "    if task == \"multilabel\":\n        return logits.float().softmax(-1)", "why": "multi-label scores softmaxed across genres", "tests": ["tests/test_recipe.py::test_scores_from_logits_per_task"]},
     {"file": "common.py", "old": "attn_mask=bias.to(q.dtype))", "new": "attn_mask=None)",
      "why": "SDPA block ignores the key mask"},
     {"file": "common.py", "old": "k, v = torch.cat([K_p.to(k.dtype), k], 1), torch.cat([V_p.to(v.dtype), v], 1)",
