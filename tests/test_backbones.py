@@ -3,6 +3,7 @@ encode_text, HF ViltModel pooler_output), on the tiny configs and once on a real
 local weights load through the functions users call; offline absence gives a clear error."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -165,8 +166,47 @@ def test_pool_skips_prepended_prompts():
                               atol=1e-6)
 
 
+
+def test_modality_tokens_are_the_prompt_free_layer_inputs():
+    """common.modality_tokens (AOEPT's bank, NM2I's truth): per modality, the mean over its real tokens of the input of
+    layers 0..N-1, against the libraries' own passes: open_clip's embeddings and resblocks (text: SOT..EOT), and HF
+    ViltModel's hidden_states (its embedding output and each layer's output), text and image slices masked."""
+    bb = load_clip("tiny-clip", "")
+    batch = toy_batch(bb)
+    clip, ids = bb.model, batch["text"]
+    with torch.no_grad():
+        got = common.modality_tokens(bb, batch, 3)
+        x, t = clip.visual._embeds(batch["image"]), clip.token_embedding(ids) + clip.positional_embedding
+        real = (torch.arange(77)[None] <= ids.argmax(-1, keepdim=True)).float()[..., None]
+        for l in range(3):
+            assert torch.allclose(got["image"][:, l], x.mean(1), atol=1e-5)
+            assert torch.allclose(got["text"][:, l], (t * real).sum(1) / real.sum(1), atol=1e-5)
+            x = clip.visual.transformer.resblocks[l](x)
+            t = clip.transformer.resblocks[l](t, attn_mask=torch.full((77, 77), float("-inf")).triu(1))
+    bb = load_vilt("tiny-vilt")
+    rng = np.random.default_rng(0)
+    items = [{"id": str(k), "image": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), "label": 0,
+              "text": text, "missing": 0} for k, (h, w, text) in enumerate(
+                  [(64, 64, "apple river"), (40, 90, "a very small photo of the lake"), (90, 40, "plum")])]
+    batch = Collate(bb, 40)(items)                                  # images of three sizes: padded patches
+    assert batch["pixel_mask"].float().mean() < 1
+    with torch.no_grad():
+        got = common.modality_tokens(bb, batch, 4)
+        out = bb.vilt(input_ids=batch["input_ids"], attention_mask=batch["text_mask"], pixel_values=batch["image"],
+                      pixel_mask=batch["pixel_mask"], output_hidden_states=True)
+        _, mask = bb.embed(batch)
+        L_t = batch["input_ids"].shape[1]
+        for l in range(4):
+            h = out.hidden_states[l]
+            for name, part in (("text", slice(0, L_t)), ("image", slice(L_t, None))):
+                w = mask[:, part].float()[..., None]
+                assert torch.allclose(got[name][:, l], (h[:, part] * w).sum(1) / w.sum(1), atol=1e-4), (name, l)
+
 # Semantic breaks of common.py's backbone pieces and dummy inputs these tests must catch.
 MUTATIONS = [
+    {"file": "common.py", "old": "            image.append(x.mean(1))", "new": "            image.append(x[:, 0])", "why": "CLIP image mean replaced by the [CLS] token", "tests": ["tests/test_backbones.py::test_modality_tokens_are_the_prompt_free_layer_inputs"]},
+    {"file": "common.py", "old": "    return torch.arange(ids.shape[1], device=ids.device)[None] <= ids.argmax(-1, keepdim=True)", "new": "    return torch.arange(ids.shape[1], device=ids.device)[None] < ids.argmax(-1, keepdim=True)", "why": "CLIP text means drop the EOT token", "tests": ["tests/test_backbones.py::test_modality_tokens_are_the_prompt_free_layer_inputs"]},
+    {"file": "common.py", "old": "            image.append(masked_mean(x[:, L_t:], mask[:, L_t:]))", "new": "            image.append(x[:, L_t:].mean(1))", "why": "ViLT image means include the padded patches", "tests": ["tests/test_backbones.py::test_modality_tokens_are_the_prompt_free_layer_inputs"]},
     {"file": "common.py", "old": ".triu(1)", "new": ".triu(2)", "why": "CLIP's causal mask lets a text token see the next one"},
     {"file": "common.py", "old": "ids.argmax(dim=-1)] @ self.model.text_projection",
      "new": "ids.argmax(dim=-1) - 1] @ self.model.text_projection", "why": "CLIP text pooled one token before EOT"},

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import common
 import map as map_method
@@ -416,8 +417,45 @@ def test_nm2i_for_other_prompt_methods(trained, tmp_path):
                                                    "--prompt-length", "2", "--nm2i", "--out", str(tmp_path / "v")])
 
 
+def test_nm2i_equals_a_per_sample_brute_force(tmp_path):
+    """common.nm2i against its definition written out one test sample at a time: for m in text / image, the samples
+    that miss m; U = the pooled m-prompt of the sample as seen, Z = the prompt-free input of each prompted layer on
+    the sample with m restored (common.modality_tokens); per layer, scikit-learn's NMI of the k-means labels of U and
+    of Z; SyP on tiny-clip with random prompts, so the prompts depend on the input."""
+    import syp
+    from sklearn.metrics import normalized_mutual_info_score
+    from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING
+    args = common.finalize_args(syp.parser().parse_args(["--backbone", "tiny-clip", "--prompt-length", "4",
+                                                         "--rate", "0.6", "--out", str(tmp_path)]))
+    run = common.setup(args)
+    torch.manual_seed(0)
+    model = syp.SyP(run.bb, run.num_outputs, 4, args.prompt_depth, args.reduction).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    got, ds, k = common.nm2i(run, model, 3), run.test_set, 3
+    for m, code in (("text", TEXT_MISSING), ("image", IMAGE_MISSING)):
+        U, Z = [], []
+        for i in [i for i in range(len(ds)) if ds.missing[i] == code]:
+            item = ds[i]
+            with torch.no_grad():
+                U.append(model(run.collate([item]))["prompt_means"][m][0].double())
+                restored = run.collate([dict(item, missing=COMPLETE)])
+                Z.append(common.modality_tokens(run.bb, restored, U[-1].shape[0])[m][0].double())
+        U, Z = torch.stack(U), torch.stack(Z)
+        ref = [normalized_mutual_info_score(common.kmeans(U[:, l], k, args.seed)[1].numpy(),
+                                            common.kmeans(Z[:, l], k, args.seed)[1].numpy()) for l in range(U.shape[1])]
+        assert got[m]["samples"] == len(U) and got[m]["per_layer"] == pytest.approx(ref, abs=1e-9), m
+        assert 0 < got[m]["mean"] < 1
+
+
 # Semantic breaks of common.py's run plumbing these tests must catch (python tests/mutations.py --file common.py).
 MUTATIONS = [
+    {"file": "common.py", "old": "        rows = np.flatnonzero(ds.missing == code)", "new": "        rows = np.flatnonzero(ds.missing != code)", "why": "NM2I measured on the samples that have m", "tests": ["tests/test_runs.py::test_nm2i_equals_a_per_sample_brute_force"]},
+    {"file": "common.py", "old": "                Z.append(modality_tokens(run.bb, real, depth)[m].cpu())", "new": "                Z.append(modality_tokens(run.bb, seen, depth)[m].cpu())", "why": "NM2I's truth read from the dummy input, not the real modality", "tests": ["tests/test_runs.py::test_nm2i_equals_a_per_sample_brute_force"]},
+    {"file": "common.py", "old": "        per_layer = [normalized_mutual_info(kmeans(U[:, l], kk, seed)[1].numpy(),\n                                            kmeans(Z[:, l], kk, seed)[1].numpy()) for l in range(depth)]", "new": "        per_layer = [normalized_mutual_info(kmeans(U[:, l], kk, seed)[1].numpy(),\n                                            kmeans(Z[:, 0], kk, seed)[1].numpy()) for l in range(depth)]", "why": "NM2I compares every layer's prompt with the layer-0 truth", "tests": ["tests/test_runs.py::test_nm2i_equals_a_per_sample_brute_force"]},
+    {"file": "common.py", "old": "    return mi / max(float(np.mean(entropy)), np.finfo(np.float64).eps)", "new": "    return mi / max(float(np.max(entropy)), np.finfo(np.float64).eps)", "why": "NMI normalised by the larger entropy, not the arithmetic mean", "tests": ["tests/test_runs.py::test_nm2i_equals_a_per_sample_brute_force"]},
     {"file": "common.py", "old": "int(k[i]), f\"{scores[i, k[i]]:.6f}\"", "new": "int(labels[i]), f\"{scores[i, k[i]]:.6f}\"",
      "why": "the predictions file writes the label as the prediction", "tests": ["tests/test_runs.py::test_predictions_file_holds_each_sample_once"]},
     {"file": "common.py", "old": "[f\"{v:.6f}\" for v in scores[i]]", "new": "[f\"{v:.6f}\" for v in scores[i][::-1]]",
