@@ -109,6 +109,38 @@ def test_local_weights_roundtrip(tmp_path):
     assert again.tokenizer("apple river")["input_ids"] == vilt.tokenizer("apple river")["input_ids"]
 
 
+def test_quick_gelu_follows_the_weights(monkeypatch):
+    """--clip-quick-gelu auto asks open_clip for QuickGELU exactly when open_clip's table says the tag was trained with
+    it (OpenAI's were; LAION's were not); on / off force it. The model is never built (no weights here)."""
+    import open_clip
+    asked = []
+
+    def record(name, pretrained=None, force_quick_gelu=False):
+        asked.append(force_quick_gelu)
+        raise RuntimeError("weights not downloaded here")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", record)
+    for tag, mode, expected in (("openai", "auto", True), ("laion400m_e31", "auto", False), ("openai", "off", False),
+                                ("laion400m_e31", "on", True)):
+        with pytest.raises(common.WeightsError):
+            load_clip("ViT-B-16", tag, mode)
+        assert asked[-1] is expected, (tag, mode)
+    assert open_clip.get_pretrained_cfg("ViT-B-16", "openai")["quick_gelu"] is True
+
+
+def test_vilt_text_is_truncated_at_max_text_len_and_padded_to_the_longest():
+    """ViLT text: [CLS] + the first L - 2 WordPiece tokens + [SEP] when longer than max_text_len L, padded with
+    [PAD] (mask 0) to the longest text of the batch; written out from the tokenizer's own pieces."""
+    bb = load_vilt("tiny-vilt")
+    tok, long_text, short = bb.tokenizer, "apple river plum lake pear ocean " * 3, "plum"
+    item = {"id": "a", "image": Image.new("RGB", (32, 32)), "label": 0, "missing": 0}
+    batch = Collate(bb, 9)([dict(item, text=long_text), dict(item, id="b", text=short)])
+    pieces = tok.convert_tokens_to_ids(tok.tokenize(long_text))
+    assert batch["input_ids"][0].tolist() == [tok.cls_token_id] + pieces[:7] + [tok.sep_token_id]
+    short_ids = [tok.cls_token_id] + tok.convert_tokens_to_ids(tok.tokenize(short)) + [tok.sep_token_id]
+    assert batch["input_ids"][1].tolist() == short_ids + [tok.pad_token_id] * (9 - len(short_ids))
+    assert batch["text_mask"].tolist() == [[1] * 9, [1] * len(short_ids) + [0] * (9 - len(short_ids))]
+
+
 def test_offline_weights_error_names_the_command(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(common.WeightsError, match="ViltModel.from_pretrained"):
@@ -204,6 +236,8 @@ def test_modality_tokens_are_the_prompt_free_layer_inputs():
 
 # Semantic breaks of common.py's backbone pieces and dummy inputs these tests must catch.
 MUTATIONS = [
+    {"file": "data.py", "old": "max_length=self.max_text_len,", "new": "max_length=self.max_text_len - 1,", "why": "ViLT text truncated one token short of --max-text-len", "tests": ["tests/test_backbones.py::test_vilt_text_is_truncated_at_max_text_len_and_padded_to_the_longest"]},
+    {"file": "common.py", "old": "quick = tag_cfg.get(\"quick_gelu\", False) if tag_cfg else bool(pretrained)", "new": "quick = False if tag_cfg else bool(pretrained)", "why": "the OpenAI tag runs with plain GELU, not the QuickGELU it was trained with", "tests": ["tests/test_backbones.py::test_quick_gelu_follows_the_weights"]},
     {"file": "common.py", "old": "            image.append(x.mean(1))", "new": "            image.append(x[:, 0])", "why": "CLIP image mean replaced by the [CLS] token", "tests": ["tests/test_backbones.py::test_modality_tokens_are_the_prompt_free_layer_inputs"]},
     {"file": "common.py", "old": "    return torch.arange(ids.shape[1], device=ids.device)[None] <= ids.argmax(-1, keepdim=True)", "new": "    return torch.arange(ids.shape[1], device=ids.device)[None] < ids.argmax(-1, keepdim=True)", "why": "CLIP text means drop the EOT token", "tests": ["tests/test_backbones.py::test_modality_tokens_are_the_prompt_free_layer_inputs"]},
     {"file": "common.py", "old": "            image.append(masked_mean(x[:, L_t:], mask[:, L_t:]))", "new": "            image.append(x[:, L_t:].mean(1))", "why": "ViLT image means include the padded patches", "tests": ["tests/test_backbones.py::test_modality_tokens_are_the_prompt_free_layer_inputs"]},
