@@ -4,6 +4,7 @@ both towers), X_C = the layer-0 token means of common.modality_tokens with the m
 encoder pass, a sample's logits blind to its missing modality, the layer-0 injection and F_i = LN(FC(GELU(FC(.))))
 of the tokens that left layer i-1 (recorded on the library's blocks), the head's input, the
 classifier-only row equal to a head on the frozen features, and the standard outputs of the CLI."""
+import inspect
 import json
 import os
 
@@ -77,6 +78,24 @@ MUTATIONS = [
     {"file": "syp.py", "old": '(False, True, False): "dynamic-only", (True, False, False): "static-only"',
      "new": '(False, True, False): "static-only", (True, False, False): "dynamic-only"',
      "why": "paper_variant: Table 3's dynamic-only and static-only rows swapped"},
+    # New (the suite had not seen these): the class's and the parser's paper defaults, the inits, the CLI wiring of
+    # the Table 3/4 flags, the loss of the task, gradients through F_i, the --nm2i means, the paper's numbers.
+    {"file": "syp.py", "old": "length=36, depth=6, r=16, dynamic=True", "new": "length=16, depth=6, r=16, dynamic=True",
+     "why": "SyP(): the default L_p 16 instead of the paper's 36",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "length=36, depth=6, r=16, dynamic=True",
+     "new": "length=36, depth=12, r=16, dynamic=True",
+     "why": "SyP(): the default M 12 (every layer of ViT-B/16) instead of the paper's 6",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": 'epochs=20, schedule="linear",', "new": 'epochs=20, schedule="cosine",',
+     "why": "the schedule after the warm-up: cosine instead of the stated linear decay (DCP, MAP)",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "nn.Parameter(0.02 * torch.randn(3, length, D))",
+     "new": "nn.Parameter(torch.randn(3, length, D))", "why": "P_B initialised N(0, 1) instead of N(0, 0.02) (DCP)",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "nn.Parameter(0.02 * torch.randn(3, length, d_s))",
+     "new": "nn.Parameter(0.2 * torch.randn(3, length, d_s))", "why": "P_S initialised with std 0.2 instead of 0.02",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
 ]
 
 
@@ -184,13 +203,23 @@ def expected_params(bb, length, C, r=16, depth=6, dynamic=True, static=True, ada
 # Mechanisms
 # ---------------------------------------------------------------------------------------------------------
 def test_defaults_and_the_paper_rows_of_the_flags(capsys):
+    """The paper's numbers as defaults of the parser and of SyP() (L_p 36, M 6, AdamW lr 1e-3, weight decay 2e-2,
+    batch 32, 20 epochs), the header's DCP choices (r 16, linear decay after a 10% warm-up, FC and prompts
+    N(0, 0.02)), the Table 3/4 row each flag set names, and the fix each flag set without a model is told."""
     args = syp.parser().parse_args([])
     assert (args.prompt_length, args.prompt_depth, args.reduction, args.head) == (36, 6, 16, "prompts")
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.warmup) == (1e-3, 2e-2, 32, 20, 0.1)
     assert args.paper_backbone == "clip" and not (args.no_dynamic or args.no_static or args.no_adapter)
     assert syp.paper_variant(args) == "full" and syp.check_args(args) is None
-    head = syp.SyP(backbone("tiny-clip"), 101).head                             # FC: N(0, 0.02), bias 0 (DCP)
-    assert (head.bias == 0).all() and abs(float(head.weight.detach().std()) - 0.02) < 0.002
+    assert args.schedule == "linear"                                            # after the warm-up (DCP, MAP)
+    defaults = {k: v.default for k, v in inspect.signature(syp.SyP).parameters.items()}
+    assert (defaults["length"], defaults["depth"], defaults["r"], defaults["head"]) == (36, 6, 16, "prompts")
+    model = syp.SyP(backbone("tiny-clip"), 101)
+    head, sp = model.head, model.prompt
+    assert (head.bias == 0).all() and abs(float(head.weight.detach().std()) - 0.02) < 0.002   # FC: N(0, 0.02), bias 0
+    for name, p in [*sp.P_B.items(), ("P_S", sp.P_S)]:                         # P_B, P_S: N(0, 0.02) (DCP's prompts)
+        assert p.shape[:2] == (3, 36) and abs(float(p.detach().mean())) < 0.002, name
+        assert abs(float(p.detach().std()) - 0.02) < 0.002, name
     rows = {(): "full", ("--no-static",): "dynamic-only", ("--no-dynamic",): "static-only",
             ("--no-static", "--no-adapter"): "base-only", ("--no-adapter",): "no-adapter",
             ("--no-dynamic", "--no-static", "--head", "cls"): "classifier-only",
