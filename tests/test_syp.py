@@ -6,6 +6,7 @@ of the tokens that left layer i-1 (recorded on the library's blocks), the head's
 classifier-only row equal to a head on the frozen features, and the standard outputs of the CLI."""
 import inspect
 import json
+import math
 import os
 
 import numpy as np
@@ -96,6 +97,19 @@ MUTATIONS = [
     {"file": "syp.py", "old": "nn.Parameter(0.02 * torch.randn(3, length, d_s))",
      "new": "nn.Parameter(0.2 * torch.randn(3, length, d_s))", "why": "P_S initialised with std 0.2 instead of 0.02",
      "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "dynamic=not args.no_dynamic, static=not args.no_static",
+     "new": "dynamic=not args.no_static, static=not args.no_dynamic",
+     "why": "main: --no-dynamic drops the static prompt and --no-static the dynamic one (Table 3 rows swapped)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": "adapter=not args.no_adapter,", "new": "adapter=True,",
+     "why": "main: --no-adapter ignored (Table 4's row without the adapter trains the full model)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": "args.prompt_depth, args.reduction,", "new": "args.prompt_depth, 16,",
+     "why": "main: --reduction ignored (r fixed at 16)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": 'batch["label"], run.task)', "new": 'batch["label"], "multiclass")',
+     "why": "(E8) the task loss: cross-entropy on every task (MM-IMDb is multi-label: BCE)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
 ]
 
 
@@ -465,6 +479,40 @@ def test_cli_writes_outputs_and_checkpoint_holds_only_syp(tmp_path, kind):
     saved = load_file(out / "checkpoint.safetensors")
     assert set(saved) == names and not any(k.startswith("bb.") for k in saved)
     assert results["trainable_params"] == sum(expected_params(model.bb, 4, C=4).values())
+
+
+class Built(Exception):
+    """Raised by a stand-in for common.fit: main's model and loss, before any training."""
+
+
+def test_cli_flags_build_their_row_and_the_task_loss(tmp_path, monkeypatch):
+    """main() on toy-multilabel up to fit: each flag set builds exactly the parameters of its Table 3/4 row and
+    --reduction r (counted from the sizes by `expected_params`), and the loss main trains with is (E8)'s task loss
+    of MM-IMDb-like multi-label data, binary cross-entropy averaged over samples and classes by a loop."""
+    def stop(run, model, loss_fn, **kw):
+        raise Built(run, model, loss_fn)
+    monkeypatch.setattr(syp, "fit", stop)
+    rows = {("--no-static", "--reduction", "8"): dict(static=False, r=8), ("--no-dynamic",): dict(dynamic=False),
+            ("--no-adapter",): dict(adapter=False)}
+    for flags, kw in rows.items():
+        with pytest.raises(Built) as built:
+            cli(syp.parser(), syp.main, ["--dataset", "toy-multilabel", "--backbone", "tiny-clip", "--prompt-length",
+                                         "4", *flags, "--out", str(tmp_path / "-".join(flags))])
+        run, model, loss_fn = built.value.args
+        count = expected_params(run.bb, 4, C=4, **kw)
+        groups = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                group = name.split(".")[1] if name.startswith("prompt.") else "head"
+                groups[group] = groups.get(group, 0) + p.numel()
+        assert groups == {c: v for c, v in count.items() if v}, flags
+    batch = run.collate([run.train_set[i] for i in range(6)])
+    with torch.no_grad():
+        out = model(batch)
+        z, y = out["logits"].double(), batch["label"].double()
+        terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
+                 for b in range(z.shape[0]) for c in range(z.shape[1])]
+        assert float(loss_fn(out, batch)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
 
 
 def test_headline_command_on_food101_tree(tmp_path, food101_root):
