@@ -110,6 +110,18 @@ MUTATIONS = [
     {"file": "syp.py", "old": 'batch["label"], run.task)', "new": 'batch["label"], "multiclass")',
      "why": "(E8) the task loss: cross-entropy on every task (MM-IMDb is multi-label: BCE)",
      "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": 'P = self.prompt.propagate(i, {"image": x[:, :n], "text": t[:, :n]})',
+     "new": 'P = self.prompt.propagate(i, {"image": x[:, :n].detach(), "text": t[:, :n].detach()})',
+     "why": "(E6) CLIP: F_i's input detached (no gradient through the propagation to the earlier layers)",
+     "tests": ["tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
+    {"file": "syp.py", "old": 'self.prompt.propagate(i, {"joint": x[:, :n]})',
+     "new": 'self.prompt.propagate(i, {"joint": x[:, :n].detach()})',
+     "why": "(E6) ViLT: F_i's input detached (no gradient through the propagation to the earlier layers)",
+     "tests": ["tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
+    {"file": "syp.py", "old": "mask[:n] = 0", "new": "mask[:n + 1] = 0",
+     "why": "CLIP text: off by one, SOT's row opened too (SOT sees the whole text)",
+     "tests": ["tests/test_syp.py::test_attention_masks_of_the_prompts",
+               "tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
 ]
 
 
@@ -195,6 +207,51 @@ def F_by_hand(f, P):
     """LN(FC(GELU(FC(P)))) from the weights of F_i."""
     h = F.linear(F.gelu(F.linear(P, f[0].weight, f[0].bias)), f[2].weight, f[2].bias)
     return F.layer_norm(h, h.shape[-1:], f[3].weight, f[3].bias, f[3].eps)
+
+
+def open_rows_by_hand(n, L):
+    """CLIP text: -inf above the diagonal, by a loop over the rows, except in the first n (prompt) rows."""
+    mask = torch.zeros(L, L)
+    for r in range(n, L):
+        mask[r, r + 1:] = float("-inf")
+    return mask
+
+
+def reference_logits(model, batch):
+    """The full SyP written out from the paper, per sample where it selects by case, on the library's own blocks
+    (open_clip's resblocks, HF's ViltLayer): (E1) X_C, (E2)-(E5) `first_by_hand`, prepended; (E6) `F_by_hand` of
+    the prompts that left layer i-1 for 1 <= i < M; (E7) the FC on the towers' mean prompt after the frozen final
+    norm (and projection), the missing tower's half zeroed. ViLT samples its patches: the caller seeds each pass."""
+    bb, sp, n, M = model.bb, model.prompt, model.length, model.depth
+    m, seed = batch["missing"], torch.initial_seed()
+    X = X_oracle(bb, batch)
+    P0 = first_by_hand(sp, m, X, {})
+    if bb.kind == "clip":
+        x = {"image": bb.image_embed(batch["image"]), "text": bb.text_embed(batch["text"])}
+        layers = {"image": lambda i, h: bb.model.visual.transformer.resblocks[i](h),
+                  "text": lambda i, h: bb.model.transformer.resblocks[i](h, attn_mask=open_rows_by_hand(n, h.shape[1]))}
+    else:
+        torch.manual_seed(seed)                                                 # the patches of X_oracle's pass
+        joint, mask = bb.embed(batch)
+        mask = torch.cat([torch.ones(len(m), n, dtype=mask.dtype), mask], 1)
+        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        x, layers = {"joint": joint}, {"joint": lambda i, h: bb.vilt.encoder.layer[i](h, bias)[0]}
+    x = {k: torch.cat([P0[k], h], 1) for k, h in x.items()}
+    for i in range(bb.num_layers):
+        for k in x:
+            if 1 <= i < M:
+                x[k] = torch.cat([F_by_hand(sp.F[k][i - 1], x[k][:, :n]), x[k][:, n:]], 1)
+            x[k] = layers[k](i, x[k])
+    if bb.kind == "vilt":
+        feature = bb.vilt.layernorm(x["joint"][:, :n].mean(1))
+    else:
+        clip = bb.model
+        f = {"image": clip.visual.ln_post(x["image"][:, :n].mean(1)) @ clip.visual.proj,
+             "text": clip.ln_final(x["text"][:, :n].mean(1)) @ clip.text_projection}
+        keep = {"image": [float(c != IMAGE_MISSING) for c in m.tolist()],
+                "text": [float(c != TEXT_MISSING) for c in m.tolist()]}
+        feature = torch.cat([f[k] * torch.tensor(keep[k])[:, None] for k in ("image", "text")], -1)
+    return F.linear(feature, model.head.weight, model.head.bias)
 
 
 def expected_params(bb, length, C, r=16, depth=6, dynamic=True, static=True, adapter=True, head="prompts"):
@@ -376,10 +433,7 @@ def test_attention_masks_of_the_prompts(kind):
             assert torch.allclose(bb.vilt.encoder.layer[1](ins[1], bias)[0], outs[1], atol=1e-5)
             return
         ins, outs = seen["text"]
-        L = ins[1].shape[1]
-        mask = torch.zeros(L, L)
-        for r in range(n, L):
-            mask[r, r + 1:] = float("-inf")
+        mask = open_rows_by_hand(n, ins[1].shape[1])
         assert torch.allclose(bb.model.transformer.resblocks[1](ins[1], attn_mask=mask), outs[1], atol=1e-5)
     later = dict(batch, text=batch["text"].clone())
     row = int(torch.nonzero(batch["missing"] != TEXT_MISSING)[0])
@@ -419,6 +473,30 @@ def test_head_input(kind, head):
                 f_I[b], f_T[b] = f_I[b] * (code != IMAGE_MISSING), f_T[b] * (code != TEXT_MISSING)
             expected = torch.cat([f_I, f_T], -1)
     assert torch.allclose(got[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
+def test_logits_and_gradients_equal_the_reference_forward(kind):
+    """The full SyP (M = 3 of 4 layers): logits and the gradient of a random linear function of them with respect to
+    every trainable parameter equal those of `reference_logits`, the paper's forward written out in the test. The
+    gradients see what the logits cannot: each path back to P_B, S_d, P_S, G_k and F_i (through the propagation
+    too) is kept, none detached."""
+    bb = backbone(kind)
+    model = syp.SyP(bb, 4, length=4, depth=3)
+    batch = toy_batch(bb)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    logits, grads = {}, {}
+    passes = (("model", lambda: model(batch)["logits"]), ("reference", lambda: reference_logits(model, batch)))
+    for how, forward in passes:
+        torch.manual_seed(1)                                                    # ViLT samples its patches
+        logits[how] = forward()
+        torch.manual_seed(2)
+        weights = torch.randn_like(logits[how])
+        grads[how] = torch.autograd.grad((weights * logits[how]).sum(), [p for _, p in params], allow_unused=True)
+    assert torch.allclose(logits["model"], logits["reference"], atol=1e-5)
+    for (name, _), g, g_ref in zip(params, grads["model"], grads["reference"]):
+        assert g_ref is not None and g is not None, name
+        assert (g - g_ref).abs().max() <= 1e-4 * g_ref.abs().max() + 1e-9, name
 
 
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
