@@ -118,10 +118,46 @@ MUTATIONS = [
      "new": 'self.prompt.propagate(i, {"joint": x[:, :n].detach()})',
      "why": "(E6) ViLT: F_i's input detached (no gradient through the propagation to the earlier layers)",
      "tests": ["tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
+    {"file": "syp.py", "old": 'means["text"].append(P["text"].mean(1))',
+     "new": 'means["text"].append(t[:, n:].mean(1))',
+     "why": "--nm2i: the text prompt's per-layer mean taken over the text tokens instead of the prompt tokens",
+     "tests": ["tests/test_syp.py::test_propagation_from_the_tokens_that_left_the_previous_layer"]},
     {"file": "syp.py", "old": "mask[:n] = 0", "new": "mask[:n + 1] = 0",
      "why": "CLIP text: off by one, SOT's row opened too (SOT sees the whole text)",
      "tests": ["tests/test_syp.py::test_attention_masks_of_the_prompts",
                "tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
+    {"file": "syp.py", "old": "self.F[k][i - 1](P[k])", "new": "self.F[k][0](P[k])",
+     "why": "(E6) one F for every layer instead of F_i per layer",
+     "tests": ["tests/test_syp.py::test_propagation_from_the_tokens_that_left_the_previous_layer"]},
+    {"file": "syp.py", "old": "P_D = self.P_B[k][m]", "new": "P_D = self.P_B[k][(3 - m) % 3]",
+     "why": "(E3) P_B routed by the paper's m1/m2 order (image-missing and text-missing prompts swapped)",
+     "tests": ["tests/test_syp.py::test_each_variant_first_prompt_and_parameters"]},
+    {"file": "syp.py", "old": "nn.Linear(d_x // r, length),\n                                     nn.Sigmoid())",
+     "new": "nn.Linear(d_x // r, length),\n                                     nn.Softmax(-1))",
+     "why": "(E2) S_d normalised over the prompt tokens (softmax) instead of an element-wise sigmoid",
+     "tests": ["tests/test_syp.py::test_each_variant_first_prompt_and_parameters"]},
+    {"file": "syp.py", "old": "return zero_missing(x.mean(1),", "new": "return zero_missing(x[:, 0],",
+     "why": "(E1) CLIP X_I: the [CLS] embedding instead of the mean of the image tokens",
+     "tests": ["tests/test_syp.py::test_adapter_input_is_layer0_features_with_the_missing_half_zero"]},
+    {"file": "syp.py", "old": "masked_mean(x[:, :L_t], t[:, :L_t]), m)", "new": "x[:, :L_t].mean(1), m)",
+     "why": "(E1) ViLT X_T: the mean over the padding too",
+     "tests": ["tests/test_syp.py::test_adapter_input_is_layer0_features_with_the_missing_half_zero"]},
+    {"file": "syp.py", "old": "f_I * (m != IMAGE_MISSING)[:, None]", "new": "f_I * (m == 0)[:, None]",
+     "why": "wrong missing-case branch: the image half zeroed for every incomplete sample",
+     "tests": ["tests/test_syp.py::test_adapter_input_is_layer0_features_with_the_missing_half_zero"]},
+    {"file": "syp.py", "old": "clip.ln_final(t[:, :n].mean(1))", "new": "clip.ln_final(t[:, :n]).mean(1)",
+     "why": "(E7) CLIP text feature: the norm before the token mean", "tests": ["tests/test_syp.py::test_head_input"]},
+    {"file": "syp.py", "old": "self.pooler(bb.final_norm(x)[:, n:n + 1])",
+     "new": "self.pooler(bb.final_norm(x)[:, :1])",
+     "why": "ViLT --head cls: the pooler on the first prompt instead of [CLS]",
+     "tests": ["tests/test_syp.py::test_head_input"]},
+    {"file": "syp.py",
+     "old": "1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1\n"
+            "                x =",
+     "new": "1 <= i < self.depth - 1:                             # (E6): F_i of the prompts that left layer i-1\n"
+            "                x =",
+     "why": "(E6) ViLT: layer M-1's prompts carried instead of propagated",
+     "tests": ["tests/test_syp.py::test_propagation_from_the_tokens_that_left_the_previous_layer"]},
 ]
 
 
@@ -356,11 +392,20 @@ def test_one_S_d_scales_both_towers():
 
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
 def test_adapter_input_is_layer0_features_with_the_missing_half_zero(kind):
+    """(E1) X_C, caught on its way into the adapter, equals `X_oracle` (common.modality_tokens' layer-0 means, the
+    missing half zeroed by a loop), with a present text cut short, so that its padding must stay out of X_T; S_d
+    is per sample and in [0, 1]."""
     bb = backbone(kind)
     model = syp.SyP(bb, 4, length=4).eval()
-    batch = toy_batch(bb)
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.5, seed=0)
+    items = [ds[i] for i in range(12, 20)]
+    short = next(k for k, it in enumerate(items) if it["missing"] == COMPLETE)
+    items[short] = dict(items[short], text=" ".join(items[short]["text"].split()[:2]))
+    batch = Collate(bb, 40)(items)
     m = batch["missing"]
     assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(m.tolist())
+    if kind == "tiny-vilt":                                                     # a present text with padding
+        assert batch["text_mask"][short].sum() < batch["text_mask"][m != TEXT_MISSING].sum(1).max()
     got = []
     model.prompt.adapter.register_forward_pre_hook(lambda module, args: got.append(args[0]))
     with torch.no_grad():
@@ -398,12 +443,19 @@ def test_logits_ignore_the_missing_modality(head):
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
 def test_propagation_from_the_tokens_that_left_the_previous_layer(kind):
     """M = 3 of 4 layers: the prompt tokens entering layer i (1 <= i < M) are F_i = LN(FC(GELU(FC(.)))) of the
-    prompt tokens that LEFT layer i-1, per tower, the other tokens pass on; from layer M the prompts are carried."""
+    prompt tokens that LEFT layer i-1, per tower, the other tokens pass on; from layer M the prompts are carried.
+    CLIP's prompt_means (--nm2i) are the means of the recorded prompt tokens entering layers 0..M-1."""
     bb, n, depth = backbone(kind), 4, 3
     model = syp.SyP(bb, 4, length=n, depth=depth).eval()
     batch = toy_batch(bb)
-    seen = record(bb, lambda: model(batch))
+    out = []
+    seen = record(bb, lambda: out.append(model(batch)))
     for k, (ins, outs) in seen.items():
+        if kind == "tiny-clip":                                                 # --nm2i: mean prompt entering l < M
+            means = out[0]["prompt_means"][k]
+            assert means.shape == (8, depth, ins[0].shape[-1]), k
+            for i in range(depth):
+                assert torch.allclose(means[:, i], ins[i][:, :n].mean(1), atol=1e-6), (k, i)
         for i in range(1, bb.num_layers):
             assert torch.equal(ins[i][:, n:], outs[i - 1][:, n:]), (k, i)
             if i < depth:
@@ -449,13 +501,19 @@ def test_attention_masks_of_the_prompts(kind):
 def test_head_input(kind, head):
     """(E7) the FC's input, from the last block's recorded output: CLIP prompts: [ln_post(mean prompt) proj;
     ln_final(mean prompt) text_projection]; cls: [ln_post([CLS]) proj; ln_final(EOT) text_projection], the missing
-    half zero (by a loop); ViLT: layernorm(mean prompt), or the pooler on [CLS]."""
+    half zero (by a loop); ViLT: layernorm(mean prompt), or the pooler on [CLS]. P_B and P_S are scaled up and M = 2:
+    at N(0, 0.02) the random tiny backbone makes the output prompts near copies, where a norm and a mean commute."""
     bb, n = backbone(kind), 4
-    model = syp.SyP(bb, 4, length=n, head=head).eval()
+    model = syp.SyP(bb, 4, length=n, depth=2, head=head).eval()
+    with torch.no_grad():
+        for p in [*model.prompt.P_B.values(), model.prompt.P_S]:
+            p.mul_(50)
     batch = toy_batch(bb)
     got = []
     model.head.register_forward_pre_hook(lambda module, args: got.append(args[0]))
     seen = record(bb, lambda: model(batch))
+    for k, (_, outs) in seen.items():
+        assert outs[-1][:, :n].std(1).mean() > 0.1, k                         # the output prompts differ
     with torch.no_grad():
         if kind == "tiny-vilt":
             x, v = seen["joint"][1][-1], bb.vilt
