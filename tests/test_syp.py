@@ -158,6 +158,17 @@ MUTATIONS = [
             "                x =",
      "why": "(E6) ViLT: layer M-1's prompts carried instead of propagated",
      "tests": ["tests/test_syp.py::test_propagation_from_the_tokens_that_left_the_previous_layer"]},
+    {"file": "syp.py", "old": 'zip(("hatememes", "food101", "mmimdb"), values)',
+     "new": 'zip(("food101", "hatememes", "mmimdb"), values)',
+     "why": "PAPER_NUMBERS: the ablation tables' Hateful Memes and Food-101 columns swapped",
+     "tests": ["tests/test_syp.py::test_paper_numbers_are_the_papers_tables"]},
+    {"file": "syp.py", "old": '("hatememes", (68.16, 68.42, 68.93))', "new": '("hatememes", (68.93, 68.42, 68.16))',
+     "why": "PAPER_NUMBERS: Hateful Memes' main-table numbers keyed by the wrong missing rate",
+     "tests": ["tests/test_syp.py::test_paper_numbers_are_the_papers_tables"]},
+    {"file": "syp.py", "old": "((0.7, (51.88, 68.11, 83.56)), (0.9, (49.58, 67.72, 81.26)))",
+     "new": "((0.9, (51.88, 68.11, 83.56)), (0.7, (49.58, 67.72, 81.26)))",
+     "why": "PAPER_NUMBERS: AOEPT's re-run of SyP keyed by the wrong missing rate",
+     "tests": ["tests/test_syp.py::test_paper_numbers_are_the_papers_tables"]},
 ]
 
 
@@ -649,6 +660,33 @@ def test_cli_flags_build_their_row_and_the_task_loss(tmp_path, monkeypatch):
         terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
                  for b in range(z.shape[0]) for c in range(z.shape[1])]
         assert float(loss_fn(out, batch)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+
+
+def test_paper_numbers_are_the_papers_tables():
+    """PAPER_NUMBERS holds the SyP paper's main table ('both' at 50/70/90%), its Table 3/4 ablation rows (read at
+    'both' 50%) and AOEPT's re-run (mean over the three types at 70/90%), transcribed here from the tables' own
+    layout: dataset -> rates, row -> (Hateful Memes, Food-101, MM-IMDb), rate -> (MM-IMDb, Hateful Memes, Food-101)."""
+    main = {"mmimdb": (55.02, 52.90, 49.63), "food101": (86.17, 82.45, 81.03), "hatememes": (68.16, 68.42, 68.93)}
+    ablations = {"classifier-only": (57.35, 71.59, 44.63), "dynamic-only": (66.37, 82.90, 51.21),
+                 "static-only": (65.62, 83.06, 50.34), "base-only": (64.27, 81.68, 48.95),
+                 "no-adapter": (66.19, 84.85, 51.90), "full": (68.16, 86.17, 54.72)}
+    aoept = {0.7: (51.88, 68.11, 83.56), 0.9: (49.58, 67.72, 81.26)}
+    expected = {}
+    for dataset, values in main.items():
+        for rate, v in zip((0.5, 0.7, 0.9), values):
+            expected.setdefault((dataset, "both", rate, "full"), []).append(v)
+    for row, (hm, food, imdb) in ablations.items():
+        for dataset, v in (("hatememes", hm), ("food101", food), ("mmimdb", imdb)):
+            expected.setdefault((dataset, "both", 0.5, row), []).append(v)
+    for rate, (imdb, hm, food) in aoept.items():
+        for dataset, v in (("mmimdb", imdb), ("hatememes", hm), ("food101", food)):
+            expected.setdefault((dataset, "avg", rate, "full"), []).append(v)
+    got = {}
+    for key, papers in syp.PAPER_NUMBERS.items():
+        method, backbone, dataset, missing, rate, test_missing, test_rate, variant = key
+        assert (method, backbone, test_missing, test_rate) == ("syp", "clip ViT-B-16", missing, rate), key
+        got[dataset, missing, rate, variant] = sorted(p.value for p in papers)
+    assert got == {k: sorted(v) for k, v in expected.items()}
 
 
 def test_headline_command_on_food101_tree(tmp_path, food101_root):
