@@ -4,7 +4,9 @@ both towers), X_C = the layer-0 token means of common.modality_tokens with the m
 encoder pass, a sample's logits blind to its missing modality, the layer-0 injection and F_i = LN(FC(GELU(FC(.))))
 of the tokens that left layer i-1 (recorded on the library's blocks), the head's input, the
 classifier-only row equal to a head on the frozen features, and the standard outputs of the CLI."""
+import inspect
 import json
+import math
 import os
 
 import numpy as np
@@ -77,6 +79,96 @@ MUTATIONS = [
     {"file": "syp.py", "old": '(False, True, False): "dynamic-only", (True, False, False): "static-only"',
      "new": '(False, True, False): "static-only", (True, False, False): "dynamic-only"',
      "why": "paper_variant: Table 3's dynamic-only and static-only rows swapped"},
+    # New (the suite had not seen these): the class's and the parser's paper defaults, the inits, the CLI wiring of
+    # the Table 3/4 flags, the loss of the task, gradients through F_i, the --nm2i means, the paper's numbers.
+    {"file": "syp.py", "old": "length=36, depth=6, r=16, dynamic=True", "new": "length=16, depth=6, r=16, dynamic=True",
+     "why": "SyP(): the default L_p 16 instead of the paper's 36",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "length=36, depth=6, r=16, dynamic=True",
+     "new": "length=36, depth=12, r=16, dynamic=True",
+     "why": "SyP(): the default M 12 (every layer of ViT-B/16) instead of the paper's 6",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": 'epochs=20, schedule="linear",', "new": 'epochs=20, schedule="cosine",',
+     "why": "the schedule after the warm-up: cosine instead of the stated linear decay (DCP, MAP)",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "nn.Parameter(0.02 * torch.randn(3, length, D))",
+     "new": "nn.Parameter(torch.randn(3, length, D))", "why": "P_B initialised N(0, 1) instead of N(0, 0.02) (DCP)",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "nn.Parameter(0.02 * torch.randn(3, length, d_s))",
+     "new": "nn.Parameter(0.2 * torch.randn(3, length, d_s))", "why": "P_S initialised with std 0.2 instead of 0.02",
+     "tests": ["tests/test_syp.py::test_defaults_and_the_paper_rows_of_the_flags"]},
+    {"file": "syp.py", "old": "dynamic=not args.no_dynamic, static=not args.no_static",
+     "new": "dynamic=not args.no_static, static=not args.no_dynamic",
+     "why": "main: --no-dynamic drops the static prompt and --no-static the dynamic one (Table 3 rows swapped)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": "adapter=not args.no_adapter,", "new": "adapter=True,",
+     "why": "main: --no-adapter ignored (Table 4's row without the adapter trains the full model)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": "args.prompt_depth, args.reduction,", "new": "args.prompt_depth, 16,",
+     "why": "main: --reduction ignored (r fixed at 16)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": 'batch["label"], run.task)', "new": 'batch["label"], "multiclass")',
+     "why": "(E8) the task loss: cross-entropy on every task (MM-IMDb is multi-label: BCE)",
+     "tests": ["tests/test_syp.py::test_cli_flags_build_their_row_and_the_task_loss"]},
+    {"file": "syp.py", "old": 'P = self.prompt.propagate(i, {"image": x[:, :n], "text": t[:, :n]})',
+     "new": 'P = self.prompt.propagate(i, {"image": x[:, :n].detach(), "text": t[:, :n].detach()})',
+     "why": "(E6) CLIP: F_i's input detached (no gradient through the propagation to the earlier layers)",
+     "tests": ["tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
+    {"file": "syp.py", "old": 'self.prompt.propagate(i, {"joint": x[:, :n]})',
+     "new": 'self.prompt.propagate(i, {"joint": x[:, :n].detach()})',
+     "why": "(E6) ViLT: F_i's input detached (no gradient through the propagation to the earlier layers)",
+     "tests": ["tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
+    {"file": "syp.py", "old": 'means["text"].append(P["text"].mean(1))',
+     "new": 'means["text"].append(t[:, n:].mean(1))',
+     "why": "--nm2i: the text prompt's per-layer mean taken over the text tokens instead of the prompt tokens",
+     "tests": ["tests/test_syp.py::test_propagation_from_the_tokens_that_left_the_previous_layer"]},
+    {"file": "syp.py", "old": "mask[:n] = 0", "new": "mask[:n + 1] = 0",
+     "why": "CLIP text: off by one, SOT's row opened too (SOT sees the whole text)",
+     "tests": ["tests/test_syp.py::test_attention_masks_of_the_prompts",
+               "tests/test_syp.py::test_logits_and_gradients_equal_the_reference_forward"]},
+    {"file": "syp.py", "old": "self.F[k][i - 1](P[k])", "new": "self.F[k][0](P[k])",
+     "why": "(E6) one F for every layer instead of F_i per layer",
+     "tests": ["tests/test_syp.py::test_propagation_from_the_tokens_that_left_the_previous_layer"]},
+    {"file": "syp.py", "old": "P_D = self.P_B[k][m]", "new": "P_D = self.P_B[k][(3 - m) % 3]",
+     "why": "(E3) P_B routed by the paper's m1/m2 order (image-missing and text-missing prompts swapped)",
+     "tests": ["tests/test_syp.py::test_each_variant_first_prompt_and_parameters"]},
+    {"file": "syp.py", "old": "nn.Linear(d_x // r, length),\n                                     nn.Sigmoid())",
+     "new": "nn.Linear(d_x // r, length),\n                                     nn.Softmax(-1))",
+     "why": "(E2) S_d normalised over the prompt tokens (softmax) instead of an element-wise sigmoid",
+     "tests": ["tests/test_syp.py::test_each_variant_first_prompt_and_parameters"]},
+    {"file": "syp.py", "old": "return zero_missing(x.mean(1),", "new": "return zero_missing(x[:, 0],",
+     "why": "(E1) CLIP X_I: the [CLS] embedding instead of the mean of the image tokens",
+     "tests": ["tests/test_syp.py::test_adapter_input_is_layer0_features_with_the_missing_half_zero"]},
+    {"file": "syp.py", "old": "masked_mean(x[:, :L_t], t[:, :L_t]), m)", "new": "x[:, :L_t].mean(1), m)",
+     "why": "(E1) ViLT X_T: the mean over the padding too",
+     "tests": ["tests/test_syp.py::test_adapter_input_is_layer0_features_with_the_missing_half_zero"]},
+    {"file": "syp.py", "old": "f_I * (m != IMAGE_MISSING)[:, None]", "new": "f_I * (m == 0)[:, None]",
+     "why": "wrong missing-case branch: the image half zeroed for every incomplete sample",
+     "tests": ["tests/test_syp.py::test_adapter_input_is_layer0_features_with_the_missing_half_zero"]},
+    {"file": "syp.py", "old": "clip.ln_final(t[:, :n].mean(1))", "new": "clip.ln_final(t[:, :n]).mean(1)",
+     "why": "(E7) CLIP text feature: the norm before the token mean", "tests": ["tests/test_syp.py::test_head_input"]},
+    {"file": "syp.py", "old": "self.pooler(bb.final_norm(x)[:, n:n + 1])",
+     "new": "self.pooler(bb.final_norm(x)[:, :1])",
+     "why": "ViLT --head cls: the pooler on the first prompt instead of [CLS]",
+     "tests": ["tests/test_syp.py::test_head_input"]},
+    {"file": "syp.py",
+     "old": "1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1\n"
+            "                x =",
+     "new": "1 <= i < self.depth - 1:                             # (E6): F_i of the prompts that left layer i-1\n"
+            "                x =",
+     "why": "(E6) ViLT: layer M-1's prompts carried instead of propagated",
+     "tests": ["tests/test_syp.py::test_propagation_from_the_tokens_that_left_the_previous_layer"]},
+    {"file": "syp.py", "old": 'zip(("hatememes", "food101", "mmimdb"), values)',
+     "new": 'zip(("food101", "hatememes", "mmimdb"), values)',
+     "why": "PAPER_NUMBERS: the ablation tables' Hateful Memes and Food-101 columns swapped",
+     "tests": ["tests/test_syp.py::test_paper_numbers_are_the_papers_tables"]},
+    {"file": "syp.py", "old": '("hatememes", (68.16, 68.42, 68.93))', "new": '("hatememes", (68.93, 68.42, 68.16))',
+     "why": "PAPER_NUMBERS: Hateful Memes' main-table numbers keyed by the wrong missing rate",
+     "tests": ["tests/test_syp.py::test_paper_numbers_are_the_papers_tables"]},
+    {"file": "syp.py", "old": "((0.7, (51.88, 68.11, 83.56)), (0.9, (49.58, 67.72, 81.26)))",
+     "new": "((0.9, (51.88, 68.11, 83.56)), (0.7, (49.58, 67.72, 81.26)))",
+     "why": "PAPER_NUMBERS: AOEPT's re-run of SyP keyed by the wrong missing rate",
+     "tests": ["tests/test_syp.py::test_paper_numbers_are_the_papers_tables"]},
 ]
 
 
@@ -164,6 +256,51 @@ def F_by_hand(f, P):
     return F.layer_norm(h, h.shape[-1:], f[3].weight, f[3].bias, f[3].eps)
 
 
+def open_rows_by_hand(n, L):
+    """CLIP text: -inf above the diagonal, by a loop over the rows, except in the first n (prompt) rows."""
+    mask = torch.zeros(L, L)
+    for r in range(n, L):
+        mask[r, r + 1:] = float("-inf")
+    return mask
+
+
+def reference_logits(model, batch):
+    """The full SyP written out from the paper, per sample where it selects by case, on the library's own blocks
+    (open_clip's resblocks, HF's ViltLayer): (E1) X_C, (E2)-(E5) `first_by_hand`, prepended; (E6) `F_by_hand` of
+    the prompts that left layer i-1 for 1 <= i < M; (E7) the FC on the towers' mean prompt after the frozen final
+    norm (and projection), the missing tower's half zeroed. ViLT samples its patches: the caller seeds each pass."""
+    bb, sp, n, M = model.bb, model.prompt, model.length, model.depth
+    m, seed = batch["missing"], torch.initial_seed()
+    X = X_oracle(bb, batch)
+    P0 = first_by_hand(sp, m, X, {})
+    if bb.kind == "clip":
+        x = {"image": bb.image_embed(batch["image"]), "text": bb.text_embed(batch["text"])}
+        layers = {"image": lambda i, h: bb.model.visual.transformer.resblocks[i](h),
+                  "text": lambda i, h: bb.model.transformer.resblocks[i](h, attn_mask=open_rows_by_hand(n, h.shape[1]))}
+    else:
+        torch.manual_seed(seed)                                                 # the patches of X_oracle's pass
+        joint, mask = bb.embed(batch)
+        mask = torch.cat([torch.ones(len(m), n, dtype=mask.dtype), mask], 1)
+        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        x, layers = {"joint": joint}, {"joint": lambda i, h: bb.vilt.encoder.layer[i](h, bias)[0]}
+    x = {k: torch.cat([P0[k], h], 1) for k, h in x.items()}
+    for i in range(bb.num_layers):
+        for k in x:
+            if 1 <= i < M:
+                x[k] = torch.cat([F_by_hand(sp.F[k][i - 1], x[k][:, :n]), x[k][:, n:]], 1)
+            x[k] = layers[k](i, x[k])
+    if bb.kind == "vilt":
+        feature = bb.vilt.layernorm(x["joint"][:, :n].mean(1))
+    else:
+        clip = bb.model
+        f = {"image": clip.visual.ln_post(x["image"][:, :n].mean(1)) @ clip.visual.proj,
+             "text": clip.ln_final(x["text"][:, :n].mean(1)) @ clip.text_projection}
+        keep = {"image": [float(c != IMAGE_MISSING) for c in m.tolist()],
+                "text": [float(c != TEXT_MISSING) for c in m.tolist()]}
+        feature = torch.cat([f[k] * torch.tensor(keep[k])[:, None] for k in ("image", "text")], -1)
+    return F.linear(feature, model.head.weight, model.head.bias)
+
+
 def expected_params(bb, length, C, r=16, depth=6, dynamic=True, static=True, adapter=True, head="prompts"):
     """Parameter count of SyP from the sizes alone."""
     towers = [bb.width_image, bb.width_text] if bb.kind == "clip" else [bb.width]
@@ -184,13 +321,23 @@ def expected_params(bb, length, C, r=16, depth=6, dynamic=True, static=True, ada
 # Mechanisms
 # ---------------------------------------------------------------------------------------------------------
 def test_defaults_and_the_paper_rows_of_the_flags(capsys):
+    """The paper's numbers as defaults of the parser and of SyP() (L_p 36, M 6, AdamW lr 1e-3, weight decay 2e-2,
+    batch 32, 20 epochs), the header's DCP choices (r 16, linear decay after a 10% warm-up, FC and prompts
+    N(0, 0.02)), the Table 3/4 row each flag set names, and the fix each flag set without a model is told."""
     args = syp.parser().parse_args([])
     assert (args.prompt_length, args.prompt_depth, args.reduction, args.head) == (36, 6, 16, "prompts")
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs, args.warmup) == (1e-3, 2e-2, 32, 20, 0.1)
     assert args.paper_backbone == "clip" and not (args.no_dynamic or args.no_static or args.no_adapter)
     assert syp.paper_variant(args) == "full" and syp.check_args(args) is None
-    head = syp.SyP(backbone("tiny-clip"), 101).head                             # FC: N(0, 0.02), bias 0 (DCP)
-    assert (head.bias == 0).all() and abs(float(head.weight.detach().std()) - 0.02) < 0.002
+    assert args.schedule == "linear"                                            # after the warm-up (DCP, MAP)
+    defaults = {k: v.default for k, v in inspect.signature(syp.SyP).parameters.items()}
+    assert (defaults["length"], defaults["depth"], defaults["r"], defaults["head"]) == (36, 6, 16, "prompts")
+    model = syp.SyP(backbone("tiny-clip"), 101)
+    head, sp = model.head, model.prompt
+    assert (head.bias == 0).all() and abs(float(head.weight.detach().std()) - 0.02) < 0.002   # FC: N(0, 0.02), bias 0
+    for name, p in [*sp.P_B.items(), ("P_S", sp.P_S)]:                         # P_B, P_S: N(0, 0.02) (DCP's prompts)
+        assert p.shape[:2] == (3, 36) and abs(float(p.detach().mean())) < 0.002, name
+        assert abs(float(p.detach().std()) - 0.02) < 0.002, name
     rows = {(): "full", ("--no-static",): "dynamic-only", ("--no-dynamic",): "static-only",
             ("--no-static", "--no-adapter"): "base-only", ("--no-adapter",): "no-adapter",
             ("--no-dynamic", "--no-static", "--head", "cls"): "classifier-only",
@@ -256,11 +403,20 @@ def test_one_S_d_scales_both_towers():
 
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
 def test_adapter_input_is_layer0_features_with_the_missing_half_zero(kind):
+    """(E1) X_C, caught on its way into the adapter, equals `X_oracle` (common.modality_tokens' layer-0 means, the
+    missing half zeroed by a loop), with a present text cut short, so that its padding must stay out of X_T; S_d
+    is per sample and in [0, 1]."""
     bb = backbone(kind)
     model = syp.SyP(bb, 4, length=4).eval()
-    batch = toy_batch(bb)
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.5, seed=0)
+    items = [ds[i] for i in range(12, 20)]
+    short = next(k for k, it in enumerate(items) if it["missing"] == COMPLETE)
+    items[short] = dict(items[short], text=" ".join(items[short]["text"].split()[:2]))
+    batch = Collate(bb, 40)(items)
     m = batch["missing"]
     assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(m.tolist())
+    if kind == "tiny-vilt":                                                     # a present text with padding
+        assert batch["text_mask"][short].sum() < batch["text_mask"][m != TEXT_MISSING].sum(1).max()
     got = []
     model.prompt.adapter.register_forward_pre_hook(lambda module, args: got.append(args[0]))
     with torch.no_grad():
@@ -298,12 +454,19 @@ def test_logits_ignore_the_missing_modality(head):
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
 def test_propagation_from_the_tokens_that_left_the_previous_layer(kind):
     """M = 3 of 4 layers: the prompt tokens entering layer i (1 <= i < M) are F_i = LN(FC(GELU(FC(.)))) of the
-    prompt tokens that LEFT layer i-1, per tower, the other tokens pass on; from layer M the prompts are carried."""
+    prompt tokens that LEFT layer i-1, per tower, the other tokens pass on; from layer M the prompts are carried.
+    CLIP's prompt_means (--nm2i) are the means of the recorded prompt tokens entering layers 0..M-1."""
     bb, n, depth = backbone(kind), 4, 3
     model = syp.SyP(bb, 4, length=n, depth=depth).eval()
     batch = toy_batch(bb)
-    seen = record(bb, lambda: model(batch))
+    out = []
+    seen = record(bb, lambda: out.append(model(batch)))
     for k, (ins, outs) in seen.items():
+        if kind == "tiny-clip":                                                 # --nm2i: mean prompt entering l < M
+            means = out[0]["prompt_means"][k]
+            assert means.shape == (8, depth, ins[0].shape[-1]), k
+            for i in range(depth):
+                assert torch.allclose(means[:, i], ins[i][:, :n].mean(1), atol=1e-6), (k, i)
         for i in range(1, bb.num_layers):
             assert torch.equal(ins[i][:, n:], outs[i - 1][:, n:]), (k, i)
             if i < depth:
@@ -333,10 +496,7 @@ def test_attention_masks_of_the_prompts(kind):
             assert torch.allclose(bb.vilt.encoder.layer[1](ins[1], bias)[0], outs[1], atol=1e-5)
             return
         ins, outs = seen["text"]
-        L = ins[1].shape[1]
-        mask = torch.zeros(L, L)
-        for r in range(n, L):
-            mask[r, r + 1:] = float("-inf")
+        mask = open_rows_by_hand(n, ins[1].shape[1])
         assert torch.allclose(bb.model.transformer.resblocks[1](ins[1], attn_mask=mask), outs[1], atol=1e-5)
     later = dict(batch, text=batch["text"].clone())
     row = int(torch.nonzero(batch["missing"] != TEXT_MISSING)[0])
@@ -352,13 +512,19 @@ def test_attention_masks_of_the_prompts(kind):
 def test_head_input(kind, head):
     """(E7) the FC's input, from the last block's recorded output: CLIP prompts: [ln_post(mean prompt) proj;
     ln_final(mean prompt) text_projection]; cls: [ln_post([CLS]) proj; ln_final(EOT) text_projection], the missing
-    half zero (by a loop); ViLT: layernorm(mean prompt), or the pooler on [CLS]."""
+    half zero (by a loop); ViLT: layernorm(mean prompt), or the pooler on [CLS]. P_B and P_S are scaled up and M = 2:
+    at N(0, 0.02) the random tiny backbone makes the output prompts near copies, where a norm and a mean commute."""
     bb, n = backbone(kind), 4
-    model = syp.SyP(bb, 4, length=n, head=head).eval()
+    model = syp.SyP(bb, 4, length=n, depth=2, head=head).eval()
+    with torch.no_grad():
+        for p in [*model.prompt.P_B.values(), model.prompt.P_S]:
+            p.mul_(50)
     batch = toy_batch(bb)
     got = []
     model.head.register_forward_pre_hook(lambda module, args: got.append(args[0]))
     seen = record(bb, lambda: model(batch))
+    for k, (_, outs) in seen.items():
+        assert outs[-1][:, :n].std(1).mean() > 0.1, k                         # the output prompts differ
     with torch.no_grad():
         if kind == "tiny-vilt":
             x, v = seen["joint"][1][-1], bb.vilt
@@ -376,6 +542,30 @@ def test_head_input(kind, head):
                 f_I[b], f_T[b] = f_I[b] * (code != IMAGE_MISSING), f_T[b] * (code != TEXT_MISSING)
             expected = torch.cat([f_I, f_T], -1)
     assert torch.allclose(got[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
+def test_logits_and_gradients_equal_the_reference_forward(kind):
+    """The full SyP (M = 3 of 4 layers): logits and the gradient of a random linear function of them with respect to
+    every trainable parameter equal those of `reference_logits`, the paper's forward written out in the test. The
+    gradients see what the logits cannot: each path back to P_B, S_d, P_S, G_k and F_i (through the propagation
+    too) is kept, none detached."""
+    bb = backbone(kind)
+    model = syp.SyP(bb, 4, length=4, depth=3)
+    batch = toy_batch(bb)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    logits, grads = {}, {}
+    passes = (("model", lambda: model(batch)["logits"]), ("reference", lambda: reference_logits(model, batch)))
+    for how, forward in passes:
+        torch.manual_seed(1)                                                    # ViLT samples its patches
+        logits[how] = forward()
+        torch.manual_seed(2)
+        weights = torch.randn_like(logits[how])
+        grads[how] = torch.autograd.grad((weights * logits[how]).sum(), [p for _, p in params], allow_unused=True)
+    assert torch.allclose(logits["model"], logits["reference"], atol=1e-5)
+    for (name, _), g, g_ref in zip(params, grads["model"], grads["reference"]):
+        assert g_ref is not None and g is not None, name
+        assert (g - g_ref).abs().max() <= 1e-4 * g_ref.abs().max() + 1e-9, name
 
 
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-vilt"])
@@ -436,6 +626,67 @@ def test_cli_writes_outputs_and_checkpoint_holds_only_syp(tmp_path, kind):
     saved = load_file(out / "checkpoint.safetensors")
     assert set(saved) == names and not any(k.startswith("bb.") for k in saved)
     assert results["trainable_params"] == sum(expected_params(model.bb, 4, C=4).values())
+
+
+class Built(Exception):
+    """Raised by a stand-in for common.fit: main's model and loss, before any training."""
+
+
+def test_cli_flags_build_their_row_and_the_task_loss(tmp_path, monkeypatch):
+    """main() on toy-multilabel up to fit: each flag set builds exactly the parameters of its Table 3/4 row and
+    --reduction r (counted from the sizes by `expected_params`), and the loss main trains with is (E8)'s task loss
+    of MM-IMDb-like multi-label data, binary cross-entropy averaged over samples and classes by a loop."""
+    def stop(run, model, loss_fn, **kw):
+        raise Built(run, model, loss_fn)
+    monkeypatch.setattr(syp, "fit", stop)
+    rows = {("--no-static", "--reduction", "8"): dict(static=False, r=8), ("--no-dynamic",): dict(dynamic=False),
+            ("--no-adapter",): dict(adapter=False)}
+    for flags, kw in rows.items():
+        with pytest.raises(Built) as built:
+            cli(syp.parser(), syp.main, ["--dataset", "toy-multilabel", "--backbone", "tiny-clip", "--prompt-length",
+                                         "4", *flags, "--out", str(tmp_path / "-".join(flags))])
+        run, model, loss_fn = built.value.args
+        count = expected_params(run.bb, 4, C=4, **kw)
+        groups = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                group = name.split(".")[1] if name.startswith("prompt.") else "head"
+                groups[group] = groups.get(group, 0) + p.numel()
+        assert groups == {c: v for c, v in count.items() if v}, flags
+    batch = run.collate([run.train_set[i] for i in range(6)])
+    with torch.no_grad():
+        out = model(batch)
+        z, y = out["logits"].double(), batch["label"].double()
+        terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
+                 for b in range(z.shape[0]) for c in range(z.shape[1])]
+        assert float(loss_fn(out, batch)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+
+
+def test_paper_numbers_are_the_papers_tables():
+    """PAPER_NUMBERS holds the SyP paper's main table ('both' at 50/70/90%), its Table 3/4 ablation rows (read at
+    'both' 50%) and AOEPT's re-run (mean over the three types at 70/90%), transcribed here from the tables' own
+    layout: dataset -> rates, row -> (Hateful Memes, Food-101, MM-IMDb), rate -> (MM-IMDb, Hateful Memes, Food-101)."""
+    main = {"mmimdb": (55.02, 52.90, 49.63), "food101": (86.17, 82.45, 81.03), "hatememes": (68.16, 68.42, 68.93)}
+    ablations = {"classifier-only": (57.35, 71.59, 44.63), "dynamic-only": (66.37, 82.90, 51.21),
+                 "static-only": (65.62, 83.06, 50.34), "base-only": (64.27, 81.68, 48.95),
+                 "no-adapter": (66.19, 84.85, 51.90), "full": (68.16, 86.17, 54.72)}
+    aoept = {0.7: (51.88, 68.11, 83.56), 0.9: (49.58, 67.72, 81.26)}
+    expected = {}
+    for dataset, values in main.items():
+        for rate, v in zip((0.5, 0.7, 0.9), values):
+            expected.setdefault((dataset, "both", rate, "full"), []).append(v)
+    for row, (hm, food, imdb) in ablations.items():
+        for dataset, v in (("hatememes", hm), ("food101", food), ("mmimdb", imdb)):
+            expected.setdefault((dataset, "both", 0.5, row), []).append(v)
+    for rate, (imdb, hm, food) in aoept.items():
+        for dataset, v in (("mmimdb", imdb), ("hatememes", hm), ("food101", food)):
+            expected.setdefault((dataset, "avg", rate, "full"), []).append(v)
+    got = {}
+    for key, papers in syp.PAPER_NUMBERS.items():
+        method, backbone, dataset, missing, rate, test_missing, test_rate, variant = key
+        assert (method, backbone, test_missing, test_rate) == ("syp", "clip ViT-B-16", missing, rate), key
+        got[dataset, missing, rate, variant] = sorted(p.value for p in papers)
+    assert got == {k: sorted(v) for k, v in expected.items()}
 
 
 def test_headline_command_on_food101_tree(tmp_path, food101_root):
