@@ -34,8 +34,8 @@ Deviations and assumptions:
       one multi-head self-attention (8 heads; 2 below width 256) over [pool of m2 (N*P tokens); projected x_m1], mean
       over its outputs. The pool is one flat set of N*P tokens, so only N*P matters (4 x 16 == 16 x 4); N*P = 0 is the
       no-prompt ablation (attention over x_m1 alone).
-    - ASSUMPTION: fusion = 6-layer pre-LN transformer (8 heads; 2 for tiny widths; FFN 4d; dropout 0) over
-      [CLS, image token, text token] + learned position embeddings; linear head on the final-normed CLS.
+    - ASSUMPTION: fusion = 6-layer pre-LN transformer (8 heads; 2 below width 256; FFN 4d with GELU; dropout 0)
+      over [CLS, image token, text token] + learned position embeddings; linear head on the final-normed CLS.
     - ASSUMPTION: alpha = 0.5 and lambda (--contrast-weight) = 1: the paper gives no value; equal weights, L = L_cls +
       L_contrast as written. Contrastive terms use the micro-batch (default = the paper's batch of 64), gathered from
       every process under torchrun (with gradients): the same loss as one process while --micro-batch >= batch / world.

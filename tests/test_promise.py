@@ -56,6 +56,137 @@ MUTATIONS = [
      "why": 'NT-Xent: rows outside the selection stay in as negatives'},
     {"file": "promise.py", "old": 'return {**{f"{m}_a": f[m] for m in MODALITIES}, **f}', "new": 'return {**f, **{f"{m}_a": f[m] for m in MODALITIES}}',
      "why": 'the augmented view is ignored: x_a = x always'},
+    # --- added: forward / Prompt Attention / fusion, the encoders, detaches, losses, defaults, views, cache, main ---
+    {"file": "promise.py",
+     "old": '[0].mean(1)          # (B, d); ASSUMPTION: mean over tokens',
+     "new": '[0][:, -1]          # (B, d)',
+     "why": "Prompt Attention keeps only the x_m1 token's output instead of the mean over the sequence",
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'return self.out(h), self.out_a(h)',
+     "new": 'return self.out(h), self.out(h)',
+     "why": 'one linear layer for both heads: x^_m2_a == x^_m2',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'gen = {m: self.gen[m](x[OTHER[m]]) for m in MODALITIES}',
+     "new": 'gen = {m: self.gen[m](f[OTHER[m]]) for m in MODALITIES}',
+     "why": 'Prompt Attention reads the raw frozen feature instead of the projected x_m1',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'heads = 8 if d >= 256 else 2',
+     "new": 'heads = 8 if d >= 256 else 1',
+     "why": 'single-head attention at tiny widths (the header says 2)',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'norm_first=True)',
+     "new": 'norm_first=False)',
+     "why": 'post-LN crossmodal transformer instead of pre-LN',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'norm=nn.LayerNorm(d), enable_nested_tensor=False)',
+     "new": 'norm=None, enable_nested_tensor=False)',
+     "why": 'the head reads the CLS without the final LayerNorm',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'fused = self.fusion(tokens)[:, 0]',
+     "new": 'fused = self.fusion(tokens)[:, 1:].mean(1)',
+     "why": 'pools the mean of the modality tokens instead of the CLS token',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'dropout=0.0, activation="gelu"',
+     "new": 'dropout=0.1, activation="gelu"',
+     "why": 'dropout 0.1 in the crossmodal transformer (the header says 0)',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'z = {m: torch.where(has[m], x[m], gen[m][0]) for m in MODALITIES}',
+     "new": 'z = {m: torch.where(has[m], x[m], gen[m][0].detach()) for m in MODALITIES}',
+     "why": 'the classification loss never trains Prompt Attention (generated features detached)',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau, rows))',
+     "new": 'L_fncl.append(fncl(t.detach(), t_a.detach(), gen[m2][0], gen[m2][1], args.tau, rows))',
+     "why": 'FNCL stop-gradient on the real side: the projections get no FNCL gradient',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau, rows))',
+     "new": 'L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][0], args.tau, rows))',
+     "why": 'FNCL without x^_m2_a: the augmented generated view is never contrasted',
+     "tests": ["tests/test_promise.py::test_forward_and_gradient_equal_the_equations_per_sample"]},
+    {"file": "promise.py",
+     "old": 'same = (y.float() @ y.float().T > 0) if task',
+     "new": 'same = (y[:, None] == y[None, :]).all(-1) if task',
+     "why": 'CCCL multi-label positives = identical label sets instead of sharing >= 1 label',
+     "tests": ["tests/test_promise.py::test_cccl_equals_brute_force_supcon"]},
+    {"file": "promise.py",
+     "old": '            for i in range(bb.num_layers):\n                x = bb.image_block(i, x)',
+     "new": '            for i in range(bb.num_layers - 1):\n                x = bb.image_block(i, x)',
+     "why": 'CLIP image feature from the second-to-last block (wrong layer)',
+     "tests": ["tests/test_promise.py::test_unimodal_features_are_the_libraries_own"]},
+    {"file": "promise.py",
+     "old": 'f[m][rows[m]] = ((bb.final_norm(h) * valid).sum(1) / valid.sum(1))',
+     "new": 'f[m][rows[m]] = ((h * valid).sum(1) / valid.sum(1))',
+     "why": "ViLT unimodal feature without ViLT's final LayerNorm",
+     "tests": ["tests/test_promise.py::test_unimodal_features_are_the_libraries_own"]},
+    {"file": "promise.py",
+     "old": 'f[m][rows[m]] = ((bb.final_norm(h) * valid).sum(1) / valid.sum(1))',
+     "new": 'f[m][rows[m]] = ((bb.final_norm(h) * valid).sum(1) / valid.shape[1])',
+     "why": 'ViLT mean divides by the padded length (padding counted as zeros)',
+     "tests": ["tests/test_promise.py::test_unimodal_features_are_the_libraries_own"]},
+    {"file": "promise.py",
+     "old": 'bias = bb.attention_bias(valid, h.dtype)',
+     "new": 'bias = bb.attention_bias(torch.ones_like(valid), h.dtype)',
+     "why": 'ViLT single-modality pass attends to the padding tokens',
+     "tests": ["tests/test_promise.py::test_unimodal_features_are_the_libraries_own"]},
+    {"file": "promise.py",
+     "old": 'p.add_argument("--alpha", type=float, default=0.5,',
+     "new": 'p.add_argument("--alpha", type=float, default=0.7,',
+     "why": 'default alpha 0.7 instead of the stated 0.5',
+     "tests": ["tests/test_promise.py::test_parser_defaults_are_the_papers"]},
+    {"file": "promise.py",
+     "old": 'p.add_argument("--contrast-weight", type=float, default=1.0,',
+     "new": 'p.add_argument("--contrast-weight", type=float, default=0.1,',
+     "why": 'default lambda 0.1 instead of the stated 1',
+     "tests": ["tests/test_promise.py::test_parser_defaults_are_the_papers"]},
+    {"file": "promise.py",
+     "old": 'p.add_argument("--crop-scale", type=float, default=0.5,',
+     "new": 'p.add_argument("--crop-scale", type=float, default=0.08,',
+     "why": "torchvision's crop scale 0.08 instead of the stated 0.5",
+     "tests": ["tests/test_promise.py::test_parser_defaults_are_the_papers"]},
+    {"file": "promise.py",
+     "old": 'schedule="cosine", warmup=0.0,',
+     "new": 'schedule="cosine", warmup=0.1,',
+     "why": 'a 10% warm-up (the shared default) instead of none',
+     "tests": ["tests/test_promise.py::test_parser_defaults_are_the_papers"]},
+    {"file": "promise.py",
+     "old": 'if rng.random() < 0.5:',
+     "new": 'if rng.random() < 0.0:',
+     "why": 'the augmented view is never flipped',
+     "tests": ["tests/test_promise.py::test_augment_draws_the_stated_distributions"]},
+    {"file": "promise.py",
+     "old": 'area, ratio = rng.uniform(crop_scale, 1.0) * w * h,',
+     "new": 'area, ratio = rng.uniform(crop_scale, 1.0) ** 2 * w * h,',
+     "why": 'crop_scale read as a side fraction: crops down to 25% of the area',
+     "tests": ["tests/test_promise.py::test_augment_draws_the_stated_distributions"]},
+    {"file": "promise.py",
+     "old": 'kept = [word for word in words if rng.random() >= text_dropout]',
+     "new": 'kept = [word for word in words if rng.random() < text_dropout]',
+     "why": 'word dropout inverted: keeps 10% of the words',
+     "tests": ["tests/test_promise.py::test_augment_draws_the_stated_distributions"]},
+    {"file": "promise.py",
+     "old": '"max_text_len": args.max_text_len, ',
+     "new": '',
+     "why": 'cache key without the text length: a new --max-text-len reuses old features',
+     "tests": ["tests/test_promise.py::test_cache_key_misses_when_images_rate_seed_or_backbone_change"]},
+    {"file": "promise.py",
+     "old": '"data": digest([ds.ids, ds.texts]),',
+     "new": '"data": digest(ds.ids),',
+     "why": 'cache key without the texts: edited captions reuse old features',
+     "tests": ["tests/test_promise.py::test_cache_key_misses_when_images_rate_seed_or_backbone_change"]},
+    {"file": "promise.py",
+     "old": 'cycle=views if args.cache_features else None)',
+     "new": 'cycle=views)',
+     "why": 'without the cache the views cycle mod --aug-views instead of a fresh view each epoch',
+     "tests": ["tests/test_promise.py::test_main_draws_a_fresh_view_each_epoch_without_the_cache"]},
 ]
 
 FAST = ["--epochs", "1", "--batch-size", "512", "--micro-batch", "128"]   # toy train = 512: one optimiser step
@@ -209,6 +340,141 @@ def test_generator_reads_its_row_and_z_a_is_real_where_present():
         assert not torch.allclose(after["x_a"][m], after["x"][m])
 
 
+# --- the forward and the gradient against the header's equations written out per sample -------------------------
+def linear(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+
+def layer_norm(x, ln):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def self_attention(seq, attn, heads):
+    """Multi-head self-attention (Vaswani et al.) over seq (S, d), one sample: per head softmax(q k^T / sqrt(d_h)) v,
+    heads concatenated, output projection; the weights read from torch's documented in_proj layout [W_q; W_k; W_v]."""
+    d = seq.shape[-1]
+    d_h = d // heads
+    W, b = attn.in_proj_weight, attn.in_proj_bias
+    q, k, v = (seq @ W[i * d:(i + 1) * d].T + b[i * d:(i + 1) * d] for i in range(3))
+    outputs = []
+    for h in range(heads):
+        cols = slice(h * d_h, (h + 1) * d_h)
+        weights = torch.softmax(q[:, cols] @ k[:, cols].T / math.sqrt(d_h), -1)
+        outputs.append(weights @ v[:, cols])
+    return torch.cat(outputs, -1) @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+def hand_forward(model, batch, heads):
+    """The header's model for each sample k: x_m = proj_m(f_m); Prompt Attention of m2 = MHA over [pool_m2 (N*P
+    tokens); x_m1] -> mean over the outputs -> two linear layers (x^_m2, x^_m2_a); z_m = x_m where m is present else
+    x^_m; tokens [CLS, z_image, z_text] + pos through pre-LN layers x + SA(LN1 x), x + W2 GELU(W1 LN2 x) (FFN 4d,
+    dropout 0), final LayerNorm, linear head on the CLS."""
+    codes = batch["missing"].tolist()
+    rows = {k: [] for k in ("logits", "fused")}
+    per = {k: {m: [] for m in promise.MODALITIES} for k in ("x", "x_a", "g", "g_a", "z", "z_a")}
+    for k, code in enumerate(codes):
+        x = {m: linear(batch[f"feat_{m}"][k], model.proj[m]) for m in promise.MODALITIES}
+        x_a = {m: linear(batch[f"feat_{m}_a"][k], model.proj[m]) for m in promise.MODALITIES}
+        z, z_a = {}, {}
+        for m in promise.MODALITIES:
+            pa = model.gen[m]
+            seq = torch.cat([pa.pool, x[promise.OTHER[m]][None]], 0)                # (N * P + 1, d)
+            h = self_attention(seq, pa.attn, heads).mean(0)
+            g, g_a = linear(h, pa.out), linear(h, pa.out_a)
+            present = code != promise.ABSENT[m]
+            z[m], z_a[m] = (x[m], x_a[m]) if present else (g, g_a)
+            for key, value in (("x", x[m]), ("x_a", x_a[m]), ("g", g), ("g_a", g_a), ("z", z[m]), ("z_a", z_a[m])):
+                per[key][m].append(value)
+        t = torch.stack([model.cls[0, 0], z["image"], z["text"]]) + model.pos             # (3, d)
+        for layer in model.fusion.layers:
+            assert layer.linear1.out_features == 4 * t.shape[-1]
+            t = t + self_attention(layer_norm(t, layer.norm1), layer.self_attn, heads)
+            t = t + linear(F.gelu(linear(layer_norm(t, layer.norm2), layer.linear1)), layer.linear2)
+        fused = layer_norm(t, model.fusion.norm)[0]
+        rows["fused"].append(fused)
+        rows["logits"].append(linear(fused, model.head))
+    out = {k: torch.stack(v) for k, v in rows.items()}
+    out.update({k: {m: torch.stack(v[m]) for m in promise.MODALITIES} for k, v in per.items()})
+    return out
+
+
+def nt_xent_terms(u, v, tau):
+    """SimCLR's NT-Xent over the 2n vectors [u; v], anchor by anchor (differentiable torch scalars)."""
+    z = [r / r.norm() for r in list(u) + list(v)]
+    n = len(u)
+    losses = []
+    for a in range(2 * n):
+        den = sum(torch.exp(z[a] @ z[k] / tau) for k in range(2 * n) if k != a)
+        losses.append(-torch.log(torch.exp(z[a] @ z[(a + n) % (2 * n)] / tau) / den))
+    return sum(losses) / len(losses)
+
+
+def supcon_terms(z, positive, tau):
+    """Khosla et al.'s L_out anchor by anchor; anchors without a positive left out (differentiable torch scalars)."""
+    z = [r / r.norm() for r in z]
+    losses = []
+    for a in range(len(z)):
+        pos = [p for p in range(len(z)) if p != a and positive[a][p]]
+        if pos:
+            den = sum(torch.exp(z[a] @ z[k] / tau) for k in range(len(z)) if k != a)
+            losses.append(-sum(torch.log(torch.exp(z[a] @ z[p] / tau) / den) for p in pos) / len(pos))
+    return sum(losses) / len(losses)
+
+
+def hand_loss(ref, batch, args):
+    """L = CE + lambda [alpha FNCL + (1 - alpha) CCCL]: FNCL direction m1 -> m2 over the rows with m1, partner of
+    x^_m2 the real m2 where present else x_m1, four pairs; CCCL per modality over [z; z_a], positives = same label or
+    the other view of the same sample."""
+    codes, y = batch["missing"].tolist(), batch["label"].tolist()
+    n = len(codes)
+    has = lambda m, k: codes[k] != promise.ABSENT[m]                   # noqa: E731
+    directions = []
+    for m1, m2 in (("image", "text"), ("text", "image")):
+        rows = [k for k in range(n) if has(m1, k)]
+        if rows:
+            t = torch.stack([ref["x"][m2 if has(m2, k) else m1][k] for k in rows])
+            t_a = torch.stack([ref["x_a"][m2 if has(m2, k) else m1][k] for k in rows])
+            g, g_a = ref["g"][m2][rows], ref["g_a"][m2][rows]
+            directions.append(sum(nt_xent_terms(a, b, args.tau) for a in (t, t_a) for b in (g, g_a)) / 4)
+    positive = [[y[a % n] == y[b % n] or (a != b and a % n == b % n) for b in range(2 * n)] for a in range(2 * n)]
+    cccl = sum(supcon_terms(torch.cat([ref["z"][m], ref["z_a"][m]]), positive, args.tau)
+               for m in promise.MODALITIES) / 2
+    contrast = args.alpha * sum(directions) / len(directions) + (1 - args.alpha) * cccl
+    return F.cross_entropy(ref["logits"], batch["label"]) + args.contrast_weight * contrast
+
+
+@pytest.mark.parametrize("d,heads,train", [(8, 2, False), (8, 2, True), (256, 8, False)])
+def test_forward_and_gradient_equal_the_equations_per_sample(d, heads, train):
+    """Every output of PROMISE.forward (x, x_a, x^_m, x^_m_a, z, z_a, fused, logits) equals the header's equations
+    written out sample by sample (`hand_forward`: attention per head from the weights, LayerNorm from its formula, the
+    header's head count: 8, 2 below width 256), in eval and in training mode (dropout 0); in training the gradient of
+    promise_loss on every trainable tensor equals autograd through `hand_forward` + `hand_loss` (brute-force NT-Xent /
+    SupCon loops): no missing or extra stop-gradient, no other weighting."""
+    batch, model, args = feature_model(d=d, fusion_layers=2, contrast_weight=0.5, alpha=0.4)
+    model.train(train)
+    out = model(batch)
+    ref = hand_forward(model, batch, heads)
+    for key in ("logits", "fused"):
+        assert torch.allclose(out[key], ref[key], atol=1e-5, rtol=1e-4), key
+    if not train:
+        return
+    for key, theirs in (("x", "x"), ("x_a", "x_a"), ("z", "z"), ("z_a", "z_a")):
+        for m in promise.MODALITIES:
+            assert torch.allclose(out[key][m], ref[theirs][m], atol=1e-5, rtol=1e-4), (key, m)
+    for m in promise.MODALITIES:
+        for i, key in enumerate(("g", "g_a")):
+            assert torch.allclose(out["gen"][m][i], ref[key][m], atol=1e-5, rtol=1e-4), (key, m)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(promise.promise_loss(out, batch, "multiclass", args), params, allow_unused=True)
+    expected_loss = hand_loss(ref, batch, args)
+    expected = torch.autograd.grad(expected_loss, params, allow_unused=True)
+    for p, a, b in zip(params, ours, expected):
+        a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), p.shape
+
+
 def test_no_prompt_pool_is_a_working_ablation():
     batch, model, args = feature_model(num_prompts=0)
     model.train()
@@ -283,6 +549,39 @@ def test_generated_features_replace_only_missing_ones(backbone):
             after = model(batch)["fused"]
         changed = (after - before).abs().amax(-1) > 1e-6
         assert torch.equal(changed, batch["missing"] == code), m
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_unimodal_features_are_the_libraries_own(backbone):
+    """unimodal_features, sample by sample, against the libraries' own forward: CLIP = open_clip's encode_image /
+    encode_text of that one sample; ViLT (NON-PAPER ADAPTATION in the header) = HF's ViltEncoder + final layernorm run
+    on that sample's valid text tokens alone (image tokens alone), then their mean. Zero rows where m is missing."""
+    _, model, batch = build(backbone)
+    bb, codes = model.bb, batch["missing"].tolist()
+    with torch.no_grad():
+        torch.manual_seed(0)                                    # ViLT draws its image-patch order at random
+        feats = dict(zip(promise.MODALITIES, promise.unimodal_features(bb, batch)))
+        if backbone == "tiny-clip":
+            def reference(m, k):
+                return (bb.model.encode_image(batch["image"][k:k + 1]) if m == "image" else
+                        bb.model.encode_text(batch["text"][k:k + 1]))[0]
+        else:
+            torch.manual_seed(0)
+            x, mask = bb.vilt.embeddings(batch["input_ids"], batch["text_mask"], None, batch["image"],
+                                         batch["pixel_mask"], None, None)
+            L_t = batch["input_ids"].shape[1]
+            assert not batch["text_mask"].bool().all()          # some text padding: the mean must skip it
+
+            def reference(m, k):
+                part = slice(0, L_t) if m == "text" else slice(L_t, None)
+                tokens = x[k, part][mask[k, part].bool()][None]          # the valid tokens only, no mask needed
+                return bb.vilt.layernorm(bb.vilt.encoder(tokens).last_hidden_state)[0].mean(0)
+    for m in promise.MODALITIES:
+        for k, code in enumerate(codes):
+            if code == promise.ABSENT[m]:
+                assert not feats[m][k].any(), (m, k)
+            else:
+                assert torch.allclose(feats[m][k], reference(m, k), atol=1e-5, rtol=1e-4), (m, k)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -361,6 +660,59 @@ def test_views_follow_the_epoch_and_differ():
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
 
 
+class ProbeImage:
+    """Stands in for a PIL image in `augment`: records the crop box and whether the view was flipped."""
+
+    def __init__(self, size, log):
+        self.size, self.log = size, log
+
+    def crop(self, box):
+        self.log.append({"box": box, "flip": False})
+        return self
+
+    def resize(self, size, resample):
+        assert size == self.size
+        return self
+
+    def transpose(self, how):
+        assert how == promise.Image.Transpose.FLIP_LEFT_RIGHT
+        self.log[-1]["flip"] = True
+        return self
+
+
+def test_augment_draws_the_stated_distributions():
+    """The header's augmentation, checked on its own terms over 600 (sample, view) draws of a 240 x 240 image and a
+    60-word text: crop area fraction uniform in [crop_scale, 1] (so mean ~ (crop_scale + 1) / 2), aspect ratio in
+    [3/4, 4/3] both ways, the box inside the image, a horizontal flip half the time, each word dropped with
+    probability text_dropout (order kept; never empty), each sample with its own draw."""
+    args = promise.parser().parse_args([])
+    w, h, log = 240, 240, []
+    words = [f"w{i}" for i in range(60)]
+    kept = []
+    for sample in range(60):
+        item = {"id": f"s{sample}", "image": ProbeImage((w, h), log), "text": " ".join(words)}
+        for view in range(10):
+            out = promise.augment(item, 0, view, args.text_dropout, args.crop_scale)
+            text = out["text"].split()
+            assert text == [word for word in words if word in text]             # a subsequence, in order
+            kept.append(len(text) / len(words))
+    boxes = [r["box"] for r in log]
+    assert all(0 <= left and 0 <= top and right <= w and bottom <= h for left, top, right, bottom in boxes)
+    area = np.array([(right - left) * (bottom - top) / (w * h) for left, top, right, bottom in boxes])
+    assert area.min() >= args.crop_scale - 0.01 and area.max() <= 1.0
+    assert area.min() < args.crop_scale + 0.05 and area.max() > 0.95
+    assert abs(area.mean() - (args.crop_scale + 1) / 2) < 0.05, area.mean()
+    ratio = np.array([(right - left) / (bottom - top) for left, top, right, bottom in boxes
+                      if right - left < w and bottom - top < h])        # unclamped boxes keep the drawn ratio
+    assert ratio.min() >= 3 / 4 - 0.02 and ratio.max() <= 4 / 3 + 0.02
+    assert ratio.min() < 0.8 and ratio.max() > 1.25
+    assert abs(np.mean([r["flip"] for r in log]) - 0.5) < 0.07
+    assert abs(np.mean(kept) - (1 - args.text_dropout)) < 0.02, np.mean(kept)
+    assert len(set(boxes[::10])) > 50                                       # view 0 of each sample: its own crop
+    assert promise.augment({"id": "a", "image": ProbeImage((w, h), []), "text": "only"}, 0, 0, 1.0, 0.5)["text"] == \
+        "only"
+
+
 def test_aug_views_zero_means_x_a_equals_x():
     """--aug-views 0: training items carry no view; the cached collate adds no x_a and the model uses x_a = x."""
     batch, model, _ = feature_model()
@@ -372,6 +724,24 @@ def test_aug_views_zero_means_x_a_equals_x():
     out = model(batch)
     for m in promise.MODALITIES:
         assert torch.equal(out["x_a"][m], out["x"][m])
+
+
+def test_main_draws_a_fresh_view_each_epoch_without_the_cache(tmp_path, monkeypatch):
+    """Header: without --cache-features every epoch trains on its own view e (no repeat even when --aug-views is
+    smaller than --epochs); with the cache epoch e reads view e mod V. main's Views, read epoch by epoch (fit and
+    finish stubbed: nothing is trained)."""
+    seen = {}
+
+    def spy_fit(run, model, loss_fn):
+        views = []
+        for epoch in range(run.args.epochs):
+            run.train_set.set_epoch(epoch)
+            views.append(run.train_set[0]["view"])
+        seen[run.args.out] = views
+    monkeypatch.setattr(promise, "fit", spy_fit)
+    monkeypatch.setattr(promise, "finish", lambda run, model, extra=None: extra)
+    run_cli(tmp_path, "fresh", "--backbone", "tiny-clip", "--epochs", "5", "--aug-views", "2")
+    assert seen[str(tmp_path / "fresh")] == [0, 1, 2, 3, 4]
 
 
 CACHED = ["--backbone", "tiny-clip", "--cache-features", "--epochs", "2", "--batch-size", "256", "--micro-batch", "256"]
@@ -413,6 +783,8 @@ def cache_run(backbone, **over):
 
 
 def test_cache_key_misses_when_images_rate_seed_or_backbone_change(tmp_path):
+    """The key holds what the header lists: image files, ids and texts, backbone, missing table, rate, seed, text
+    length and the augmentation; a changed input is a miss, an unchanged one a hit."""
     root = make_food101(tmp_path / "food", n_train=4, n_test=2)
     run, args = cache_run("tiny-clip", dataset="food101", data_root=root, cache_dir=str(tmp_path / "cache"))
 
@@ -422,6 +794,12 @@ def test_cache_key_misses_when_images_rate_seed_or_backbone_change(tmp_path):
     assert promise.cache_key(run, args, split(), "train", 2) == key
     assert promise.cache_key(run, args, split(rate=0.3), "train", 2) != key
     assert promise.cache_key(run, args, split(), "train", 3) != key
+    edited = split()
+    edited.texts[0] += " edited"                               # a changed caption: a miss
+    assert promise.cache_key(run, args, edited, "train", 2) != key
+    for flag, value in (("max_text_len", 40), ("crop_scale", 0.3), ("text_dropout", 0.2)):
+        changed = types.SimpleNamespace(**{**vars(args), flag: value})
+        assert promise.cache_key(run, changed, split(), "train", 2) != key, flag
     run_s, args_s = cache_run("tiny-clip", dataset="food101", data_root=root, seed=1)
     assert promise.cache_key(run_s, args_s, split(), "train", 2) != key
     run_v, args_v = cache_run("tiny-vilt", dataset="food101", data_root=root)
@@ -437,11 +815,16 @@ def test_cache_key_misses_when_images_rate_seed_or_backbone_change(tmp_path):
 
 
 def test_parser_defaults_are_the_papers():
+    """The paper's numbers (Adam, lr 1e-4, batch 64, tau 0.07, 4 prompts x 16, 6 layers, ViT-L/14), then the values
+    the header states for what the paper leaves open: alpha 0.5, lambda 1, the contrastive micro-batch = the batch,
+    cosine without warm-up, no weight decay, 20 epochs, the view augmentation (crop area >= 0.5, word dropout 10%)."""
     a = promise.parser().parse_args([])
     assert (a.optimizer, a.lr, a.weight_decay, a.batch_size, a.tau, a.num_prompts, a.prompt_length,
             a.fusion_layers, a.clip_model, a.backbone or a.paper_backbone) == \
         ("adam", 1e-4, 0.0, 64, 0.07, 4, 16, 6, "ViT-L-14", "clip")
     assert a.aug_views is None and promise.views_of(a) == a.epochs == 20
+    assert (a.alpha, a.contrast_weight, a.micro_batch, a.schedule, a.warmup, a.crop_scale, a.text_dropout) == \
+        (0.5, 1.0, 64, "cosine", 0.0, 0.5, 0.1)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
