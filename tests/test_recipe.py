@@ -3,6 +3,7 @@ its oracle — HF's own ViltLayer, a brute-force attention, the official formula
 the official code (YiLunLee/missing_aware_prompts 9aa5381, zhao-yh20/MemPrompt 342739e)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -444,6 +445,19 @@ def test_global_batches_are_a_fresh_permutation_each_epoch():
         assert [len(b) for b in batches] == [10] * 10 and len(set(flat)) == 100 and set(flat) <= set(range(103))
     assert a0 == global_batches(103, 10, 4, 0) and a0 != a1 and a0 != b0
     assert global_batches(7, 10, 0, 0)[0] and sorted(global_batches(7, 10, 0, 0)[0]) == list(range(7))
+
+
+def test_predictions_never_see_dropout(tmp_path):
+    """predict (validation checks, test, grid) puts the model in eval mode: left in training mode, as fit leaves it at
+    a check, with --backbone-dropout 0.1, it predicts exactly what the same model predicts with dropout 0."""
+    import map
+    argv = ["--backbone", "tiny-vilt", "--backbone-dropout", "0.1", "--prompt-length", "2", "--out", str(tmp_path)]
+    run = common.setup(common.finalize_args(map.parser().parse_args(argv)))
+    torch.manual_seed(0)
+    model = map.MAP(run.bb, run.num_outputs, "input", 2, 2).train()
+    with_dropout_flag = common.predict(run, model, run.val_set)
+    run.bb.set_dropout(0.0)
+    assert np.allclose(with_dropout_flag, common.predict(run, model, run.val_set), atol=1e-6, rtol=0)
 
 
 def test_scores_from_logits_per_task():

@@ -42,6 +42,23 @@ def test_eval_only_reproduces_test_metrics(trained, tmp_path):
     assert read_predictions(str(tmp_path)) == read_predictions(out)
 
 
+def test_eval_only_on_another_test_setting_equals_its_grid_row(trained, tmp_path):
+    """--eval-only --test-missing image --test-rate 0.3 evaluates on that setting's own missing table (counts as
+    data.missing_table draws them), with the same metric as the robustness grid's (image, 0.3) row; validation keeps
+    the training setting."""
+    ckpt = os.path.join(trained[0], "checkpoint.safetensors")
+    res = cli(map_method.parser(), map_method.main, ["--eval-only", "--checkpoint", ckpt, "--test-missing", "image",
+                                                     "--test-rate", "0.3", "--eval-grid", "--grid-rates", "0.3",
+                                                     "--out", str(tmp_path)])
+    splits = res["protocol"]["splits"]
+    assert splits["test"]["counts"] == table_counts(missing_table(128, "image", 0.3, dataset="toy", split="test", seed=3))
+    assert (splits["val"]["missing"], splits["val"]["rate"]) == (trained[1]["protocol"]["missing"],
+                                                                 trained[1]["protocol"]["rate"])
+    row = next(r for r in res["grid"] if (r["missing"], r["rate"]) == ("image", 0.3))
+    assert row["accuracy"] == res["metrics"]["test"]["accuracy"]
+    assert res["metrics"]["val"] == trained[1]["metrics"]["val"]
+
+
 def test_eval_only_refuses_other_method_or_backbone(trained, tmp_path):
     import memprompt
     ckpt = os.path.join(trained[0], "checkpoint.safetensors")
@@ -452,6 +469,11 @@ def test_nm2i_equals_a_per_sample_brute_force(tmp_path):
 
 # Semantic breaks of common.py's run plumbing these tests must catch (python tests/mutations.py --file common.py).
 MUTATIONS = [
+    {"file": "data.py", "old": "missing_type or args.test_missing, args.test_rate if rate is None else rate", "new": "missing_type or args.test_missing, args.rate if rate is None else rate", "why": "the test split is drawn at the training rate", "tests": ["tests/test_runs.py::test_eval_only_on_another_test_setting_equals_its_grid_row"]},
+    {"file": "common.py", "old": "            val = evaluate(run, model, run.val_set)\n            score", "new": "            val = evaluate(run, model, run.test_set)\n            score", "why": "model selection on the test split instead of validation", "tests": ["tests/test_recipe.py::test_fit_keeps_the_best_mid_epoch_check", "tests/test_runs.py::test_resume_after_the_last_epoch_tests_the_best_state"]},
+    {"file": "common.py", "old": "    torch.set_rng_state(tensors[\"rng.torch\"])\n", "new": "", "why": "--resume does not restore the random stream (dropout masks drift)", "tests": ["tests/test_recipe.py::test_resume_at_a_mid_epoch_check_equals_the_uninterrupted_run"]},
+    {"file": "common.py", "old": "                state={k[5:]: v.to(run.device) for k, v in tensors.items() if k.startswith(\"best.\")})", "new": "                state=method_state(model))", "why": "--resume forgets the best state seen before the interruption", "tests": ["tests/test_runs.py::test_resume_after_interruption_matches_uninterrupted", "tests/test_recipe.py::test_resume_at_a_mid_epoch_check_equals_the_uninterrupted_run", "tests/test_runs.py::test_resume_after_the_last_epoch_tests_the_best_state"]},
+    {"file": "common.py", "old": "def predict(run, model, dataset):\n    model.eval()\n", "new": "def predict(run, model, dataset):\n", "why": "validation runs in training mode (dropout on)", "tests": ["tests/test_recipe.py::test_predictions_never_see_dropout"]},
     {"file": "common.py", "old": "        rows = np.flatnonzero(ds.missing == code)", "new": "        rows = np.flatnonzero(ds.missing != code)", "why": "NM2I measured on the samples that have m", "tests": ["tests/test_runs.py::test_nm2i_equals_a_per_sample_brute_force"]},
     {"file": "common.py", "old": "                Z.append(modality_tokens(run.bb, real, depth)[m].cpu())", "new": "                Z.append(modality_tokens(run.bb, seen, depth)[m].cpu())", "why": "NM2I's truth read from the dummy input, not the real modality", "tests": ["tests/test_runs.py::test_nm2i_equals_a_per_sample_brute_force"]},
     {"file": "common.py", "old": "        per_layer = [normalized_mutual_info(kmeans(U[:, l], kk, seed)[1].numpy(),\n                                            kmeans(Z[:, l], kk, seed)[1].numpy()) for l in range(depth)]", "new": "        per_layer = [normalized_mutual_info(kmeans(U[:, l], kk, seed)[1].numpy(),\n                                            kmeans(Z[:, 0], kk, seed)[1].numpy()) for l in range(depth)]", "why": "NM2I compares every layer's prompt with the layer-0 truth", "tests": ["tests/test_runs.py::test_nm2i_equals_a_per_sample_brute_force"]},
