@@ -754,6 +754,157 @@ def test_prompt_depth_is_clamped_and_defaults(tiny_vilt):
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-2, 2e-2, 256, None)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Both forwards against a brute force over samples and layers on the backbones' own modules (HF ViltLayer,
+# open_clip's resblocks), with the prompts of Sec. 3.4 written out
+# ---------------------------------------------------------------------------------------------------------
+def gelu(h):
+    return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+
+
+def f_missing_by_hand(mlp, p):
+    """The header's f_missing, written out: Linear -> exact GELU -> Linear, token-wise."""
+    first, last = mlp[0], mlp[-1]
+    return gelu(p @ first.weight.T + first.bias) @ last.weight.T + last.bias
+
+
+def paper_prompts(gen, code):
+    """One sample's (P_t, P_v), each (N, P, D_m), by Sec. 3.4: a present modality takes its complete-type prompt, an
+    absent one the missing-type prompt f_missing generates, layer by layer, from the other modality's complete one."""
+    P_t_c, P_v_c = gen.text.complete, gen.image.complete
+    layers = range(P_t_c.shape[0])
+    P_t = torch.stack([f_missing_by_hand(gen.text.f_missing[i], P_v_c[i]) for i in layers]) if code == TEXT_MISSING \
+        else P_t_c
+    P_v = torch.stack([f_missing_by_hand(gen.image.f_missing[i], P_t_c[i]) for i in layers]) if code == IMAGE_MISSING \
+        else P_v_c
+    return P_t, P_v
+
+
+def left_out(P_t, P_v, keep):
+    """keep "both", "text" (P_v left out, as for y_t of --teachers live) or "image" (P_t left out)."""
+    return (P_t if keep in ("both", "text") else None), (P_v if keep in ("both", "image") else None)
+
+
+def head_tokens(combine, *terms):
+    """Head-fusion tokens of one layer from the terms present: their sum (add) or their concatenation."""
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if combine == "add" else torch.cat(terms)
+
+
+def vilt_by_hand(model, x0, visible, L_t, P_t, P_v):
+    """One ViLT sample through HF's own ViltLayer modules, its padding dropped instead of masked. Segments
+    [head prompts, text prompts, text, image prompts, image]: at each prompted layer head-fusion puts the layer's
+    prompts at the sequence start, cross-fusion each modality's prompt before that modality's tokens, in front of
+    the earlier layers' prompts; the pooled token is the text [CLS], the first text token."""
+    bb = model.bb
+    D = x0.shape[-1]
+    seg = {"head": x0.new_zeros(0, D), "text_p": x0.new_zeros(0, D), "text": x0[:L_t][visible[:L_t]],
+           "image_p": x0.new_zeros(0, D), "image": x0[L_t:][visible[L_t:]]}
+    for i, layer in enumerate(bb.vilt.encoder.layer):
+        if i < model.depth:
+            p_t, p_v = (None if P is None else P[i] for P in (P_t, P_v))
+            if model.fusion == "head":
+                seg["head"] = torch.cat([head_tokens(model.combine, p_t, p_v), seg["head"]])
+            else:
+                for name, p in (("text_p", p_t), ("image_p", p_v)):
+                    if p is not None:
+                        seg[name] = torch.cat([p, seg[name]])
+        sizes = [len(v) for v in seg.values()]
+        out = layer(torch.cat(list(seg.values()))[None])[0][0]
+        seg = dict(zip(seg, out.split(sizes)))
+    cls = seg["text"][:1]
+    return model.head(model.pooler(bb.vilt.layernorm(cls)[None]))[0]
+
+
+@pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
+def test_vilt_forward_equals_a_brute_force_on_hf_vilt_layers(fusion, combine, tiny_vilt):
+    """model.logits on a mixed batch (text padding, all three missing cases), with both prompts and with either left
+    out (--teachers live), equals vilt_by_hand per sample: the routing and f_missing of Sec. 3.4 written out, the
+    prompt placement of Sec. 3.5, HF's ViltLayer / layernorm as the blocks. Prompts in 3 of the 4 layers."""
+    model = model_for(tiny_vilt, fusion, length=2, depth=3, combine=combine).eval()
+    batch = toy_batch(tiny_vilt, MIXED)
+    L_t = batch["input_ids"].shape[1]
+    assert (batch["text_mask"] == 0).any() and model.depth < tiny_vilt.num_layers
+    with torch.no_grad():
+        torch.manual_seed(0)                                   # HF ViLT draws its image patches in a random order
+        x0, mask0 = tiny_vilt.embed(batch)
+        got = {}
+        for keep in ("both", "text", "image"):
+            torch.manual_seed(0)
+            got[keep] = model.logits(batch, *left_out(*model.generator(batch["missing"]), keep))
+            for b, code in enumerate(MIXED):
+                want = vilt_by_hand(model, x0[b], mask0[b].bool(), L_t,
+                                    *left_out(*paper_prompts(model.generator, code), keep))
+                assert torch.allclose(got[keep][b], want, atol=1e-5), (keep, b, code)
+    assert not torch.allclose(got["text"], got["both"], atol=1e-4)
+    assert not torch.allclose(got["image"], got["both"], atol=1e-4)
+
+
+def clip_by_hand(model, image, ids, P_t, P_v):
+    """One CLIP sample through open_clip's own modules. Per prompted layer, each tower gets its prompt in front of
+    its sequence, earlier prompts kept: cross-fusion P_t (text tower) and P_v (image tower); head-fusion (header)
+    P_t + to_other_v(P_v) and to_other_t(P_t) + P_v (or concatenated). Pooled: the image [CLS] and the text EOT
+    token behind all the prompts, through ln_post / ln_final and the projections; features [image, text] as DCP
+    (clip_missing_aware_prompt_module.py @ 3519534: torch.cat([image_features, text_features], -1))."""
+    m, gen = model.bb.model, model.generator
+
+    def linear(lin, p):
+        return None if p is None else p @ lin.weight.T + lin.bias
+
+    x = m.visual._embeds(image[None])                           # conv patches, class token, positions, ln_pre
+    t = m.token_embedding(ids[None]) + m.positional_embedding
+    n_v = n_t = 0
+    for i in range(model.bb.num_layers):
+        if i < model.depth:
+            p_t, p_v = (None if P is None else P[i] for P in (P_t, P_v))
+            if model.fusion == "head":
+                to_text, to_image = head_tokens(model.combine, p_t, linear(gen.image.to_other, p_v)), \
+                    head_tokens(model.combine, linear(gen.text.to_other, p_t), p_v)
+            else:
+                to_text, to_image = p_t, p_v
+            if to_image is not None:
+                x, n_v = torch.cat([to_image[None], x], 1), n_v + len(to_image)
+            if to_text is not None:
+                t, n_t = torch.cat([to_text[None], t], 1), n_t + len(to_text)
+        L = t.shape[1]
+        causal = torch.full((L, L), float("-inf")).triu(1)
+        x, t = m.visual.transformer.resblocks[i](x), m.transformer.resblocks[i](t, attn_mask=causal)
+    image_feature = m.visual.ln_post(x[0, n_v]) @ m.visual.proj
+    text_feature = m.ln_final(t[0, n_t + int(ids.argmax())]) @ m.text_projection
+    return model.head(torch.cat([image_feature, text_feature]))
+
+
+@pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
+def test_clip_forward_equals_a_brute_force_on_open_clip_modules(fusion, combine, tiny_clip):
+    """As the ViLT test, on both CLIP towers: model.logits per sample = clip_by_hand with the prompts of Sec. 3.4
+    written out, with both prompts and with either left out. Prompts in 3 of the 4 layers of each tower."""
+    model = model_for(tiny_clip, fusion, length=2, depth=3, combine=combine).eval()
+    batch = toy_batch(tiny_clip, MIXED)
+    with torch.no_grad():
+        got = {}
+        for keep in ("both", "text", "image"):
+            got[keep] = model.logits(batch, *left_out(*model.generator(batch["missing"]), keep))
+            for b, code in enumerate(MIXED):
+                want = clip_by_hand(model, batch["image"][b], batch["text"][b],
+                                    *left_out(*paper_prompts(model.generator, code), keep))
+                assert torch.allclose(got[keep][b], want, atol=1e-5), (keep, b, code)
+    assert not torch.allclose(got["text"], got["both"], atol=1e-4)
+    assert not torch.allclose(got["image"], got["both"], atol=1e-4)
+
+
+def test_prompt_generator_shapes_and_init_as_the_header_states(tiny_clip):
+    """The header's ASSUMPTIONs, on CLIP where D_t = 48 and D_v = 64 differ: P_m^c (N, P, D_m) drawn N(0, 0.02);
+    f_missing of m per layer Linear(D_other, D_m / 16) -> GELU -> Linear(D_m / 16, D_m)."""
+    gen = model_for(tiny_clip, "head", length=16, depth=4).generator
+    for prompt, D, D_other in ((gen.text, 48, 64), (gen.image, 64, 48)):
+        P_c = prompt.complete.detach()
+        assert P_c.shape == (4, 16, D)
+        assert abs(float(P_c.std()) - 0.02) < 0.002 and abs(float(P_c.mean())) < 0.002   # 3072+ draws
+        assert len(prompt.f_missing) == 4
+        for f in prompt.f_missing:
+            assert f[0].weight.shape == (D // 16, D_other) and f[-1].weight.shape == (D, D // 16)
+
+
 MUTATIONS = [
     {"file": "muap.py", "why": "teachers swapped: y_t from the image-step, y_v from the text-step",
      "old": "else teacher_table(run, teacher_t, teacher_v)",
