@@ -12,11 +12,12 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import muap
 from common import cli, load_clip, load_vilt, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split, to_device
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, DataError, load_split, to_device
 
 FAST = ["--batch-size", "64", "--micro-batch", "64", "--prompt-length", "2"]
 
@@ -541,6 +542,41 @@ def test_teacher_table_is_fp32_when_the_teachers_run_under_autocast(tiny_clip, m
     assert torch.allclose(table.logits_t, want, atol=0.05)      # bf16 rounding of the teacher's forward
 
 
+def test_teacher_table_runs_the_teachers_without_backbone_dropout(tiny_vilt):
+    """The header: the table is computed in eval mode. With the shared ViLT's dropout at 0.5 and both teachers left
+    in train mode (as the student's model.train() leaves the backbone they share), the table equals the teachers'
+    eval forwards, and a train-mode forward would not."""
+    model = model_for(tiny_vilt, "head")
+    teacher_t = muap.snapshot(model)
+    with torch.no_grad():
+        model.head[-1].bias.add_(0.3)
+    teacher_v = muap.snapshot(model)
+    run = table_run(tiny_vilt, n=6)
+    batch = run.collate([run.train_set[k] for k in range(6)])
+    dropout = tiny_vilt.dropout
+    tiny_vilt.set_dropout(0.5)
+    try:
+        teacher_t.train()
+        teacher_v.train()
+        table = muap.teacher_table(run, teacher_t, teacher_v)
+        with torch.no_grad():
+            noisy = teacher_v.train()(batch)["logits"]
+            want_t, want_v = teacher_t.eval()(batch)["logits"], teacher_v.eval()(batch)["logits"]
+    finally:
+        tiny_vilt.set_dropout(dropout)
+    assert torch.allclose(table.logits_t, want_t, atol=1e-5) and torch.allclose(table.logits_v, want_v, atol=1e-5)
+    assert not torch.allclose(noisy, want_v, atol=1e-3)
+
+
+def test_teacher_table_refuses_repeated_sample_ids(tiny_clip):
+    """The table is keyed by sample id: a training split with an id twice is refused before any forward."""
+    run = table_run(tiny_clip, n=4)
+    run.train_set.ids = [run.train_set.ids[0], run.train_set.ids[1], run.train_set.ids[0], run.train_set.ids[2]]
+    teacher = muap.snapshot(model_for(tiny_clip, "head"))
+    with pytest.raises(DataError, match="repeated sample ids"):
+        muap.teacher_table(run, teacher, teacher)
+
+
 def test_kl_is_fp32_under_autocast():
     """The alignment loss of bf16 student logits under autocast is the fp32 value of the same numbers."""
     g = torch.Generator().manual_seed(1)
@@ -628,6 +664,48 @@ def test_alignment_loss_matches_brute_force(task):
     loss = muap.alignment_loss({"logits": y, "logits_t": y_t, "logits_v": y_v}, labels, task, 0.3, 2.0)
     want = float(task_loss(y, labels, task)) + 0.3 * brute_kl(y_t, y, task) + 2.0 * brute_kl(y_v, y, task)
     assert abs(float(loss) - want) < 1e-5
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+@pytest.mark.parametrize("lambda_t,lambda_v", [(0.0, 1.5), (0.7, 0.0), (0.3, 2.0)])
+def test_alignment_loss_value_and_gradient_written_out(task, lambda_t, lambda_v):
+    """L = L_task + lambda_t KL(y_t || y) + lambda_v KL(y_v || y) (Sec. 3.6), a lambda of 0 dropping only its own term:
+    the value against brute_kl, and dL/dy against the derivative written out. Softmax tasks (CE and KL of softmaxes,
+    batch means): (q - onehot + lambda_t (q - p_t) + lambda_v (q - p_v)) / B, q = softmax(y). Multi-label (BCE and
+    Bernoulli KL, means over B x C): (s - labels + lambda_t (s - s_t) + lambda_v (s - s_v)) / (B C), s = sigmoid."""
+    g = torch.Generator().manual_seed(3)
+    B, C = 6, 2 if task == "binary" else 5
+    y_t, y_v, y0 = (torch.randn(B, C, generator=g) * 2 for _ in range(3))
+    labels = (torch.rand(B, C, generator=g) > 0.5).float() if task == "multilabel" else torch.randint(0, C, (B,),
+                                                                                                          generator=g)
+    y = y0.clone().requires_grad_(True)
+    loss = muap.alignment_loss({"logits": y, "logits_t": y_t, "logits_v": y_v}, labels, task, lambda_t, lambda_v)
+    loss.backward()
+    want = float(task_loss(y0, labels, task)) + lambda_t * brute_kl(y_t, y0, task) + lambda_v * brute_kl(y_v, y0, task)
+    assert abs(float(loss.detach()) - want) < 1e-5
+    if task == "multilabel":
+        s, target, n = y0.sigmoid(), labels, B * C
+        p_t, p_v = y_t.sigmoid(), y_v.sigmoid()
+    else:
+        s, target, n = y0.softmax(-1), F.one_hot(labels, C).float(), B
+        p_t, p_v = y_t.softmax(-1), y_v.softmax(-1)
+    grad = (s - target + lambda_t * (s - p_t) + lambda_v * (s - p_v)) / n
+    assert torch.allclose(y.grad, grad, atol=1e-6)
+
+
+def test_one_lambda_0_keeps_the_other_teacher(tmp_path, food101_root, monkeypatch):
+    """--lambda-v 0: the alignment stage still sets up its teachers and trains on L_task + 0.5 KL(y_t || y), y_t
+    rebuilt from OUT/teacher-text-step.safetensors, the KL by brute force."""
+    seen = {}
+    spy_alignment(monkeypatch, tmp_path, seen)
+    results = cli(muap.parser(), muap.main, ["--dataset", "food101", "--data-root", food101_root, "--backbone",
+                                             "tiny-clip", "--fusion", "cross", "--stage-epochs", "1", "1", "1",
+                                             "--lambda-t", "0.5", "--lambda-v", "0", "--out", str(tmp_path)] + FAST)
+    check_outputs(tmp_path, results, 12)
+    check = seen["alignment"]
+    assert isinstance(check["teachers"], muap.TeacherTable) and check["kl_t"] > 1e-4
+    assert abs(check["loss"] - (check["task"] + 0.5 * check["kl_t"])) < 1e-5
+    assert torch.allclose(check["used"][0], check["oracle"][0], atol=1e-5)
 
 
 @pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
@@ -752,6 +830,10 @@ def test_prompt_depth_is_clamped_and_defaults(tiny_vilt):
     assert (args.fusion, args.head_combine, args.prompt_length, args.prompt_depth) == ("head", "add", 16, 6)
     assert (args.lambda_t, args.lambda_v, args.teachers, args.rounds) == (1.0, 1.0, "snapshot", 1)
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-2, 2e-2, 256, None)
+    # MAP's vilt/config.py @ 9aa5381, task_finetune_{food101,mmimdb,hatememes}: warmup_steps 0.1, decay_power 1 (linear,
+    # to end_lr 0), drop_rate 0.1, val_check_interval 0.2 / 0.2 / 0.11
+    assert (args.schedule, args.warmup, args.backbone_dropout) == ("linear", 0.1, 0.1)
+    assert args.val_interval == {"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11}
 
 
 # ---------------------------------------------------------------------------------------------------------
