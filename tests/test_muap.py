@@ -1,6 +1,7 @@
 """MuAP (muap.py): CLI runs on toy and fixture trees, crosswise prompt generation, per-sample routing, the
 freezing of each multi-step stage, the alignment loss against a brute-force KL with teachers rebuilt from their
-files, the teacher logits table, rounds, honest stage/epoch errors, and where the fusions put the prompts."""
+files, the teacher logits table, rounds, honest stage/epoch errors, where the fusions put the prompts, and both forwards
+against a per-sample brute force on HF's ViltLayer and open_clip's own modules."""
 import copy
 import csv
 import json
@@ -12,11 +13,12 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import muap
 from common import cli, load_clip, load_vilt, task_loss
-from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split, to_device
+from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, DataError, load_split, to_device
 
 FAST = ["--batch-size", "64", "--micro-batch", "64", "--prompt-length", "2"]
 
@@ -541,6 +543,41 @@ def test_teacher_table_is_fp32_when_the_teachers_run_under_autocast(tiny_clip, m
     assert torch.allclose(table.logits_t, want, atol=0.05)      # bf16 rounding of the teacher's forward
 
 
+def test_teacher_table_runs_the_teachers_without_backbone_dropout(tiny_vilt):
+    """The header: the table is computed in eval mode. With the shared ViLT's dropout at 0.5 and both teachers left
+    in train mode (as the student's model.train() leaves the backbone they share), the table equals the teachers'
+    eval forwards, and a train-mode forward would not."""
+    model = model_for(tiny_vilt, "head")
+    teacher_t = muap.snapshot(model)
+    with torch.no_grad():
+        model.head[-1].bias.add_(0.3)
+    teacher_v = muap.snapshot(model)
+    run = table_run(tiny_vilt, n=6)
+    batch = run.collate([run.train_set[k] for k in range(6)])
+    dropout = tiny_vilt.dropout
+    tiny_vilt.set_dropout(0.5)
+    try:
+        teacher_t.train()
+        teacher_v.train()
+        table = muap.teacher_table(run, teacher_t, teacher_v)
+        with torch.no_grad():
+            noisy = teacher_v.train()(batch)["logits"]
+            want_t, want_v = teacher_t.eval()(batch)["logits"], teacher_v.eval()(batch)["logits"]
+    finally:
+        tiny_vilt.set_dropout(dropout)
+    assert torch.allclose(table.logits_t, want_t, atol=1e-5) and torch.allclose(table.logits_v, want_v, atol=1e-5)
+    assert not torch.allclose(noisy, want_v, atol=1e-3)
+
+
+def test_teacher_table_refuses_repeated_sample_ids(tiny_clip):
+    """The table is keyed by sample id: a training split with an id twice is refused before any forward."""
+    run = table_run(tiny_clip, n=4)
+    run.train_set.ids = [run.train_set.ids[0], run.train_set.ids[1], run.train_set.ids[0], run.train_set.ids[2]]
+    teacher = muap.snapshot(model_for(tiny_clip, "head"))
+    with pytest.raises(DataError, match="repeated sample ids"):
+        muap.teacher_table(run, teacher, teacher)
+
+
 def test_kl_is_fp32_under_autocast():
     """The alignment loss of bf16 student logits under autocast is the fp32 value of the same numbers."""
     g = torch.Generator().manual_seed(1)
@@ -628,6 +665,48 @@ def test_alignment_loss_matches_brute_force(task):
     loss = muap.alignment_loss({"logits": y, "logits_t": y_t, "logits_v": y_v}, labels, task, 0.3, 2.0)
     want = float(task_loss(y, labels, task)) + 0.3 * brute_kl(y_t, y, task) + 2.0 * brute_kl(y_v, y, task)
     assert abs(float(loss) - want) < 1e-5
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel"])
+@pytest.mark.parametrize("lambda_t,lambda_v", [(0.0, 1.5), (0.7, 0.0), (0.3, 2.0)])
+def test_alignment_loss_value_and_gradient_written_out(task, lambda_t, lambda_v):
+    """L = L_task + lambda_t KL(y_t || y) + lambda_v KL(y_v || y) (Sec. 3.6), a lambda of 0 dropping only its own term:
+    the value against brute_kl, and dL/dy against the derivative written out. Softmax tasks (CE and KL of softmaxes,
+    batch means): (q - onehot + lambda_t (q - p_t) + lambda_v (q - p_v)) / B, q = softmax(y). Multi-label (BCE and
+    Bernoulli KL, means over B x C): (s - labels + lambda_t (s - s_t) + lambda_v (s - s_v)) / (B C), s = sigmoid."""
+    g = torch.Generator().manual_seed(3)
+    B, C = 6, 2 if task == "binary" else 5
+    y_t, y_v, y0 = (torch.randn(B, C, generator=g) * 2 for _ in range(3))
+    labels = (torch.rand(B, C, generator=g) > 0.5).float() if task == "multilabel" else torch.randint(0, C, (B,),
+                                                                                                          generator=g)
+    y = y0.clone().requires_grad_(True)
+    loss = muap.alignment_loss({"logits": y, "logits_t": y_t, "logits_v": y_v}, labels, task, lambda_t, lambda_v)
+    loss.backward()
+    want = float(task_loss(y0, labels, task)) + lambda_t * brute_kl(y_t, y0, task) + lambda_v * brute_kl(y_v, y0, task)
+    assert abs(float(loss.detach()) - want) < 1e-5
+    if task == "multilabel":
+        s, target, n = y0.sigmoid(), labels, B * C
+        p_t, p_v = y_t.sigmoid(), y_v.sigmoid()
+    else:
+        s, target, n = y0.softmax(-1), F.one_hot(labels, C).float(), B
+        p_t, p_v = y_t.softmax(-1), y_v.softmax(-1)
+    grad = (s - target + lambda_t * (s - p_t) + lambda_v * (s - p_v)) / n
+    assert torch.allclose(y.grad, grad, atol=1e-6)
+
+
+def test_one_lambda_0_keeps_the_other_teacher(tmp_path, food101_root, monkeypatch):
+    """--lambda-v 0: the alignment stage still sets up its teachers and trains on L_task + 0.5 KL(y_t || y), y_t
+    rebuilt from OUT/teacher-text-step.safetensors, the KL by brute force."""
+    seen = {}
+    spy_alignment(monkeypatch, tmp_path, seen)
+    results = cli(muap.parser(), muap.main, ["--dataset", "food101", "--data-root", food101_root, "--backbone",
+                                             "tiny-clip", "--fusion", "cross", "--stage-epochs", "1", "1", "1",
+                                             "--lambda-t", "0.5", "--lambda-v", "0", "--out", str(tmp_path)] + FAST)
+    check_outputs(tmp_path, results, 12)
+    check = seen["alignment"]
+    assert isinstance(check["teachers"], muap.TeacherTable) and check["kl_t"] > 1e-4
+    assert abs(check["loss"] - (check["task"] + 0.5 * check["kl_t"])) < 1e-5
+    assert torch.allclose(check["used"][0], check["oracle"][0], atol=1e-5)
 
 
 @pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
@@ -752,6 +831,161 @@ def test_prompt_depth_is_clamped_and_defaults(tiny_vilt):
     assert (args.fusion, args.head_combine, args.prompt_length, args.prompt_depth) == ("head", "add", 16, 6)
     assert (args.lambda_t, args.lambda_v, args.teachers, args.rounds) == (1.0, 1.0, "snapshot", 1)
     assert (args.lr, args.weight_decay, args.batch_size, args.epochs) == (1e-2, 2e-2, 256, None)
+    # MAP's vilt/config.py @ 9aa5381, task_finetune_{food101,mmimdb,hatememes}: warmup_steps 0.1, decay_power 1 (linear,
+    # to end_lr 0), drop_rate 0.1, val_check_interval 0.2 / 0.2 / 0.11
+    assert (args.schedule, args.warmup, args.backbone_dropout) == ("linear", 0.1, 0.1)
+    assert args.val_interval == {"food101": 0.2, "mmimdb": 0.2, "hatememes": 0.11}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Both forwards against a brute force over samples and layers on the backbones' own modules (HF ViltLayer,
+# open_clip's resblocks), with the prompts of Sec. 3.4 written out
+# ---------------------------------------------------------------------------------------------------------
+def gelu(h):
+    return 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+
+
+def f_missing_by_hand(mlp, p):
+    """The header's f_missing, written out: Linear -> exact GELU -> Linear, token-wise."""
+    first, last = mlp[0], mlp[-1]
+    return gelu(p @ first.weight.T + first.bias) @ last.weight.T + last.bias
+
+
+def paper_prompts(gen, code):
+    """One sample's (P_t, P_v), each (N, P, D_m), by Sec. 3.4: a present modality takes its complete-type prompt, an
+    absent one the missing-type prompt f_missing generates, layer by layer, from the other modality's complete one."""
+    P_t_c, P_v_c = gen.text.complete, gen.image.complete
+    layers = range(P_t_c.shape[0])
+    P_t = torch.stack([f_missing_by_hand(gen.text.f_missing[i], P_v_c[i]) for i in layers]) if code == TEXT_MISSING \
+        else P_t_c
+    P_v = torch.stack([f_missing_by_hand(gen.image.f_missing[i], P_t_c[i]) for i in layers]) if code == IMAGE_MISSING \
+        else P_v_c
+    return P_t, P_v
+
+
+def left_out(P_t, P_v, keep):
+    """keep "both", "text" (P_v left out, as for y_t of --teachers live) or "image" (P_t left out)."""
+    return (P_t if keep in ("both", "text") else None), (P_v if keep in ("both", "image") else None)
+
+
+def head_tokens(combine, *terms):
+    """Head-fusion tokens of one layer from the terms present: their sum (add) or their concatenation."""
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if combine == "add" else torch.cat(terms)
+
+
+def vilt_by_hand(model, x0, visible, L_t, P_t, P_v):
+    """One ViLT sample through HF's own ViltLayer modules, its padding dropped instead of masked. Segments
+    [head prompts, text prompts, text, image prompts, image]: at each prompted layer head-fusion puts the layer's
+    prompts at the sequence start, cross-fusion each modality's prompt before that modality's tokens, in front of
+    the earlier layers' prompts; the pooled token is the text [CLS], the first text token."""
+    bb = model.bb
+    D = x0.shape[-1]
+    seg = {"head": x0.new_zeros(0, D), "text_p": x0.new_zeros(0, D), "text": x0[:L_t][visible[:L_t]],
+           "image_p": x0.new_zeros(0, D), "image": x0[L_t:][visible[L_t:]]}
+    for i, layer in enumerate(bb.vilt.encoder.layer):
+        if i < model.depth:
+            p_t, p_v = (None if P is None else P[i] for P in (P_t, P_v))
+            if model.fusion == "head":
+                seg["head"] = torch.cat([head_tokens(model.combine, p_t, p_v), seg["head"]])
+            else:
+                for name, p in (("text_p", p_t), ("image_p", p_v)):
+                    if p is not None:
+                        seg[name] = torch.cat([p, seg[name]])
+        sizes = [len(v) for v in seg.values()]
+        out = layer(torch.cat(list(seg.values()))[None])[0][0]
+        seg = dict(zip(seg, out.split(sizes)))
+    cls = seg["text"][:1]
+    return model.head(model.pooler(bb.vilt.layernorm(cls)[None]))[0]
+
+
+@pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
+def test_vilt_forward_equals_a_brute_force_on_hf_vilt_layers(fusion, combine, tiny_vilt):
+    """model.logits on a mixed batch (text padding, all three missing cases), with both prompts and with either left
+    out (--teachers live), equals vilt_by_hand per sample: the routing and f_missing of Sec. 3.4 written out, the
+    prompt placement of Sec. 3.5, HF's ViltLayer / layernorm as the blocks. Prompts in 3 of the 4 layers."""
+    model = model_for(tiny_vilt, fusion, length=2, depth=3, combine=combine).eval()
+    batch = toy_batch(tiny_vilt, MIXED)
+    L_t = batch["input_ids"].shape[1]
+    assert (batch["text_mask"] == 0).any() and model.depth < tiny_vilt.num_layers
+    with torch.no_grad():
+        torch.manual_seed(0)                                   # HF ViLT draws its image patches in a random order
+        x0, mask0 = tiny_vilt.embed(batch)
+        got = {}
+        for keep in ("both", "text", "image"):
+            torch.manual_seed(0)
+            got[keep] = model.logits(batch, *left_out(*model.generator(batch["missing"]), keep))
+            for b, code in enumerate(MIXED):
+                want = vilt_by_hand(model, x0[b], mask0[b].bool(), L_t,
+                                    *left_out(*paper_prompts(model.generator, code), keep))
+                assert torch.allclose(got[keep][b], want, atol=1e-5), (keep, b, code)
+    assert not torch.allclose(got["text"], got["both"], atol=1e-4)
+    assert not torch.allclose(got["image"], got["both"], atol=1e-4)
+
+
+def clip_by_hand(model, image, ids, P_t, P_v):
+    """One CLIP sample through open_clip's own modules. Per prompted layer, each tower gets its prompt in front of
+    its sequence, earlier prompts kept: cross-fusion P_t (text tower) and P_v (image tower); head-fusion (header)
+    P_t + to_other_v(P_v) and to_other_t(P_t) + P_v (or concatenated). Pooled: the image [CLS] and the text EOT
+    token behind all the prompts, through ln_post / ln_final and the projections; features [image, text] as DCP
+    (clip_missing_aware_prompt_module.py @ 3519534: torch.cat([image_features, text_features], -1))."""
+    m, gen = model.bb.model, model.generator
+
+    def linear(lin, p):
+        return None if p is None else p @ lin.weight.T + lin.bias
+
+    x = m.visual._embeds(image[None])                           # conv patches, class token, positions, ln_pre
+    t = m.token_embedding(ids[None]) + m.positional_embedding
+    n_v = n_t = 0
+    for i in range(model.bb.num_layers):
+        if i < model.depth:
+            p_t, p_v = (None if P is None else P[i] for P in (P_t, P_v))
+            if model.fusion == "head":
+                to_text, to_image = head_tokens(model.combine, p_t, linear(gen.image.to_other, p_v)), \
+                    head_tokens(model.combine, linear(gen.text.to_other, p_t), p_v)
+            else:
+                to_text, to_image = p_t, p_v
+            if to_image is not None:
+                x, n_v = torch.cat([to_image[None], x], 1), n_v + len(to_image)
+            if to_text is not None:
+                t, n_t = torch.cat([to_text[None], t], 1), n_t + len(to_text)
+        L = t.shape[1]
+        causal = torch.full((L, L), float("-inf")).triu(1)
+        x, t = m.visual.transformer.resblocks[i](x), m.transformer.resblocks[i](t, attn_mask=causal)
+    image_feature = m.visual.ln_post(x[0, n_v]) @ m.visual.proj
+    text_feature = m.ln_final(t[0, n_t + int(ids.argmax())]) @ m.text_projection
+    return model.head(torch.cat([image_feature, text_feature]))
+
+
+@pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
+def test_clip_forward_equals_a_brute_force_on_open_clip_modules(fusion, combine, tiny_clip):
+    """As the ViLT test, on both CLIP towers: model.logits per sample = clip_by_hand with the prompts of Sec. 3.4
+    written out, with both prompts and with either left out. Prompts in 3 of the 4 layers of each tower."""
+    model = model_for(tiny_clip, fusion, length=2, depth=3, combine=combine).eval()
+    batch = toy_batch(tiny_clip, MIXED)
+    with torch.no_grad():
+        got = {}
+        for keep in ("both", "text", "image"):
+            got[keep] = model.logits(batch, *left_out(*model.generator(batch["missing"]), keep))
+            for b, code in enumerate(MIXED):
+                want = clip_by_hand(model, batch["image"][b], batch["text"][b],
+                                    *left_out(*paper_prompts(model.generator, code), keep))
+                assert torch.allclose(got[keep][b], want, atol=1e-5), (keep, b, code)
+    assert not torch.allclose(got["text"], got["both"], atol=1e-4)
+    assert not torch.allclose(got["image"], got["both"], atol=1e-4)
+
+
+def test_prompt_generator_shapes_and_init_as_the_header_states(tiny_clip):
+    """The header's ASSUMPTIONs, on CLIP where D_t = 48 and D_v = 64 differ: P_m^c (N, P, D_m) drawn N(0, 0.02);
+    f_missing of m per layer Linear(D_other, D_m / 16) -> GELU -> Linear(D_m / 16, D_m)."""
+    gen = model_for(tiny_clip, "head", length=16, depth=4).generator
+    for prompt, D, D_other in ((gen.text, 48, 64), (gen.image, 64, 48)):
+        P_c = prompt.complete.detach()
+        assert P_c.shape == (4, 16, D)
+        assert abs(float(P_c.std()) - 0.02) < 0.002 and abs(float(P_c.mean())) < 0.002   # 3072+ draws
+        assert len(prompt.f_missing) == 4
+        for f in prompt.f_missing:
+            assert f[0].weight.shape == (D // 16, D_other) and f[-1].weight.shape == (D, D // 16)
 
 
 MUTATIONS = [
@@ -805,4 +1039,74 @@ MUTATIONS = [
     {"file": "muap.py", "why": "--epochs split 1:1:1 instead of 1:1:2",
      "old": "quarter = max(1, per_round // 4)",
      "new": "quarter = max(1, per_round // 3)"},
+    # ----- added: defaults of the recipe, prompt construction, routing, both forwards, loss, teachers, paths -----
+    {"file": "muap.py", "why": "no warm-up (MAP's config.py: warmup_steps 0.1)",
+     "old": "schedule=\"linear\", warmup=0.1)",
+     "new": "schedule=\"linear\", warmup=0.0)"},
+    {"file": "muap.py", "why": "cosine decay instead of MAP's linear one (decay_power 1, end_lr 0)",
+     "old": "epochs=None, schedule=\"linear\"",
+     "new": "epochs=None, schedule=\"cosine\""},
+    {"file": "muap.py", "why": "the frozen ViLT trains without MAP's drop_rate 0.1",
+     "old": "p.set_defaults(backbone_dropout=0.1,",
+     "new": "p.set_defaults(backbone_dropout=0.0,"},
+    {"file": "muap.py", "why": "Hateful Memes validated every 0.2 epoch, not MAP's 0.11",
+     "old": "\"hatememes\": 0.11}",
+     "new": "\"hatememes\": 0.2}"},
+    {"file": "muap.py", "why": "complete-type prompts initialised N(0, 0.2) instead of N(0, 0.02)",
+     "old": "torch.randn(depth, length, width) * 0.02",
+     "new": "torch.randn(depth, length, width) * 0.2"},
+    {"file": "muap.py", "why": "f_missing with ReLU instead of GELU",
+     "old": "nn.GELU(), nn.Linear(hidden, d_out))",
+     "new": "nn.ReLU(), nn.Linear(hidden, d_out))"},
+    {"file": "muap.py", "why": "f_missing bottleneck width from the source modality's width, not the target's",
+     "old": "hidden = max(1, d_out // 16)",
+     "new": "hidden = max(1, d_in // 16)"},
+    {"file": "muap.py", "why": "f_missing of layer i fed the other modality's prompt of the mirrored layer",
+     "old": "zip(self.f_missing, other_complete)",
+     "new": "zip(self.f_missing, other_complete.flip(0))"},
+    {"file": "muap.py", "why": "image-missing samples get P_t^miss instead of text-missing ones",
+     "old": "torch.stack([P_t_c, P_t_miss, P_t_c])[missing]",
+     "new": "torch.stack([P_t_c, P_t_c, P_t_miss])[missing]"},
+    {"file": "muap.py", "why": "ViLT cross-fusion moves the pooled [CLS] by P even when no text prompt is inserted",
+     "old": "cls += x_t.shape[1] - img",
+     "new": "cls += self.length"},
+    {"file": "muap.py", "why": "CLIP image tower gets layer 0's prompt at every prompted layer",
+     "old": "prepend(None if V is None else V[:, i], x)",
+     "new": "prepend(None if V is None else V[:, 0], x)"},
+    {"file": "muap.py", "why": "CLIP pools behind one layer's prompts, not behind all accumulated ones",
+     "old": "0 if P is None else self.depth * P.shape[2]",
+     "new": "0 if P is None else P.shape[2]"},
+    {"file": "muap.py", "why": "CLIP pooling offsets of the two towers swapped (wrong when one prompt is left out)",
+     "old": "for P in (V, T))",
+     "new": "for P in (T, V))"},
+    {"file": "muap.py", "why": "CLIP head-fusion: the image tower gets P_v only (the text prompt not mapped in)",
+     "old": "V = self.head_prompt(None if P_t is None else gen.text.to_other(P_t), P_v)",
+     "new": "V = P_v"},
+    {"file": "muap.py", "why": "CLIP features concatenated [text, image] instead of DCP's [image, text]",
+     "old": "torch.cat([bb.image_pool(x, n_v), bb.text_pool(t, batch[\"text\"], n_t)], dim=-1)",
+     "new": "torch.cat([bb.text_pool(t, batch[\"text\"], n_t), bb.image_pool(x, n_v)], dim=-1)"},
+    {"file": "muap.py", "why": "the KL terms are dropped when one of the two lambdas is 0",
+     "old": "    if lambda_t or lambda_v:",
+     "new": "    if lambda_t and lambda_v:"},
+    {"file": "muap.py", "why": "no teachers set up for the alignment stage when one of the two lambdas is 0",
+     "old": "e_align and (args.lambda_t or args.lambda_v)",
+     "new": "e_align and (args.lambda_t and args.lambda_v)"},
+    {"file": "muap.py", "why": "the teacher table computed with the shared backbone in train mode (dropout on)",
+     "old": "    teacher_v.eval()\n",
+     "new": "    teacher_v.train()\n"},
+    {"file": "muap.py", "why": "a training split with repeated sample ids not refused (the table is keyed by id)",
+     "old": "if len(set(ds.ids)) != len(ds):",
+     "new": "if len(ds.ids) != len(ds):"},
+    {"file": "muap.py", "why": "KL(y_t || y) gives the student no gradient (y detached in it)",
+     "old": "lambda_t * kl(out[\"logits_t\"], y, task)",
+     "new": "lambda_t * kl(out[\"logits_t\"], y.detach(), task)"},
+    {"file": "muap.py", "why": "the copied MAP head initialised N(0, 0.01)", "tests": ["tests/test_copies.py"],
+     "old": "nn.init.normal_(m.weight, std=0.02)",
+     "new": "nn.init.normal_(m.weight, std=0.01)"},
+    {"file": "muap.py", "why": "teachers queried in eval mode too (validation samples are not in the table)",
+     "old": "if self.training and self.teachers is not None:",
+     "new": "if self.teachers is not None:"},
+    {"file": "muap.py", "why": "--resume does not read the single-stage snapshots back",
+     "old": "if run.args.resume and os.path.isfile(path):",
+     "new": "if False:"},
 ]
