@@ -12,7 +12,7 @@ from sklearn.metrics import normalized_mutual_info_score
 import aoept
 import common
 from common import cli, finalize_args, load_backbone
-from data import IMAGE_MISSING, TEXT_MISSING, Collate, load_split
+from data import IMAGE_MISSING, TEXT_MISSING, Collate, load_split, vilt_transform
 from tests.fixtures import free_port
 
 FAST = ["--epochs", "1", "--batch-size", "128"]
@@ -107,6 +107,106 @@ MUTATIONS = [
     {"file": "aoept.py", "why": "MAP's AdamW betas (0.9, 0.98) instead of torch's",
      "old": "betas=(0.9, 0.999)",
      "new": "betas=(0.9, 0.98)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MCP attention softmax over the queries instead of the prototypes",
+     "old": "math.sqrt(d)).softmax(-1)",
+     "new": "math.sqrt(d)).softmax(-2)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MCP queries Q_m^l drawn N(0, 1) (official: N(0, 0.02))",
+     "old": "self.Q = nn.Parameter(torch.randn(N, M, D) * 0.02)",
+     "new": "self.Q = nn.Parameter(torch.randn(N, M, D))",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "mlp MCP: the token-wise MLP applied after pooling K -> M instead of before",
+     "old": "zip(self.mlp, self.C)",
+     "new": "zip(self.mlp, self.pool(self.C))",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "instance gate MLP with GELU (official AdaptivePromptGate: ReLU)",
+     "old": "bottleneck(d_in, d_out, r, nn.ReLU())",
+     "new": "bottleneck(d_in, d_out, r, nn.GELU())",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "bottleneck width D_out / r instead of D_in / r",
+     "old": "return nn.Sequential(nn.Linear(d_in, max(1, d_in // r)), act, nn.Linear(max(1, d_in // r), d_out))",
+     "new": "return nn.Sequential(nn.Linear(d_in, max(1, d_out // r)), act, nn.Linear(max(1, d_out // r), d_out))",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "--gate-reduction default 4 (module.py's default; the configs: 16)",
+     "old": "default=16, help=\"r, gate",
+     "new": "default=4, help=\"r, gate",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "CLIP text gate reads the image [CLS] token instead of the mean of the image tokens",
+     "old": "self.gate_t(l, x.mean(1), present[\"image\"])",
+     "new": "self.gate_t(l, x[:, 0], present[\"image\"])",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "CLIP image pooled at the first prompt token instead of [CLS]",
+     "old": "bb.image_pool(x, M)",
+     "new": "bb.image_pool(x, 0)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT text-prompt gate: the image mean includes padded patches",
+     "old": "self.gate_t(l, masked_mean(x[:, L_t:], mask_v), present[\"image\"])",
+     "new": "self.gate_t(l, x[:, L_t:].mean(1), present[\"image\"])",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT L_CR image target z: the mean includes padded patches",
+     "old": "z[\"image\"].append(masked_mean(x[:, M + L_t:], mask_v).detach())",
+     "new": "z[\"image\"].append(x[:, M + L_t:].mean(1).detach())",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT prompt tokens masked out as keys",
+     "old": "mask.new_ones(len(x), M)",
+     "new": "mask.new_zeros(len(x), M)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT pools with the frozen pooler instead of a trained copy",
+     "old": "self.pooler, D = bb.pooler_copy(), bb.width",
+     "new": "self.pooler, D = bb.vilt.pooler, bb.width",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT head with ReLU (official MAP head: GELU)",
+     "old": "nn.LayerNorm(2 * D), nn.GELU()",
+     "new": "nn.LayerNorm(2 * D), nn.ReLU()",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "ViLT complete samples get TCP + ICP instead of their mean",
+     "old": "mix = [[0.5, 0.5],",
+     "new": "mix = [[1.0, 1.0],",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "CR temperature initialised ln(1 / 0.07) (CLIP's) instead of ln 100 (official 4.6052)",
+     "old": "math.log(100.0)",
+     "new": "math.log(1 / 0.07)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "L_CR with the prompts as targets: z @ u^T (columns) instead of u @ z^T",
+     "old": "logits = u @ z.T * logit_scale",
+     "new": "logits = z @ u.T * logit_scale",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "L_CR averaged over all terms, those with fewer than 2 samples included",
+     "old": "/ valid.sum().clamp_min(1)",
+     "new": "/ len(terms)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "--cr-weight default 0.5 (paper / configs: alpha 0.05)",
+     "old": "default=0.05, help=\"alpha",
+     "new": "default=0.5, help=\"alpha",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "main trains with alpha 0.05 whatever --cr-weight says",
+     "old": "make_loss(args.cr_weight, run.task)",
+     "new": "make_loss(0.05, run.task)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "--missing none takes the recipe row of text instead of both",
+     "old": "args.missing if args.missing != \"none\" else \"both\"",
+     "new": "args.missing if args.missing != \"none\" else \"text\"",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "toy data takes the Hateful Memes row instead of Food-101's",
+     "old": "in OFFICIAL else \"food101\"",
+     "new": "in OFFICIAL else \"hatememes\"",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MCP pooling K -> M by max instead of average (init and mlp variants)",
+     "old": "F.adaptive_avg_pool1d(x.transpose(1, 2), self.M)",
+     "new": "F.adaptive_max_pool1d(x.transpose(1, 2), self.M)",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "linear schedule (official: CosineDecayWithWarmup)",
+     "old": "schedule=\"cosine\"",
+     "new": "schedule=\"linear\"",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "no gradient clipping (official: max norm 5)",
+     "old": "clip_grad=5.0",
+     "new": "clip_grad=0.0",
+     "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
+    {"file": "aoept.py", "why": "MCP bank cache key without K: a bank of another K is reused",
+     "old": "\"clusters\": K, ",
+     "new": "",
      "tests": ["tests/test_aoept.py", "tests/test_official_aoept.py"]},
 ]
 
@@ -296,6 +396,41 @@ def test_gate_in_unit_interval_instance_dependent_and_one_when_missing():
     assert torch.equal(g[~present], torch.ones(2, 24))
     assert (g[0] - g[1]).abs().max() > 1e-4                 # different instances, different gates
     assert torch.allclose(g[present], torch.sigmoid(gate.mlp[1](h[present])), atol=1e-6)   # layer 1 MLP
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_gates_head_and_initialisation_follow_the_official_modules(backbone):
+    """Against the official modules written out by hand (AdaptivePromptGate in module.py with the configs'
+    reduction_ratio 16, get_classifier in base_model.py, AOEPT_CLIP_model.py's __init__):
+    gate_l(h) = sigmoid(W2 ReLU(W1 h + b1) + b2) with a hidden width of D_in // 16 (D_in: the gating modality's);
+    ViLT head Linear(D, 2D) -> LayerNorm(2D) -> GELU (erf) -> Linear(2D, C); queries Q_m^l ~ N(0, 0.02);
+    the CR temperature s starts at 4.6052 (ln 100)."""
+    model, _, _ = build(backbone)
+    assert model.gate_t.mlp[0][0].in_features == (model.bb.width_image if backbone == "tiny-clip" else model.bb.width)
+    g = torch.Generator().manual_seed(5)
+    for gate in (model.gate_t, model.gate_v):
+        for l, mlp in enumerate(gate.mlp):
+            W1, b1, W2, b2 = mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias
+            d_in = W1.shape[1]
+            assert W1.shape[0] == d_in // 16 and W2.shape == (b2.shape[0], d_in // 16)
+            h = torch.randn(5, d_in, generator=g) * 3
+            hidden = torch.clamp(h @ W1.T + b1, min=0)                      # ReLU, written out
+            ref = 1 / (1 + torch.exp(-(hidden @ W2.T + b2)))
+            assert torch.allclose(gate(l, h, torch.ones(5, dtype=torch.bool)), ref, atol=1e-6)
+    for mcp in (model.tcp, model.icp):
+        assert abs(float(mcp.Q.detach().std()) - 0.02) < 0.004 and abs(float(mcp.Q.detach().mean())) < 0.004
+    assert float(model.logit_scale.detach()) == pytest.approx(4.6052, abs=1e-4)
+    if backbone == "tiny-vilt":
+        fc1, norm, _, fc2 = model.head
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+        x = torch.randn(7, model.bb.width, generator=g) * 2
+        a = x @ fc1.weight.T + fc1.bias
+        a = (a - a.mean(-1, keepdim=True)) / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        a = a * norm.weight + norm.bias
+        a = 0.5 * a * (1 + torch.erf(a / 2 ** 0.5))
+        assert torch.allclose(model.head(x), a @ fc2.weight.T + fc2.bias, atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -509,6 +644,38 @@ def test_vilt_wiring_replace_then_carry_mix_gate_sources_and_cr_pairs(recipe):
             assert torch.equal(x_in[:, :M], seen["out"]["joint", l - 1][:, :M])
 
 
+def test_vilt_image_means_skip_padded_patches():
+    """Images of two sizes in one batch (ViLT pads the smaller with masked patches): the text-prompt gate's source
+    h_v at layer l and the L_CR image target z_v are, per sample, the plain mean of its own image tokens ([image CLS]
+    and (H / p) * (W / p) patches of its unpadded image, which ViltEmbeddings puts first), computed here with a loop
+    over samples from the recorded block inputs / outputs; the mean over the whole padded slice differs."""
+    model, _, _ = build("tiny-vilt", argv=["--prompt-depth", "2", "--prompt-length", "3"])
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
+    items = [ds[i] for i in range(8)]
+    for it in items[1::2]:                                   # every other image 1.6 x taller: more patches
+        w, h = it["image"].size
+        it["image"] = it["image"].resize((w, int(h * 1.6)))
+    bb, p = model.bb, model.bb.patch
+    sizes = [vilt_transform(it["image"], bb).shape[1:] for it in items]
+    n_img = [1 + (H // p) * (W // p) for H, W in sizes]
+    assert len(set(n_img)) == 2
+    batch = Collate(bb, 40)(items)
+    model.train()
+    seen, handles = record(model)
+    out = model(batch)
+    for h in handles:
+        h.remove()
+    M, L_t = 3, batch["input_ids"].shape[1]
+    for l in range(2):
+        h_v, z_v = seen["gate_t"][l][0], out["cr"][2 + l][1]
+        x_in, x_out = seen["in"]["joint", l][:, M + L_t:], seen["out"]["joint", l][:, M + L_t:]
+        for i, n in enumerate(n_img):
+            assert torch.allclose(h_v[i], x_in[i, :n].mean(0), atol=1e-5), (l, i)
+            assert torch.allclose(z_v[i], x_out[i, :n].mean(0), atol=1e-5), (l, i)
+        short = n_img.index(min(n_img))
+        assert not torch.allclose(h_v[short], x_in[short].mean(0), atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MCP bank cache, CLI outputs, NM2I, toy learning
 # ---------------------------------------------------------------------------------------------------------
@@ -535,6 +702,25 @@ def test_mcp_bank_cached_reused_and_invalidated(tmp_path, monkeypatch, food101_r
     assert third["protocol"]["splits"]["train"]["table_hash"] != first["protocol"]["splits"]["train"]["table_hash"]
     for run in "abc":
         assert (tmp_path / run / "results.json").is_file()
+
+
+def test_mcp_bank_cache_is_keyed_by_K(tmp_path, food101_root, monkeypatch):
+    """A bank cached for K = 4 is not served for K = 3: the second call makes its own token pass and returns
+    (N, 3, D) prototypes; asking for K = 4 again reuses the first."""
+    passes = []
+    original = aoept.collect_tokens
+    monkeypatch.setattr(aoept, "collect_tokens", lambda run, depth: passes.append(1) or original(run, depth))
+    args = finalize_args(aoept.parser().parse_args(
+        ["--dataset", "food101", "--data-root", food101_root, "--backbone", "tiny-vilt", "--rate", "0.3",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]))
+    run = common.setup(args)
+    run.args.micro_batch = 64
+    four = aoept.mcp_bank(run, 2, 4)
+    three = aoept.mcp_bank(run, 2, 3)
+    assert len(passes) == 2 and len(list((tmp_path / "cache").iterdir())) == 2
+    assert all(four[m].shape[:2] == (2, 4) and three[m].shape[:2] == (2, 3) for m in ("text", "image"))
+    again = aoept.mcp_bank(run, 2, 4)
+    assert len(passes) == 2 and all(torch.equal(again[m], four[m]) for m in ("text", "image"))
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -608,6 +794,17 @@ def test_recipe_defaults_and_explicit_flags():
     assert group["weight_decay"] == 1e-4 and len(group["params"]) == 2
     with pytest.raises(SystemExit):
         parse("--prompt-depth", "0")
+    # flags every config shares: loss_alpha 0.05, reduction_ratio 16, CosineDecayWithWarmup (warmup_rate 0.1),
+    # num_epoch 20, train.py's clip_grad_norm_ max_norm 5
+    d = parse()
+    assert (d.cr_weight, d.gate_reduction, d.schedule, d.warmup, d.epochs, d.clip_grad) == (0.05, 16, "cosine", 0.1,
+                                                                                            20, 5.0)
+    # header: --missing none takes the row of both (Hateful Memes CLIP: M 6, lr 5e-3); toy data Food-101's row
+    a = parse("--backbone", "clip", "--dataset", "hatememes", "--missing", "none")
+    assert (a.prompt_length, a.prompt_depth, a.clusters, a.lr) == (6, 4, 128, 5e-3)
+    a = parse("--backbone", "clip", "--missing", "text")                       # AOEPT_CLIP_Food101_text.yaml
+    assert (a.prompt_length, a.prompt_depth, a.clusters, a.lr, a.weight_decay) == (6, 4, 256, 1e-2, 2e-2)
+    assert parse("--backbone", "clip", "--missing", "both").lr == 1e-2         # Hateful Memes both: 5e-3
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -616,8 +813,11 @@ def test_cli_writes_outputs_and_nm2i(tmp_path, backbone, monkeypatch):
     sizes, forward = [], aoept.AOEPT.forward                  # one training forward per step: the global batch
     monkeypatch.setattr(aoept.AOEPT, "forward", lambda self, b: (sizes.append(len(b["missing"])) if self.training
                                                                   else None) or forward(self, b))
+    alphas, make_loss = [], aoept.make_loss                  # --cr-weight reaches the loss main trains with
+    monkeypatch.setattr(aoept, "make_loss", lambda alpha, task: alphas.append(alpha) or make_loss(alpha, task))
     res = cli(aoept.parser(), aoept.main, ["--backbone", backbone, "--nm2i", "--cache-dir", str(tmp_path / "cache"),
-                                           "--out", str(out)] + FAST)
+                                           "--cr-weight", "0.2", "--out", str(out)] + FAST)
+    assert alphas == [0.2]
     for name in ("results.json", "predictions_test.csv", "checkpoint.safetensors"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
