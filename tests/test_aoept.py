@@ -13,7 +13,6 @@ import aoept
 import common
 from common import cli, finalize_args, load_backbone
 from data import IMAGE_MISSING, TEXT_MISSING, Collate, load_split, vilt_transform
-from tests.fixtures import free_port
 
 FAST = ["--epochs", "1", "--batch-size", "128"]
 
@@ -338,12 +337,12 @@ def cr_inputs():
     return torch.randn(16, 5, generator=g), torch.randn(16, 6, generator=g), present, torch.arange(16) % 3
 
 
-def cr_rank(rank, world, port, state, path):
-    """One torchrun-like process: DDP over CRToy, this rank's contiguous quarter of the batch, make_loss, backward."""
+def cr_rank(rank, world, store, state, path):
+    """One torchrun-like process: DDP over CRToy, this rank's contiguous quarter of the batch, make_loss, backward.
+    Rendezvous through a file (no TCP port to collide with)."""
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = CRToy()
     model.load_state_dict(state)
     net = torch.nn.parallel.DistributedDataParallel(model)
@@ -364,7 +363,8 @@ def test_cr_gradient_of_a_global_batch_equals_four_ranks_of_a_quarter(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, z, present, labels = cr_inputs()
     aoept.make_loss(0.5, "multiclass")(model(x, z, present), {"label": labels}).backward()
-    mp.start_processes(cr_rank, args=(4, free_port(), state, str(tmp_path / "g.pt")), nprocs=4, start_method="spawn")
+    mp.start_processes(cr_rank, args=(4, str(tmp_path / "store"), state, str(tmp_path / "g.pt")), nprocs=4,
+                       start_method="spawn")
     grads = torch.load(tmp_path / "g.pt")
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-5), n
