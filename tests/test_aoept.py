@@ -1,7 +1,6 @@
 """AOEPT: K-means against a brute-force Lloyd step, NMI against scikit-learn, L_CR against a brute-force loop and
 its masking, gates, MCP variants, the cached MCP bank, what trains, CLI outputs with NM2I, toy learning."""
 import json
-import os
 
 import numpy as np
 import pytest

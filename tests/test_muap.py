@@ -2,12 +2,10 @@
 freezing of each multi-step stage, the alignment loss against a brute-force KL with teachers rebuilt from their
 files, the teacher logits table, rounds, honest stage/epoch errors, where the fusions put the prompts, and both forwards
 against a per-sample brute force on HF's ViltLayer and open_clip's own modules."""
-import copy
 import csv
 import json
 import math
 import os
-import shutil
 import types
 
 import numpy as np
