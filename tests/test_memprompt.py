@@ -65,17 +65,36 @@ def test_retrieval_matches_brute_force(softmax_over):
     assert ((dense > 0).sum(1) == N).all()
 
 
+def bottleneck_written_out(g, s):
+    """Eq. (7)'s G_m as the official code builds it, element by element: W_2 GELU(W_1 s + b_1) + b_2 with the exact
+    (erf) GELU of nn.GELU(), 0.5 h (1 + erf(h / sqrt 2)). s (P, D_s) -> (P, D_m)."""
+    W1, b1, W2, b2 = (t.tolist() for t in (g[0].weight, g[0].bias, g[2].weight, g[2].bias))
+    out = []
+    for row in s.tolist():
+        h = [sum(w * x for w, x in zip(W1[j], row)) + b1[j] for j in range(len(b1))]
+        h = [0.5 * a * (1 + math.erf(a / math.sqrt(2))) for a in h]
+        out.append([sum(w * a for w, a in zip(W2[k], h)) + b2[k] for k in range(len(b2))])
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def test_shared_prompt_follows_missing_case():
+    """p_s,m = G_m(p_s) (Eq. 7) with p_s chosen per sample by the official code's rule (complete: the SUM of both
+    shared prompts, text missing: p_t, image missing: p_v), against the bottleneck written out with the erf GELU.
+    Bottleneck weights and prompts are drawn large (N(0, 0.5)) so that the GELU's shape matters."""
     torch.manual_seed(0)
-    layer = M.MemPromptLayer(P=3, K=4, N=2, D_t=48, D_v=64)
+    layer = M.MemPromptLayer(P=3, K=4, N=2, D_t=48, D_v=64).double()
+    with torch.no_grad():
+        for p in [layer.shared_missing_t, layer.shared_missing_v, *layer.G_t.parameters(), *layer.G_v.parameters()]:
+            p.normal_(0.0, 0.5)
     missing = torch.tensor([COMPLETE, TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING])
-    s_t, s_v = layer.shared(missing)
+    with torch.no_grad():
+        s_t, s_v = layer.shared(missing)
     assert s_t.shape == (4, 3, 48) and s_v.shape == (4, 3, 64)
-    t, v = layer.shared_missing_t, layer.shared_missing_v
+    t, v = layer.shared_missing_t.detach(), layer.shared_missing_v.detach()
     chosen = {COMPLETE: t + v, TEXT_MISSING: t, IMAGE_MISSING: v}
     for b, m in enumerate(missing.tolist()):
-        assert torch.allclose(s_t[b], layer.G_t(chosen[m]), atol=1e-6)
-        assert torch.allclose(s_v[b], layer.G_v(chosen[m]), atol=1e-6)
+        assert torch.allclose(s_t[b], bottleneck_written_out(layer.G_t, chosen[m]), atol=1e-9)
+        assert torch.allclose(s_v[b], bottleneck_written_out(layer.G_v, chosen[m]), atol=1e-9)
     assert layer.G_t[0].out_features == 64 // 16
 
 
@@ -256,6 +275,22 @@ def test_train_text_missing_test_image_missing(tmp_path):
     assert sum(r["missing"] == "image" for r in rows) == int(128 * 0.7) and len(rows) == 128
 
 
+def test_pad_text_is_the_official_max_length_padding():
+    """--query-pad include's fixed-length text equals what the official loader feeds ViLT: the tokenizer's own
+    padding="max_length" output (PAD on the right, id 0, attention mask 0) for the same texts."""
+    bb = load_vilt("tiny-vilt")
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.5, seed=0)
+    items = [ds[i] for i in range(6)]
+    batch = Collate(bb, 40)(items)
+    assert batch["input_ids"].shape[1] < 40
+    texts = ["" if it["missing"] == TEXT_MISSING else it["text"] for it in items]
+    official = bb.tokenizer(texts, padding="max_length", truncation=True, max_length=40, return_tensors="pt")
+    padded = M.pad_text(batch, 40)
+    assert torch.equal(padded["input_ids"], official["input_ids"])
+    assert torch.equal(padded["text_mask"], official["attention_mask"])
+    assert torch.equal(padded["image"], batch["image"]) and torch.equal(padded["missing"], batch["missing"])
+
+
 def test_copied_head_matches_map():
     import inspect
 
@@ -266,9 +301,10 @@ def test_copied_head_matches_map():
 # ---------------------------------------------------------------------------------------------------------
 # CLIP against a loop over the library's modules; fp32 similarity; ablation flags
 # ---------------------------------------------------------------------------------------------------------
-def clip_reference(model, batch):
+def clip_reference(model, batch, query_pad="exclude"):
     """MemPrompt on CLIP with open_clip's resblocks and pooling: queries over the real tokens of each tower (text:
-    SOT..EOT), [p_s, p_g] prepended per layer, image [CLS] and text EOT pooled behind all prompts."""
+    SOT..EOT; with --query-pad include all 77 text positions, padding too), [p_s, p_g] prepended per layer, image
+    [CLS] and text EOT pooled behind all prompts."""
     clip, m, ids = model.bb.model, batch["missing"], batch["text"]
     x = clip.visual._embeds(batch["image"])
     t = clip.token_embedding(ids) + clip.positional_embedding
@@ -276,7 +312,8 @@ def clip_reference(model, batch):
     n = 0
     for i in range(len(clip.transformer.resblocks)):
         if i < model.depth:
-            f_t = t[:, n:].masked_fill(~real[..., None], float("-inf")).max(1)[0]
+            f_t = t[:, n:].max(1)[0] if query_pad == "include" else \
+                t[:, n:].masked_fill(~real[..., None], float("-inf")).max(1)[0]
             p_t, p_v = model.layers[i](f_t, x[:, n:].max(1)[0], m)
             x, t, n = torch.cat([p_v, x], 1), torch.cat([p_t, t], 1), n + p_t.shape[1]
         x = clip.visual.transformer.resblocks[i](x)
@@ -286,14 +323,19 @@ def clip_reference(model, batch):
     return torch.cat([image, text], -1)
 
 
-@pytest.mark.parametrize("gen,shared", [(2, 2), (1, 3)])
-def test_clip_equals_a_library_loop(gen, shared):
+@pytest.mark.parametrize("gen,shared,query_pad", [(2, 2, "exclude"), (1, 3, "exclude"), (2, 2, "include")])
+def test_clip_equals_a_library_loop(gen, shared, query_pad):
+    """forward_clip equals `clip_reference` (open_clip's own resblocks, _pool, ln_final, projections) for the full
+    model, unequal layer counts and the --query-pad include text query."""
     bb = load_clip("tiny-clip", "")
     torch.manual_seed(0)
-    model = M.MemPrompt(bb, 4, length=2, memory_size=4, top_n=2, depth=4, gen_layers=gen, shared_layers=shared).eval()
+    model = M.MemPrompt(bb, 4, length=2, memory_size=4, top_n=2, depth=4, gen_layers=gen, shared_layers=shared,
+                        query_pad=query_pad).eval()
     batch = toy_batch(bb)
     with torch.no_grad():
-        feature = clip_reference(model, batch)
+        feature = clip_reference(model, batch, query_pad)
+        other = clip_reference(model, batch, {"include": "exclude", "exclude": "include"}[query_pad])
+        assert (other - feature).abs().max() > 1e-4                            # the query rule matters here
         assert (model.forward_clip(batch) - feature).abs().max() <= 1e-5
         # the header's CLIP head: one Linear(2E, C) on [image, text]
         logits = F.linear(feature, model.head.weight, model.head.bias)
@@ -321,6 +363,67 @@ def test_layer_counts_and_bad_values():
     assert not hasattr(model.layers[1], "G_t") and hasattr(model.layers[0], "G_t")
     with pytest.raises(M.DataError, match="--gen-layers"):
         M.resolve_defaults(M.parser().parse_args(["--gen-layers", "-1"]))
+    for argv, counts in ((["--gen-layers", "0"], (6, 0, 6)), (["--shared-layers", "0"], (6, 6, 0)),
+                         (["--prompt-depth", "0"], (0, 0, 0))):                  # Table 2's rows, the baseline
+        args = M.resolve_defaults(M.parser().parse_args(argv))
+        assert (args.prompt_depth, args.gen_layers, args.shared_layers) == counts, argv
+
+
+class Built(Exception):
+    """Raised by a stand-in for common.fit: main's model and loss, before any training."""
+
+
+def test_cli_flags_reach_the_model_and_the_task_loss(tmp_path, monkeypatch):
+    """main() on tiny-vilt and toy-multilabel, stopped at fit: (a) the trainable set is exactly the parts the header
+    names for --gen-layers 1 --shared-layers 3 (memories in layer 0 only, shared prompts and bottlenecks in layers
+    0-2, the trained pooler copy, MAP's head), counted from the sizes; (b) the model's logits equal the official
+    forward ported in tests/test_official_memprompt.py for those layer lists and --query-pad include (text padded to
+    --max-text-len); (c) --softmax-over all gives Eq. 5-6 as written, by a loop; (d) the loss main trains with is
+    Eq. 3's task loss of multi-label data, binary cross-entropy averaged over samples and classes by a loop."""
+    from tests.test_official_map import close
+    from tests.test_official_memprompt import official_infer
+
+    def stop(run, model, loss_fn, **kw):
+        raise Built(run, model, loss_fn)
+    monkeypatch.setattr(M, "fit", stop)
+
+    def built(*flags):
+        argv = ["--dataset", "toy-multilabel", "--backbone", "tiny-vilt", "--prompt-length", "2", "--memory-size",
+                "6", "--top-n", "3", *flags, "--out", str(tmp_path / "-".join(flags))]
+        with pytest.raises(Built) as stopped:
+            cli(M.parser(), M.main, argv)
+        return stopped.value.args
+
+    run, model, loss_fn = built("--gen-layers", "1", "--shared-layers", "3", "--query-pad", "include")
+    D, P, K, C, r = run.bb.width, 2, 6, 4, run.bb.width // 16
+    memories, shared = 2 * (K * P * D + K * D), 2 * P * D + 2 * (D * r + r + r * D + D)
+    pooler, head = D * D + D, (D * 2 * D + 2 * D) + 2 * (2 * D) + (2 * D * C + C)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == memories + 3 * shared + pooler + head
+    assert sum(v for n, v in trainable.items() if n.startswith("pooler.")) == pooler
+    batch = run.collate([run.train_set[i] for i in range(8)])
+    assert batch["input_ids"].shape[1] < run.args.max_text_len and (batch["text_mask"] == 0).any()
+    model.eval()
+    with torch.no_grad():
+        theirs = model.head(official_infer(model, M.pad_text(batch, run.args.max_text_len), [0], [0, 1, 2]))
+        out = model(batch)
+        assert close(out["logits"], theirs)
+        z, y = out["logits"].double(), batch["label"].double()
+        terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
+                 for b in range(z.shape[0]) for c in range(z.shape[1])]
+        assert float(loss_fn(out, batch)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+
+    _, model, _ = built("--softmax-over", "all")
+    mem = model.layers[0].mem_t
+    f = torch.randn(3, mem.q.shape[1])
+    with torch.no_grad():
+        idx, w = mem.weights(f)
+        for b in range(3):
+            cos = [float(F.cosine_similarity(f[b], mem.q[k], dim=0)) for k in range(K)]
+            z = sum(math.exp(c) for c in cos)                                     # softmax over all K ...
+            top = sorted(range(K), key=lambda k: -cos[k])[:3]                     # ... then the N largest kept
+            assert sorted(idx[b].tolist()) == sorted(top)
+            assert np.allclose(w[b].tolist(), [math.exp(cos[k]) / z for k in idx[b].tolist()], atol=1e-6)
 
 
 MUTATIONS = [
@@ -398,4 +501,98 @@ MUTATIONS = [
      "why": "memory init not the code's kaiming", "tests": ["tests/test_official_memprompt.py"]},
     {"file": "memprompt.py", "old": "text.append(self.mem_t(f_t))", "new": "text.append(self.mem_t(f_t.detach()))",
      "why": "no gradient through the text query", "tests": ["tests/test_official_memprompt.py"]},
+    # --- second round: mechanisms the list above did not cover ---
+    {"file": "memprompt.py", "old": "F.normalize(f, dim=-1)", "new": "F.normalize(f, dim=0)",
+     "why": "Eq. 5 query normalised over the batch axis, not over its features",
+     "tests": ["tests/test_memprompt.py::test_retrieval_matches_brute_force"]},
+    {"file": "memprompt.py", "old": "F.normalize(q, dim=-1)", "new": "F.normalize(q, dim=0)",
+     "why": "Eq. 5 keys normalised over the K entries, not over their features",
+     "tests": ["tests/test_memprompt.py::test_retrieval_matches_brute_force"]},
+    {"file": "memprompt.py", "old": "return idx, top.softmax(dim=1)", "new": "return idx, top.softmax(dim=0)",
+     "why": "Eq. 5 softmax over the batch instead of over the N retrieved entries",
+     "tests": ["tests/test_memprompt.py::test_retrieval_matches_brute_force"]},
+    {"file": "memprompt.py", "old": "cos.softmax(dim=1).gather(1, idx)",
+     "new": "F.normalize(cos.softmax(dim=1).gather(1, idx), p=1, dim=1)",
+     "why": "--softmax-over all renormalises the kept weights (the header says it does not)",
+     "tests": ["tests/test_memprompt.py::test_retrieval_matches_brute_force"]},
+    {"file": "memprompt.py", "old": "self.p[idx]).sum(dim=1)", "new": "self.p[idx.flip(1)]).sum(dim=1)",
+     "why": "Eq. 6 pairs each weight w_k with another entry's prompt",
+     "tests": ["tests/test_memprompt.py::test_retrieval_matches_brute_force"]},
+    {"file": "memprompt.py", "old": "return idx, top.softmax(dim=1)", "new": "return idx, top.softmax(dim=1).detach()",
+     "why": "no gradient through the retrieval weights (keys q_k never train)",
+     "tests": ["tests/test_official_memprompt.py::test_include_equals_official_forward"]},
+    {"file": "memprompt.py", "old": "self.p[idx]).sum(dim=1)", "new": "self.p.detach()[idx]).sum(dim=1)",
+     "why": "the memory prompts p_k get no gradient",
+     "tests": ["tests/test_official_memprompt.py::test_include_equals_official_forward"]},
+    {"file": "memprompt.py", "old": "p_s = torch.stack([self.shared_missing_t + self.shared_missing_v,",
+     "new": "p_s = torch.stack([(self.shared_missing_t + self.shared_missing_v) / 2,",
+     "why": "a complete sample's shared prompt is the mean of both, not the code's sum",
+     "tests": ["tests/test_memprompt.py::test_shared_prompt_follows_missing_case"]},
+    {"file": "memprompt.py", "old": "text.append(p_s_t)\n            image.append(p_s_v)",
+     "new": "text.append(p_s_v)\n            image.append(p_s_t)",
+     "why": "G_t's output goes to the image side and G_v's to the text side",
+     "tests": ["tests/test_memprompt.py::test_vilt_forward_builds_eq2_sequence",
+               "tests/test_official_memprompt.py::test_include_equals_official_forward"]},
+    {"file": "memprompt.py", "old": "nn.GELU(), nn.Linear(d_in // 16, d_out)",
+     "new": "nn.GELU(approximate=\"tanh\"), nn.Linear(d_in // 16, d_out)",
+     "why": "bottleneck G_m with the tanh GELU instead of the code's exact (erf) GELU",
+     "tests": ["tests/test_memprompt.py::test_shared_prompt_follows_missing_case"]},
+    {"file": "memprompt.py", "old": "p_s_t, p_s_v = self.shared(missing)",
+     "new": "p_s_t, p_s_v = (p.detach() for p in self.shared(missing))",
+     "why": "shared prompts and bottlenecks get no gradient",
+     "tests": ["tests/test_official_memprompt.py::test_include_equals_official_forward"]},
+    {"file": "memprompt.py", "old": "return torch.cat(text, dim=1), torch.cat(image, dim=1)",
+     "new": "return torch.cat(text[::-1], dim=1), torch.cat(image, dim=1)",
+     "why": "text-side prompts in the order [p_g,t, p_s,t] (Eq. 2: p_s first); CLIP's causal text sees it",
+     "tests": ["tests/test_memprompt.py::test_vilt_forward_builds_eq2_sequence"]},
+    {"file": "memprompt.py", "old": "mask = torch.cat([ones_t, ones_v, mask], dim=1)",
+     "new": "mask = torch.cat([mask, ones_t, ones_v], dim=1)",
+     "why": "pre-append: the key mask no longer lines up with the tokens (PAD seen, prompts masked)",
+     "tests": ["tests/test_memprompt.py::test_insert_prompts_order",
+               "tests/test_official_memprompt.py::test_exclude_equals_official_forward_with_real_token_queries"]},
+    {"file": "memprompt.py", "old": "cut = t0 + L_t ", "new": "cut = L_t ",
+     "why": "distributed: image-side prompts inserted inside the text after the first layer",
+     "tests": ["tests/test_memprompt.py::test_insert_prompts_order",
+               "tests/test_official_memprompt.py::test_include_equals_official_forward"]},
+    {"file": "memprompt.py", "old": "mask[:, :, None] == 0, float(\"-inf\")", "new": "mask[:, :, None] == 0, 0.0",
+     "why": "masked max-pool fills PAD with 0, not -inf (a PAD 0 beats negative real maxima)",
+     "tests": ["tests/test_memprompt.py::test_clip_equals_a_library_loop",
+               "tests/test_official_memprompt.py::test_exclude_equals_official_forward_with_real_token_queries"]},
+    {"file": "memprompt.py", "old": "\"input_ids\": F.pad(ids, (0, extra)), \"text_mask\": F.pad(mask, (0, extra))",
+     "new": "\"input_ids\": F.pad(ids, (extra, 0)), \"text_mask\": F.pad(mask, (extra, 0))",
+     "why": "--query-pad include pads the text on the left (the [CLS] moves off index 0)",
+     "tests": ["tests/test_memprompt.py::test_pad_text_is_the_official_max_length_padding"]},
+    {"file": "memprompt.py", "old": "F.pad(mask, (0, extra))", "new": "F.pad(mask, (0, extra), value=1)",
+     "why": "--query-pad include marks the added PAD as real keys",
+     "tests": ["tests/test_memprompt.py::test_pad_text_is_the_official_max_length_padding"]},
+    {"file": "memprompt.py", "old": "f_t = query(t[:, -L_t:], text_mask, self.query_pad)",
+     "new": "f_t = query(t[:, -L_t:], text_mask, \"exclude\")",
+     "why": "CLIP: --query-pad include ignored (text query never pools the padding)",
+     "tests": ["tests/test_memprompt.py::test_clip_equals_a_library_loop"]},
+    {"file": "memprompt.py", "old": "self.pooler = bb.pooler_copy()", "new": "self.pooler = bb.vilt.pooler",
+     "why": "ViLT pooler left frozen instead of the code's trained copy",
+     "tests": ["tests/test_memprompt.py::test_cli_flags_reach_the_model_and_the_task_loss"]},
+    {"file": "memprompt.py", "old": "self.depth = max(self.gen_layers, self.shared_layers)",
+     "new": "self.depth = min(self.gen_layers, self.shared_layers)",
+     "why": "unequal layer counts (Fig. 3c) prompt only the shorter range",
+     "tests": ["tests/test_official_memprompt.py::test_include_equals_official_forward"]},
+    {"file": "memprompt.py",
+     "old": "for i in range(bb.num_layers):\n            if i < self.depth:\n                f_t = query(x[:, t0",
+     "new": "for i in range(self.depth):\n            if i < self.depth:\n                f_t = query(x[:, t0",
+     "why": "ViLT: the frozen blocks after the prompted ones are skipped",
+     "tests": ["tests/test_official_memprompt.py::test_include_equals_official_forward"]},
+    {"file": "memprompt.py", "old": "args.query_pad, args.gen_layers, args.shared_layers",
+     "new": "args.query_pad, args.shared_layers, args.gen_layers",
+     "why": "the CLI's --gen-layers and --shared-layers swapped on the way to the model",
+     "tests": ["tests/test_memprompt.py::test_cli_flags_reach_the_model_and_the_task_loss"]},
+    {"file": "memprompt.py", "old": "args.placement, args.softmax_over, args.query_pad",
+     "new": "args.placement, \"selected\", args.query_pad", "why": "the CLI's --softmax-over never reaches the model",
+     "tests": ["tests/test_memprompt.py::test_cli_flags_reach_the_model_and_the_task_loss"]},
+    {"file": "memprompt.py", "old": "if getattr(args, flag) < 0:", "new": "if getattr(args, flag) <= 0:",
+     "why": "--gen-layers 0 / --shared-layers 0 (Table 2's ablations) refused",
+     "tests": ["tests/test_memprompt.py::test_layer_counts_and_bad_values"]},
+    {"file": "memprompt.py", "old": "task_loss(out[\"logits\"], batch[\"label\"], run.task)",
+     "new": "task_loss(out[\"logits\"], batch[\"label\"], \"multiclass\")",
+     "why": "Eq. 3 with softmax cross-entropy whatever the task (MM-IMDb is multi-label BCE)",
+     "tests": ["tests/test_memprompt.py::test_cli_flags_reach_the_model_and_the_task_loss"]},
 ]
