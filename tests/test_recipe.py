@@ -403,8 +403,8 @@ def test_micro_batches_accumulate_to_the_big_batch_step(tmp_path):
     whole, loss_whole = one_sgd_step(tmp_path / "a", 30)
     parts, loss_parts = one_sgd_step(tmp_path / "b", 8)
     assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
-    for a, b in zip(whole, parts):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    for a, b in zip(whole, parts):                              # float32 sums in another order: relative to scale
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
 
 
 def test_clip_grad_bounds_the_gradient_norm(tmp_path):
@@ -416,7 +416,7 @@ def test_clip_grad_bounds_the_gradient_norm(tmp_path):
     clipped, _ = one_sgd_step(tmp_path / "b", 30, clip=c)
     assert float(torch.sqrt(sum((g ** 2).sum() for g in clipped))) == pytest.approx(c, rel=1e-4)
     for a, b in zip(raw, clipped):
-        assert torch.allclose(a / 4, b, atol=1e-5, rtol=1e-3)
+        assert (a / 4 - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
