@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import map as map_method
-from common import load_vilt, task_loss
+from common import load_clip, load_vilt, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 
 TOL = 1e-5                              # on max |a - b| / max(1, max |b|): fp32 rounding of logits ~10 is ~1e-6
@@ -185,6 +185,18 @@ def test_model_uses_the_official_initialisation(tiny):
         ref = official_init(4, 16, bb.width, prompt_type)                   # depth clamped to tiny-vilt's 4 layers
         assert torch.equal(model.prompts.prompts[TEXT_MISSING], ref["missing_text"])
         assert torch.equal(model.prompts.prompts[COMPLETE], ref["complete"])
+
+
+def test_clip_towers_use_the_official_initialisation():
+    """The header's CLIP adaptation: one prompt set per tower and case, each initialised as the official ViLT prompts
+    (`official_init`, with each tower's own width), for both prompt types; the depth clamped to tiny-clip's 4 layers."""
+    bb = load_clip("tiny-clip", "")
+    for prompt_type in ("input", "attention"):
+        model = map_method.MAP(bb, 4, prompt_type, length=6, depth=6)
+        for prompts, width in ((model.image_prompts, bb.width_image), (model.text_prompts, bb.width_text)):
+            ref = official_init(4, 6, width, prompt_type)
+            for case, name in ((COMPLETE, "complete"), (TEXT_MISSING, "missing_text"), (IMAGE_MISSING, "missing_img")):
+                assert torch.equal(prompts.prompts[case], ref[name]), (prompt_type, width, name)
 
 
 def test_head_is_the_official_classifier():
