@@ -4,14 +4,41 @@ Each writer fills `root` and returns it as a string. Counts are small so tests s
 """
 import csv
 import json
+import math
 import os
 import random
 import socket
 
+import torch
 from PIL import Image
 
 WORDS = ["tasty", "fresh", "recipe", "home", "easy", "best", "quick", "classic", "spicy", "sweet",
          "movie", "story", "family", "night", "city", "love", "war", "dark", "funny", "old"]
+
+
+class Built(Exception):
+    """Raised by `built_by_main`'s stand-in for fit: main's run, model and loss, before any training."""
+
+
+def built_by_main(module, argv, monkeypatch):
+    """Run module.main through common.cli up to fit (patched on the module) -> (run, model, loss_fn)."""
+    import pytest
+    from common import cli
+
+    def stop(run, model, loss_fn, **kw):
+        raise Built(run, model, loss_fn)
+    monkeypatch.setattr(module, "fit", stop)
+    with pytest.raises(Built) as stopped:
+        cli(module.parser(), module.main, argv)
+    return stopped.value.args
+
+
+def bce_by_a_loop(logits, labels):
+    """Binary cross-entropy averaged over samples and classes, one term at a time (the multi-label task loss)."""
+    z, y = logits.double(), labels.double()
+    terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
+             for b in range(z.shape[0]) for c in range(z.shape[1])]
+    return float(sum(terms) / len(terms))
 
 
 def free_port():

@@ -1,7 +1,6 @@
 """MAP: outputs of a short CLI run, what trains and what stays frozen, per-case prompt routing, toy learning, CLIP
 oracles, --nm2i's pooled prompts, main() up to fit, PAPER_NUMBERS against the source table."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 import map as map_method
 from common import cli, finalize_args, load_backbone, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
+from tests.fixtures import bce_by_a_loop, built_by_main
 
 FAST = ["--epochs", "1", "--batch-size", "256", "--micro-batch", "128"]
 
@@ -249,23 +249,14 @@ def test_nm2i_prompt_means_are_each_samples_own_case_prompt_per_layer(prompt_typ
                 assert torch.allclose(means[tower][b, l], total / 4, atol=1e-6), (tower, b, l)
 
 
-class Built(Exception):
-    """Raised by a stand-in for common.fit: main's model and loss, before any training."""
-
-
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
 def test_main_builds_the_flags_model_and_trains_with_the_task_loss(tmp_path, monkeypatch, backbone):
     """main() on toy-multilabel up to fit: the model is the --prompt-type / --prompt-length / --prompt-depth one
     (prompt tensors (3, N, P, D) with the official one-hot rows of the attention type: r and P/2 + r, those < P),
     and the loss it trains with is binary cross-entropy over samples and classes, by a loop (MM-IMDb's task loss)."""
-    def stop(run, model, loss_fn, **kw):
-        raise Built(run, model, loss_fn)
-    monkeypatch.setattr(map_method, "fit", stop)
-    with pytest.raises(Built) as built:
-        cli(map_method.parser(), map_method.main, ["--dataset", "toy-multilabel", "--backbone", backbone,
-                                                   "--prompt-type", "attention", "--prompt-length", "4",
-                                                   "--prompt-depth", "3", "--out", str(tmp_path / "run")])
-    run, model, loss_fn = built.value.args
+    run, model, loss_fn = built_by_main(map_method, ["--dataset", "toy-multilabel", "--backbone", backbone,
+                                                     "--prompt-type", "attention", "--prompt-length", "4",
+                                                     "--prompt-depth", "3", "--out", str(tmp_path / "run")], monkeypatch)
     towers = [model.prompts] if backbone == "tiny-vilt" else [model.image_prompts, model.text_prompts]
     for prompts in towers:
         init = prompts.prompts                                   # (3 cases, N, P, D), untrained
@@ -278,11 +269,9 @@ def test_main_builds_the_flags_model_and_trains_with_the_task_loss(tmp_path, mon
     model.eval()
     with torch.no_grad():
         out = model(batch)
-        z, y = out["logits"].double(), batch["label"].double()
-        assert z.shape == (6, 4) and ((y == 0) | (y == 1)).all()
-        terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
-                 for b in range(z.shape[0]) for c in range(z.shape[1])]
-        assert float(loss_fn(out, batch)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+        y = batch["label"]
+        assert out["logits"].shape == (6, 4) and ((y == 0) | (y == 1)).all()
+        assert float(loss_fn(out, batch)) == pytest.approx(bce_by_a_loop(out["logits"], y), rel=1e-5)
 
 
 def test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell():

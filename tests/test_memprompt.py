@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import memprompt as M
 from common import cli, finalize_args, finish, fit, load_clip, load_vilt, setup, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
+from tests.fixtures import bce_by_a_loop, built_by_main
 
 FAST = ["--batch-size", "32", "--micro-batch", "32", "--prompt-length", "2"]
 
@@ -369,10 +370,6 @@ def test_layer_counts_and_bad_values():
         assert (args.prompt_depth, args.gen_layers, args.shared_layers) == counts, argv
 
 
-class Built(Exception):
-    """Raised by a stand-in for common.fit: main's model and loss, before any training."""
-
-
 def test_cli_flags_reach_the_model_and_the_task_loss(tmp_path, monkeypatch):
     """main() on tiny-vilt and toy-multilabel, stopped at fit: (a) the trainable set is exactly the parts the header
     names for --gen-layers 1 --shared-layers 3 (memories in layer 0 only, shared prompts and bottlenecks in layers
@@ -383,16 +380,10 @@ def test_cli_flags_reach_the_model_and_the_task_loss(tmp_path, monkeypatch):
     from tests.test_official_map import close
     from tests.test_official_memprompt import official_infer
 
-    def stop(run, model, loss_fn, **kw):
-        raise Built(run, model, loss_fn)
-    monkeypatch.setattr(M, "fit", stop)
-
     def built(*flags):
         argv = ["--dataset", "toy-multilabel", "--backbone", "tiny-vilt", "--prompt-length", "2", "--memory-size",
                 "6", "--top-n", "3", *flags, "--out", str(tmp_path / "-".join(flags))]
-        with pytest.raises(Built) as stopped:
-            cli(M.parser(), M.main, argv)
-        return stopped.value.args
+        return built_by_main(M, argv, monkeypatch)
 
     run, model, loss_fn = built("--gen-layers", "1", "--shared-layers", "3", "--query-pad", "include")
     D, P, K, C, r = run.bb.width, 2, 6, 4, run.bb.width // 16
@@ -408,10 +399,7 @@ def test_cli_flags_reach_the_model_and_the_task_loss(tmp_path, monkeypatch):
         theirs = model.head(official_infer(model, M.pad_text(batch, run.args.max_text_len), [0], [0, 1, 2]))
         out = model(batch)
         assert close(out["logits"], theirs)
-        z, y = out["logits"].double(), batch["label"].double()
-        terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
-                 for b in range(z.shape[0]) for c in range(z.shape[1])]
-        assert float(loss_fn(out, batch)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+        assert float(loss_fn(out, batch)) == pytest.approx(bce_by_a_loop(out["logits"], batch["label"]), rel=1e-5)
 
     _, model, _ = built("--softmax-over", "all")
     mem = model.layers[0].mem_t

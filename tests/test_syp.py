@@ -6,7 +6,6 @@ of the tokens that left layer i-1 (recorded on the library's blocks), the head's
 classifier-only row equal to a head on the frozen features, and the standard outputs of the CLI."""
 import inspect
 import json
-import math
 import os
 
 import numpy as np
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 import syp
 from common import check_frozen, cli, load_clip, load_vilt, modality_tokens, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
+from tests.fixtures import bce_by_a_loop, built_by_main
 
 FAST = ["--batch-size", "32", "--micro-batch", "32", "--prompt-length", "4"]
 VARIANTS = {"full": {}, "dynamic-only": {"static": False}, "static-only": {"dynamic": False},
@@ -628,24 +628,16 @@ def test_cli_writes_outputs_and_checkpoint_holds_only_syp(tmp_path, kind):
     assert results["trainable_params"] == sum(expected_params(model.bb, 4, C=4).values())
 
 
-class Built(Exception):
-    """Raised by a stand-in for common.fit: main's model and loss, before any training."""
-
-
 def test_cli_flags_build_their_row_and_the_task_loss(tmp_path, monkeypatch):
     """main() on toy-multilabel up to fit: each flag set builds exactly the parameters of its Table 3/4 row and
     --reduction r (counted from the sizes by `expected_params`), and the loss main trains with is (E8)'s task loss
     of MM-IMDb-like multi-label data, binary cross-entropy averaged over samples and classes by a loop."""
-    def stop(run, model, loss_fn, **kw):
-        raise Built(run, model, loss_fn)
-    monkeypatch.setattr(syp, "fit", stop)
     rows = {("--no-static", "--reduction", "8"): dict(static=False, r=8), ("--no-dynamic",): dict(dynamic=False),
             ("--no-adapter",): dict(adapter=False)}
     for flags, kw in rows.items():
-        with pytest.raises(Built) as built:
-            cli(syp.parser(), syp.main, ["--dataset", "toy-multilabel", "--backbone", "tiny-clip", "--prompt-length",
-                                         "4", *flags, "--out", str(tmp_path / "-".join(flags))])
-        run, model, loss_fn = built.value.args
+        run, model, loss_fn = built_by_main(syp, ["--dataset", "toy-multilabel", "--backbone", "tiny-clip",
+                                                  "--prompt-length", "4", *flags, "--out", str(tmp_path / "-".join(flags))],
+                                            monkeypatch)
         count = expected_params(run.bb, 4, C=4, **kw)
         groups = {}
         for name, p in model.named_parameters():
@@ -656,10 +648,7 @@ def test_cli_flags_build_their_row_and_the_task_loss(tmp_path, monkeypatch):
     batch = run.collate([run.train_set[i] for i in range(6)])
     with torch.no_grad():
         out = model(batch)
-        z, y = out["logits"].double(), batch["label"].double()
-        terms = [-(y[b, c] * math.log(torch.sigmoid(z[b, c])) + (1 - y[b, c]) * math.log(1 - torch.sigmoid(z[b, c])))
-                 for b in range(z.shape[0]) for c in range(z.shape[1])]
-        assert float(loss_fn(out, batch)) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+        assert float(loss_fn(out, batch)) == pytest.approx(bce_by_a_loop(out["logits"], batch["label"]), rel=1e-5)
 
 
 def test_paper_numbers_are_the_papers_tables():
