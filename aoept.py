@@ -60,8 +60,6 @@ forward; loss (CR, L) and run; the numbers to compare with.
 
 Usage: python aoept.py --dataset food101 --missing text --rate 0.7 [--backbone vilt] [--recipe paper] [--nm2i]
 """
-import hashlib
-import json
 import math
 import os
 import sys
@@ -72,8 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (CLIP_B16, autocast, build_parser, cli, clip_text_mask, finish, fit, gather_rows, kmeans,
-                    masked_mean, modality_tokens, paper_table, read_checkpoint, save_tensors, setup, task_loss)
+from common import (CLIP_B16, autocast, build_parser, cached_tensors, cli, clip_text_mask, finish, fit, gather_rows,
+                    kmeans, masked_mean, modality_tokens, paper_table, setup, task_loss)
 from data import IMAGE_MISSING, TEXT_MISSING, DataError, make_loader, rank_batches, to_device
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,27 +170,22 @@ def mcp_bank(run, depth, K):
     key = {"backbone": run.bb.info, "dataset": args.dataset, "root": os.path.abspath(args.data_root), "split": "train",
            "size": len(ds), "table_hash": ds.table_hash, "depth": depth, "clusters": K, "seed": args.seed,
            "precision": precision}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(args.cache_dir, f"aoept-mcp-{digest}.safetensors")
-    if os.path.isfile(path):
-        tensors, meta = read_checkpoint(path)
-        if meta.get("key") == key:
-            run.log(f"MCP bank: reusing {path}")
-            return {m: v.to(run.device) for m, v in tensors.items()}
-    bank = {}
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):   # loaders draw seeds
-        tokens = collect_tokens(run, depth)
-    for m, X in tokens.items():
-        if len(X) == 0:
-            raise DataError(f"MCP bank: no training sample has its {m}; lower --rate or change --missing")
-        k = min(K, len(X))
-        if k < K:
-            run.log(f"MCP bank: only {len(X)} training samples have their {m}: K clamped from {K} to {k}")
-        X = X.to(run.device)
-        bank[m] = torch.stack([kmeans(X[:, l], k, args.seed)[0] for l in range(depth)])  # (MCP) (N, K, D)
-    if run.main:
-        save_tensors(path, bank, {"key": key})
-    return bank
+
+    def build():
+        bank = {}
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):   # loaders draw seeds
+            tokens = collect_tokens(run, depth)
+        for m, X in tokens.items():
+            if len(X) == 0:
+                raise DataError(f"MCP bank: no training sample has its {m}; lower --rate or change --missing")
+            k = min(K, len(X))
+            if k < K:
+                run.log(f"MCP bank: only {len(X)} training samples have their {m}: K clamped from {K} to {k}")
+            X = X.to(run.device)
+            bank[m] = torch.stack([kmeans(X[:, l], k, args.seed)[0] for l in range(depth)])  # (MCP) (N, K, D)
+        return bank
+    bank, _, _ = cached_tensors(run, "aoept-mcp", key, build)
+    return {m: v.to(run.device) for m, v in bank.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import hashlib
 import importlib
 import json
 import math
@@ -536,6 +537,25 @@ def read_checkpoint(path):
     with safe_open(path, "pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     return load_file(path), meta
+
+
+def cached_tensors(run, name, key, build):
+    """A frozen pass's per-sample tensors, stored like a build artefact: <--cache-dir>/<name>-<digest of key>.safetensors
+    is reused while the key stored in it equals `key` (a dict of everything the tensors depend on); otherwise
+    build() -> {name: tensor} runs and rank 0 writes the file. Returns (tensors, path, hit). AOEPT's MCP bank and
+    PROMISE's feature cache use it."""
+    key = json.loads(json.dumps(key))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(run.args.cache_dir, f"{name}-{digest}.safetensors")
+    if os.path.isfile(path):
+        tensors, meta = read_checkpoint(path)
+        if meta.get("key") == key:
+            run.log(f"{name}: reusing {path}")
+            return tensors, path, True
+    tensors = build()
+    if run.main:
+        save_tensors(path, tensors, {"key": key})
+    return tensors, path, False
 
 
 def checkpoint_meta(run):

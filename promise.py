@@ -76,8 +76,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (CLIP_L14, autocast, build_parser, cli, finish, fit, gather_rows, paper_table, read_checkpoint,
-                    save_tensors, setup, task_loss)
+from common import (CLIP_L14, autocast, build_parser, cached_tensors, cli, finish, fit, gather_rows, paper_table,
+                    setup, task_loss)
 from data import IMAGE_MISSING, TEXT_MISSING, DataError, image_cache_key, rank_batches, to_device
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,31 +440,30 @@ def cache_key(run, args, ds, split, views):
 
 
 def cached_split(run, args, ds, split, views):
-    """Encode `ds` once (original + `views` augmented views) to a file keyed like a build artefact (`cache_key`);
-    reuse it while the key is unchanged."""
-    key = cache_key(run, args, ds, split, views)
-    path = os.path.join(args.cache_dir, f"promise-{args.dataset}-{split}-{digest(key)}.safetensors")
-    if os.path.isfile(path):
-        tensors, meta = read_checkpoint(path)
-        if meta.get("key") == key:
-            run.log(f"{split} features: reusing {path}")
-            return CachedSet(ds, tensors), {"path": path, "hit": True, "build_s": 0.0}
-    t0, parts, dtype = time.time(), {}, feature_dtype(run)
-    mine = rank_batches(run, len(ds))                                  # under torchrun each rank encodes its share
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=args.num_workers,
-                                         collate_fn=partial(run.collate.all_views, views))
-    for batches in tqdm(loader, desc=f"caching {split} features", disable=not run.main):
-        with autocast(run):
-            feats = [unimodal_features(run.bb, to_device(b, run.device)) for b in batches]
-        for k, m in enumerate(MODALITIES):
-            parts.setdefault(f"feat_{m}", []).append(feats[0][k].to(dtype).cpu())
-            if views:
-                parts.setdefault(f"feat_{m}_a", []).append(torch.stack([f[k] for f in feats[1:]], 1).to(dtype).cpu())
-    tensors = gather_rows(run, mine, {k: torch.cat(v) for k, v in parts.items()})
-    if run.main:
-        save_tensors(path, tensors, {"key": key})
-    run.log(f"{split} features: cached to {path} in {time.time() - t0:.1f}s")
-    return CachedSet(ds, tensors), {"path": path, "hit": False, "build_s": time.time() - t0}
+    """Encode `ds` once (original + `views` augmented views) to a file keyed like a build artefact (`cache_key`,
+    common.cached_tensors); reuse it while the key is unchanged."""
+    t0, dtype = time.time(), feature_dtype(run)
+
+    def build():
+        parts = {}
+        mine = rank_batches(run, len(ds))                              # under torchrun each rank encodes its share
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=mine, num_workers=args.num_workers,
+                                             collate_fn=partial(run.collate.all_views, views))
+        for batches in tqdm(loader, desc=f"caching {split} features", disable=not run.main):
+            with autocast(run):
+                feats = [unimodal_features(run.bb, to_device(b, run.device)) for b in batches]
+            for k, m in enumerate(MODALITIES):
+                parts.setdefault(f"feat_{m}", []).append(feats[0][k].to(dtype).cpu())
+                if views:
+                    parts.setdefault(f"feat_{m}_a", []).append(
+                        torch.stack([f[k] for f in feats[1:]], 1).to(dtype).cpu())
+        return gather_rows(run, mine, {k: torch.cat(v) for k, v in parts.items()})
+    tensors, path, hit = cached_tensors(run, f"promise-{args.dataset}-{split}", cache_key(run, args, ds, split, views),
+                                        build)
+    build_s = 0.0 if hit else time.time() - t0
+    if not hit:
+        run.log(f"{split} features: cached to {path} in {build_s:.1f}s")
+    return CachedSet(ds, tensors), {"path": path, "hit": hit, "build_s": build_s}
 
 
 def main(args):

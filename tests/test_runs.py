@@ -467,8 +467,26 @@ def test_nm2i_equals_a_per_sample_brute_force(tmp_path):
         assert 0 < got[m]["mean"] < 1
 
 
+def test_cached_tensors_reuse_only_a_file_with_the_same_stored_key(tmp_path):
+    """common.cached_tensors (AOEPT's bank, PROMISE's features): the first call builds and writes, the second reuses
+    the file (a tuple in the key reads back as its JSON list), and a file at that path whose stored key differs (a
+    copied or stale file) is rebuilt, never trusted."""
+    from types import SimpleNamespace
+    run = SimpleNamespace(args=SimpleNamespace(cache_dir=str(tmp_path)), main=True, log=lambda *msg: None)
+    key = {"clusters": 4, "shape": (2, 3)}
+    ones, path, hit = common.cached_tensors(run, "bank", key, lambda: {"v": torch.ones(2)})
+    assert not hit and os.path.basename(path).startswith("bank-") and os.path.isfile(path)
+    again, path2, hit = common.cached_tensors(run, "bank", key, lambda: {"v": torch.zeros(2)})
+    assert hit and path2 == path and torch.equal(again["v"], ones["v"])
+    common.save_tensors(path, {"v": torch.full((2,), 5.0)}, {"key": {"clusters": 3}})
+    rebuilt, _, hit = common.cached_tensors(run, "bank", key, lambda: {"v": torch.zeros(2)})
+    assert not hit and torch.equal(rebuilt["v"], torch.zeros(2))
+
+
 # Semantic breaks of common.py's run plumbing these tests must catch (python tests/mutations.py --file common.py).
 MUTATIONS = [
+    {"file": "common.py", "old": "        if meta.get(\"key\") == key:\n            run.log(f\"{name}: reusing {path}\")", "new": "        if True:\n            run.log(f\"{name}: reusing {path}\")", "why": "a cached frozen pass is reused whatever its stored key says", "tests": ["tests/test_runs.py::test_cached_tensors_reuse_only_a_file_with_the_same_stored_key", "tests/test_promise.py::test_cache_key_misses_when_images_rate_seed_or_backbone_change", "tests/test_aoept.py::test_mcp_bank_cached_reused_and_invalidated"]},
+    {"file": "common.py", "old": "    if os.path.isfile(path):\n        tensors, meta = read_checkpoint(path)\n        if meta.get(\"key\")", "new": "    if False:\n        tensors, meta = read_checkpoint(path)\n        if meta.get(\"key\")", "why": "a cached frozen pass is never reused (rebuilt on every run)", "tests": ["tests/test_runs.py::test_cached_tensors_reuse_only_a_file_with_the_same_stored_key", "tests/test_promise.py::test_cache_key_misses_when_images_rate_seed_or_backbone_change", "tests/test_aoept.py::test_mcp_bank_cached_reused_and_invalidated"]},
     {"file": "data.py", "old": "missing_type or args.test_missing, args.test_rate if rate is None else rate", "new": "missing_type or args.test_missing, args.rate if rate is None else rate", "why": "the test split is drawn at the training rate", "tests": ["tests/test_runs.py::test_eval_only_on_another_test_setting_equals_its_grid_row"]},
     {"file": "common.py", "old": "            val = evaluate(run, model, run.val_set)\n            score", "new": "            val = evaluate(run, model, run.test_set)\n            score", "why": "model selection on the test split instead of validation", "tests": ["tests/test_recipe.py::test_fit_keeps_the_best_mid_epoch_check", "tests/test_runs.py::test_resume_after_the_last_epoch_tests_the_best_state"]},
     {"file": "common.py", "old": "    torch.set_rng_state(tensors[\"rng.torch\"])\n", "new": "", "why": "--resume does not restore the random stream (dropout masks drift)", "tests": ["tests/test_recipe.py::test_resume_at_a_mid_epoch_check_equals_the_uninterrupted_run"]},
