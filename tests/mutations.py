@@ -21,6 +21,7 @@ not a pure refactoring) and must not merely crash; the goal is every mutation ki
 
     python tests/mutations.py                   # all
     python tests/mutations.py --file syp.py     # only mutations of syp.py
+    python tests/mutations.py --match "FNCL"    # only mutations whose reason contains the text
     python tests/mutations.py --list            # print them, run nothing
 """
 import argparse
@@ -87,10 +88,11 @@ def run_one(m, files, timeout):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--file", default=None, help="only mutations of this source file (e.g. syp.py)")
+    ap.add_argument("--match", default=None, help="only mutations whose reason contains this text")
     ap.add_argument("--list", action="store_true", help="list the mutations, run nothing")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation")
     args = ap.parse_args(argv)
-    mutations = [m for m in collect() if args.file in (None, m["file"])]
+    mutations = [m for m in collect() if args.file in (None, m["file"]) and (args.match or "") in m["why"]]
     if args.list:
         for m in mutations:
             print(f"{m['file']:14s} {m['why']}  [{', '.join(m['tests'])}]")
