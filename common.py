@@ -299,6 +299,10 @@ def load_vilt(path=VILT_DEFAULT):
                             image_size=32, patch_size=8, max_position_embeddings=40, vocab_size=len(tokenizer), initializer_range=0.1)
         torch.manual_seed(0)                                      # init std 0.1: random features that carry the input
         model = ViltModel(config)
+        with torch.no_grad():                                     # HF leaves these zero: a padded patch would equal
+            for p in model.parameters():                          # the image [CLS]; non-zero, as trained weights are
+                if not p.any():
+                    p.normal_(0.0, config.initializer_range)
     else:
         try:
             model = ViltModel.from_pretrained(path)
