@@ -43,6 +43,7 @@ Precision: the backbones and method modules run under the run's autocast (bf16 o
 contrastive logit is computed in fp32 with autocast off, through `fp32_logits`.
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import copy
@@ -52,6 +53,7 @@ import json
 import math
 import os
 import random
+import socket
 import string
 import sys
 import tempfile
@@ -244,10 +246,10 @@ def tiny_clip_config():
 def _register_tiny_clip():
     import open_clip
     if "tiny-clip" not in open_clip.list_models():
-        folder = tempfile.mkdtemp(prefix="tiny-clip-")
-        with open(os.path.join(folder, "tiny-clip.json"), "w") as f:
-            json.dump(tiny_clip_config(), f)
-        open_clip.add_model_config(folder)
+        with tempfile.TemporaryDirectory(prefix="tiny-clip-") as folder:    # read at once, then removed
+            with open(os.path.join(folder, "tiny-clip.json"), "w") as f:
+                json.dump(tiny_clip_config(), f)
+            open_clip.add_model_config(folder)
 
 
 def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick_gelu="auto"):
@@ -350,21 +352,42 @@ def accuracy(labels, scores):
     return float(np.mean(np.asarray(scores).argmax(1) == np.asarray(labels)))
 
 
-def f1_scores(labels, probs, threshold=0.5):
-    """Multi-label F1 with predictions probs > threshold. Macro averages over every class, and a class with no
-    positives and no predictions scores 0 (scikit-learn's zero_division=0, torchmetrics>=1). Samples: a row
-    with no true and no predicted label scores 0 (as AOEPT and scikit-learn)."""
-    y, p = np.asarray(labels).astype(bool), np.asarray(probs) > threshold
+# Multi-label F1 as each official code computes it (a method's --f1 default names its code's definition):
+#   torchmetrics-0.9  MAP / MemPrompt pin torchmetrics 0.9.3 (vilt/gadgets/my_metrics.py: f1_score on sigmoid
+#                     probabilities): predicted at p >= 0.5; the macro mean leaves out every class with
+#                     tp + fp + fn = 0 (absent from labels and predictions).
+#   torchmetrics-1    AOEPT (torchmetrics >= 1) and scikit-learn's zero_division=0: predicted at p > 0.5; such a
+#                     class counts as 0 in the macro mean.
+# Micro, weighted (by support) and samples (a row with no true and no predicted label scores 0) agree in both.
+F1_DEFINITIONS = ("torchmetrics-0.9", "torchmetrics-1")
+
+
+def f1_scores(labels, probs, definition="torchmetrics-0.9"):
+    """F1 macro / micro / weighted / samples under `definition` (F1_DEFINITIONS)."""
+    if definition not in F1_DEFINITIONS:
+        raise ValueError(f"F1 definition {definition!r}: choose one of {F1_DEFINITIONS}")
+    y, probs = np.asarray(labels).astype(bool), np.asarray(probs)
+    p = probs >= 0.5 if definition == "torchmetrics-0.9" else probs > 0.5
     tp, fp, fn = (y & p).sum(0), (~y & p).sum(0), (y & ~p).sum(0)
-    per_class = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
+    seen = (tp + fp + fn) > 0
+    per_class = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=seen)
+    macro_classes = seen if definition == "torchmetrics-0.9" else np.ones(len(tp), dtype=bool)
     micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
     row_tp, row_den = (y & p).sum(1), y.sum(1) + p.sum(1)
     samples = np.divide(2 * row_tp, row_den, out=np.zeros(len(row_tp)), where=row_den > 0)
     support = y.sum(0)
-    return {"f1_macro": float(per_class.mean()),
+    return {"f1_macro": float(per_class[macro_classes].mean()) if macro_classes.any() else 0.0,
             "f1_micro": float(2 * tp.sum() / micro_den) if micro_den > 0 else 0.0,
             "f1_weighted": float((per_class * support).sum() / support.sum()) if support.sum() > 0 else 0.0,
             "f1_samples": float(samples.mean())}
+
+
+def check_finite(scores):
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise FloatingPointError(f"{int((~np.isfinite(scores)).sum())} non-finite scores: the model diverged (lower "
+                                 f"--lr, or check the inputs); no metric is computed from them")
+    return scores
 
 
 def auroc(labels, scores):
@@ -379,11 +402,15 @@ def auroc(labels, scores):
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def compute_metrics(task, labels, scores):
+def compute_metrics(task, labels, scores, f1="torchmetrics-0.9"):
+    """The task's metrics; multi-label: the four F1s under `f1`, and F1-Macro under every definition
+    (f1_macro_torchmetrics-0.9, f1_macro_torchmetrics-1). Non-finite scores are refused."""
+    scores = check_finite(scores)
     if task == "multiclass":
         return {"accuracy": accuracy(labels, scores)}
     if task == "multilabel":
-        return f1_scores(labels, scores)
+        return {**f1_scores(labels, scores, f1),
+                **{f"f1_macro_{d}": f1_scores(labels, scores, d)["f1_macro"] for d in F1_DEFINITIONS}}
     return {"auroc": auroc(labels, scores), "accuracy": float(np.mean((np.asarray(scores) > 0.5) == np.asarray(labels)))}
 
 
@@ -426,6 +453,10 @@ def build_parser(method, doc, backbone):
     p.add_argument("--hm-test", default="seen", choices=["seen", "unseen"], help="Hateful Memes dev/test split")
     p.add_argument("--mmimdb-plots", default="all", choices=["all", "first"],
                    help="MM-IMDb: one sample per (movie, plot) as MAP's make_arrow, or per movie with its first plot")
+    p.add_argument("--f1", default="torchmetrics-0.9", choices=F1_DEFINITIONS,
+                   help="MM-IMDb F1 definition reported as f1_macro (the other is kept as f1_macro_<definition>): "
+                        "torchmetrics-0.9 = MAP/MemPrompt's code (p >= 0.5, classes never seen left out of the macro "
+                        "mean); torchmetrics-1 = AOEPT's (p > 0.5, such classes count 0)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--val-interval", type=float, default=1.0,
                    help="validate every this fraction of an epoch and at its end (MAP, MemPrompt, MuAP: the official "
@@ -441,6 +472,9 @@ def build_parser(method, doc, backbone):
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"],
                    help="after a linear warm-up")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all optimiser steps")
+    p.add_argument("--warmup-start", default="zero", choices=["zero", "one-step"],
+                   help="warm-up lr factor at optimiser step s of W: zero = s / W (HF's polynomial schedule: MAP, "
+                        "MemPrompt, DCP); one-step = (s + 1) / W (AOEPT's WarmUpStepLR)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max grad norm; 0 = off")
     p.add_argument("--backbone-dropout", type=float, default=0.0,
                    help="dropout inside the frozen ViLT while the method trains (MAP/MemPrompt: drop_rate 0.1); never at "
@@ -481,7 +515,8 @@ RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoi
                 "cache_dir", "cache_features", "nm2i", "nm2i_clusters", "overwrite"}   # cache_*: AOEPT's, PROMISE's
 
 
-def finalize_args(args):
+def resolve_shared(args):
+    """The shared options whose default depends on others (backbone, dataset, the training setting)."""
     args.backbone = args.backbone or args.paper_backbone
     args.data_root = args.data_root or os.path.join("data", args.dataset)
     args.test_missing = args.test_missing or args.missing
@@ -490,19 +525,67 @@ def finalize_args(args):
         args.max_text_len = 77 if "clip" in args.backbone else VILT_MAX_TEXT_LEN.get(args.dataset, TOY_MAX_TEXT_LEN)
     if isinstance(args.val_interval, dict):                         # a method's official value per dataset, else 1
         args.val_interval = args.val_interval.get(args.dataset, 1.0)
+    return args
+
+
+def finalize_args(args):
+    resolve_shared(args)
     if not 0 < args.val_interval <= 1:
         raise DataError(f"--val-interval {args.val_interval}: give a fraction of an epoch in (0, 1] (1 = once per epoch)")
     if args.num_workers is None:
         args.num_workers = 4 if str(args.device).startswith("cuda") else 0
     if args.out is None and args.eval_only:                # never the training run's own folder
+        weights = "-last" if os.path.basename(args.checkpoint) == "last.safetensors" else ""
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                f"eval-{args.test_missing}{args.test_rate}")
+                                f"eval{weights}-{args.test_missing}{args.test_rate}")
     if args.out is None:
         args.out = os.path.join("runs", f"{args.method}-{args.dataset}-{args.backbone}-{args.missing}{args.rate}"
-                                        f"-seed{args.seed}")
+                                        f"-seed{args.seed}{options_suffix(args)}")
     if args.eval_only and not args.overwrite:
         refuse_training_folder(args.out)
+    if not args.eval_only and not args.resume:
+        refuse_run_folder(args.out, args.overwrite)
     return args
+
+
+NAMED_IN_OUT = {"method", "dataset", "backbone", "missing", "rate", "seed", "paper_backbone"}
+
+
+def options_suffix(args):
+    """The default run folder's tail: the options that differ from the method's defaults, e.g. '-prompt_type-attention'
+    (a short hash of them when they do not fit in 48 characters), so two configurations never share a folder."""
+    try:
+        defaults = importlib.import_module(args.method).parser().parse_args([])
+    except (ImportError, AttributeError, SystemExit):
+        return ""
+    for k in NAMED_IN_OUT | {"data_root"}:
+        setattr(defaults, k, getattr(args, k))
+    defaults = vars(resolve_shared(defaults))
+    changed = {k: v for k, v in sorted(config_of(args).items())
+               if k not in NAMED_IN_OUT | {"data_root"} and k in defaults and v != defaults[k]}
+    if not changed:
+        return ""
+    words = "_".join(f"{k}-{'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in changed.items())
+    words = "".join(c if c.isalnum() or c in "._-" else "-" for c in words)
+    if len(words) <= 48:
+        return "-" + words
+    return "-cfg" + hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+RUN_FILES = ("results.json", "checkpoint.safetensors", "last.safetensors", "predictions_test.csv", "grid.json",
+             "grid.csv", "robustness.png", "summary.json")
+
+
+def refuse_run_folder(out, overwrite):
+    """Training never lands silently in a folder that holds a finished or interrupted run: --resume continues it,
+    --overwrite replaces it (its run files are removed first), anything else is refused."""
+    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+    if found and not overwrite:
+        raise DataError(f"{out} holds a run ({', '.join(found)}): pass --resume to continue it, --overwrite to replace "
+                        f"it, or choose another --out")
+    if found and int(os.environ.get("RANK", "0")) == 0:
+        for f in found:
+            os.remove(os.path.join(out, f))
 
 
 TRAINING_FILES = ("checkpoint.safetensors", "last.safetensors")
@@ -618,11 +701,54 @@ def setup(args):
     run.metric = METRIC[run.task]
     run.collate = Collate(run.bb, args.max_text_len)
     if run.main:
-        os.makedirs(args.out, exist_ok=True)
+        claim_folder(args.out)
     run.log(f"{args.method}: {args.dataset} ({run.task}, {len(run.train_set)}/{len(run.val_set)}/{len(run.test_set)}) "
             f"on {args.backbone}, train/val missing {args.missing} {args.rate}, test {args.test_missing} "
             f"{args.test_rate}, out {args.out}")
     return run
+
+
+def claim_folder(out):
+    """Create OUT, check it is writable now (not at the first check after hours of training), and take OUT/.lock:
+    a second live run into the same folder is refused; a lock whose process is gone (killed run) is taken over."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-probe-"):
+            pass
+    except OSError as e:
+        raise DataError(f"--out {out} is not writable ({e.strerror}): choose a folder you can write to") from e
+    lock = os.path.join(out, ".lock")
+    mine = f"{socket.gethostname()} {os.getpid()}"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with open(lock) as f:
+            host, _, pid = f.read().partition(" ")
+        if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
+            raise DataError(f"{out} is in use by another live run (process {pid}, {lock}): wait for it, or choose "
+                            f"another --out") from None
+        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)          # a stale lock (that process is gone), or our own
+    with os.fdopen(fd, "w") as f:
+        f.write(mine)
+    atexit.register(release_folder, lock, mine)
+
+
+def release_folder(lock, mine):
+    with contextlib.suppress(OSError):
+        with open(lock) as f:
+            if f.read() != mine:
+                return
+        os.remove(lock)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def count_trainable(model):
@@ -680,12 +806,14 @@ def make_optimizer(model, args):
 
 
 def make_schedule(optimizer, total_steps, args):
-    """Linear warm-up over `--warmup` of the steps, then linear decay to 0 (MAP), cosine (AOEPT) or constant."""
+    """Linear warm-up over `--warmup` of the steps (W = int(warmup * steps), as MAP's set_schedule), then linear decay
+    to 0 (MAP), cosine (AOEPT) or constant. Warm-up factor at step s: s / W or (s + 1) / W (--warmup-start)."""
     warmup = int(args.warmup * total_steps)
+    shift = 1 if args.warmup_start == "one-step" else 0
 
     def factor(step):
         if step < warmup:
-            return (step + 1) / warmup
+            return (step + shift) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         if args.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -698,7 +826,9 @@ def make_schedule(optimizer, total_steps, args):
 # ---------------------------------------------------------------------------------------------------------
 def check_steps(steps, interval):
     """The optimiser steps (1..steps) of an epoch after which fit validates: every max(1, int(interval * steps)) steps
-    (Lightning's val_check_interval, as MAP, MemPrompt and DCP run it) and at the epoch's end."""
+    and at the epoch's end (Lightning's val_check_interval, as MAP, MemPrompt and DCP run it, counts the per-GPU
+    micro-batches instead, so it can validate inside an accumulation window: Hateful Memes at 0.11, 11 checks an
+    epoch there vs 9 here. A check here always follows a whole optimiser step.)"""
     every = max(1, int(interval * steps))
     return sorted(set(range(every, steps + 1, every)) | {steps})
 
@@ -711,7 +841,7 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
     args = run.args
     if hasattr(run.train_set, "set_epoch"):                # items that depend on the epoch (PROMISE's views)
         run.train_set.set_epoch(epoch)
-    batches = global_batches(len(run.train_set), args.batch_size, args.seed, epoch)
+    batches = global_batches(len(run.train_set), args.batch_size, args.seed, epoch, min_last=run.world)
     checks, done = check_steps(len(batches), args.val_interval), schedule.last_epoch - epoch * len(batches)
     micro = [rank_micro_batches(b, run.rank, run.world, args.micro_batch) for b in batches[done:]]
     loader = iter(make_loader(run, run.train_set, [m for ms in micro for m in ms]))
@@ -720,6 +850,7 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
     bar = tqdm(total=sum(len(b) for b in batches), initial=sum(len(b) for b in batches[:done]), desc=f"epoch {epoch}",
                leave=False, disable=not run.main or not sys.stderr.isatty())
     for step, (batch_ids, micro_ids) in enumerate(zip(batches[done:], micro), done + 1):
+        finite = torch.ones((), dtype=torch.bool, device=run.device)
         for k, ids in enumerate(micro_ids):
             batch = to_device(next(loader), run.device)
             last = k == len(micro_ids) - 1
@@ -729,7 +860,9 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
                     loss = loss_fn(net(batch), batch)
                 (loss * (len(ids) * run.world / len(batch_ids))).backward()
             total += loss.detach() * len(ids)
+            finite &= torch.isfinite(loss.detach())
             bar.update(len(ids) * run.world)
+        stop_if_not_finite(run, finite, total, epoch, step)
         if args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         optimizer.step()
@@ -744,6 +877,18 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
                 net.train()
             total, samples, t0 = torch.zeros((), device=run.device), 0, time.time()
     bar.close()
+
+
+def stop_if_not_finite(run, finite, total, epoch, step):
+    """A non-finite loss on any process stops the run before the optimiser step (all processes agree)."""
+    finite = finite.to(torch.int32)
+    if run.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        raise FloatingPointError(
+            f"epoch {epoch + 1} step {step}: the training loss is {float(total):.4g} (not finite), training stopped "
+            f"before the optimiser step. Lower --lr (now {run.args.lr:g}), set --clip-grad, or check the inputs; "
+            f"OUT/last.safetensors holds the last validation check")
 
 
 def record_check(run, stage, epoch, step, loss, seconds, samples, val):
@@ -772,7 +917,7 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
     run.trainable_params = check_frozen(model)
     run.log(f"[{stage}] trainable parameters: {run.trainable_params:,} (backbone frozen)")
     optimizer = make_optimizer(model, args)
-    steps = len(global_batches(len(run.train_set), args.batch_size, 0, 0))
+    steps = len(global_batches(len(run.train_set), args.batch_size, 0, 0, min_last=run.world))
     schedule = make_schedule(optimizer, epochs * steps, args)
     net = model
     if run.world > 1:
@@ -782,7 +927,7 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
     if start >= epochs:                                    # resumed past this stage's last epoch
         if best["epoch"] >= 0:                             # its own best was restored: select it, as uninterrupted
             model.load_state_dict(best["state"], strict=False)
-            run.best_val = {"epoch": best["epoch"], run.metric: best["metric"]}
+            run.best_val = {"stage": stage, "epoch": best["epoch"], "step": best["step"], run.metric: best["metric"]}
         return                                             # (an earlier stage keeps the state resume restored)
     for epoch in range(start, epochs):
         for step, train_loss, seconds, samples in train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
@@ -797,13 +942,26 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
             save_last(run, model, optimizer, schedule, best, epoch, step == steps)
         check_frozen(model)
     model.load_state_dict(best["state"], strict=False)
-    run.best_val = {"epoch": best["epoch"], "step": best["step"], run.metric: best["metric"]}
+    run.best_val = {"stage": stage, "epoch": best["epoch"], "step": best["step"], run.metric: best["metric"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Resume: OUT/last.safetensors holds the method state, the best state, optimiser/schedule state, RNG states
 # ---------------------------------------------------------------------------------------------------------
+def rng_states(run):
+    """Every process's torch (and CUDA) RNG state, gathered to all ranks: {rank: {"torch": t, "cuda": t}}."""
+    mine = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(run.device)
+    if run.world == 1:
+        return {0: mine}
+    parts = [None] * run.world
+    dist.all_gather_object(parts, mine)
+    return dict(enumerate(parts))
+
+
 def save_last(run, model, optimizer, schedule, best, epoch, epoch_end=True):
+    states = rng_states(run)                               # every rank takes part, rank 0 writes
     if not run.main:
         return
     tensors = {f"model.{k}": v for k, v in method_state(model).items()}
@@ -816,10 +974,10 @@ def save_last(run, model, optimizer, schedule, best, epoch, epoch_end=True):
                 tensors[f"optim.{i}.{k}"] = v
             else:
                 scalars[f"{i}.{k}"] = v
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"config": config_of(run.args), "stage_index": run.stage_index, "epoch": epoch, "epoch_end": epoch_end,
+    for rank, state in states.items():                     # each process's own stream (dropout differs per rank)
+        tensors.update({f"rng.{name}.{rank}": v for name, v in state.items()})
+    meta = {"method": run.args.method, "backbone": run.bb.info, "world": run.world,
+            "config": config_of(run.args), "stage_index": run.stage_index, "epoch": epoch, "epoch_end": epoch_end,
             "best": {"metric": best["metric"], "epoch": best["epoch"], "step": best["step"]},
             "param_groups": opt["param_groups"],
             "optim_scalars": scalars, "schedule": schedule.state_dict(), "history": run.history}
@@ -855,9 +1013,12 @@ def resume(run, model, optimizer, schedule, best):
     schedule.load_state_dict(meta["schedule"])
     best.update(metric=meta["best"]["metric"], epoch=meta["best"]["epoch"], step=meta["best"]["step"],
                 state={k[5:]: v.to(run.device) for k, v in tensors.items() if k.startswith("best.")})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if meta.get("world", 1) != run.world:
+        raise DataError(f"--resume: {path} was written by {meta.get('world', 1)} processes, this run has {run.world}: "
+                        f"resume with the same number of processes (each restores its own random stream)")
+    torch.set_rng_state(tensors[f"rng.torch.{run.rank}"])
+    if f"rng.cuda.{run.rank}" in tensors and run.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{run.rank}"], run.device)
     run.history = meta["history"]
     run.log(f"resumed from {path} after epoch {meta['epoch'] + 1}, step {schedule.last_epoch} of this stage")
     return meta["epoch"] + (1 if meta["epoch_end"] else 0)
@@ -893,7 +1054,7 @@ def predict(run, model, dataset):
 
 def evaluate(run, model, dataset, scores=None):
     scores = predict(run, model, dataset) if scores is None else scores
-    return compute_metrics(run.task, dataset.labels(), scores)
+    return compute_metrics(run.task, dataset.labels(), scores, run.args.f1)
 
 
 def write_predictions(path, dataset, scores, task, class_names):
@@ -919,6 +1080,13 @@ def protocol(run):
                         "counts": table_counts(ds.missing), "table_hash": ds.table_hash}
     return {"missing": args.missing, "rate": args.rate, "test_missing": args.test_missing,
             "test_rate": args.test_rate, "seed": args.seed, "splits": splits,
+            "f1": f"{args.f1} (F1-Macro as that torchmetrics computes it; both definitions kept in metrics)"
+                  if run.task == "multilabel" else None,
+            "schedule": f"{args.schedule} after a warm-up of int({args.warmup} x steps) steps from "
+                        f"{'s / W' if args.warmup_start == 'zero' else '(s + 1) / W'}",
+            "last_batch": "kept (its step averages the loss over its own samples)",
+            "val_checks": f"every int({args.val_interval} x steps) optimiser steps and at each epoch's end",
+            "selection": "the validation check with the best val metric (first of ties)",
             "dummy_inputs": "missing text -> ''; missing image -> all-ones normalised tensor"}
 
 
@@ -946,6 +1114,8 @@ def finish(run, model, extra=None):
     results = {"method": args.method, "backbone": run.bb.info, "dataset": args.dataset, "task": run.task,
                "metric": run.metric, "protocol": protocol(run), "metrics": {"val": val, "test": test},
                "trainable_params": run.trainable_params, "eval_only": args.eval_only,
+               "selected_check": None if args.eval_only else getattr(run, "best_val", None),
+               "checkpoint": os.path.abspath(args.checkpoint) if args.eval_only else None,
                "train_samples_per_s": float(np.mean([h["samples_per_s"] for h in epochs])) if epochs else None,
                "wall_time_s": time.time() - run.started, "peak_memory_mb": peak_memory_mb(run.device),
                "history": run.history, "config": config_of(args), **(extra or {})}
@@ -963,33 +1133,56 @@ def finish(run, model, extra=None):
 
 def load_checkpoint_into(model, path, device):
     tensors, meta = read_checkpoint(path)
+    if any(k.startswith("model.") for k in tensors) and "stage_index" in meta:      # last.safetensors: its weights
+        tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     missing = set(method_state(model)) - set(tensors)
     if missing:
         raise DataError(f"{path} lacks tensors {sorted(missing)[:3]}...: it was written by another method or config")
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
 
 
-def apply_checkpoint_config(args, argv):
-    """--eval-only: the checkpoint's own config (method, backbone, method options) is used; runtime arguments
-    (data root, test setting, device, out) come from the command line. A mismatch is an error."""
+# --eval-only: options that choose how the checkpoint is evaluated (the test split, where the weights are, the F1
+# definition, the dtype): the command line's value when given, else the checkpoint's. Every other option defines the
+# trained model: given with another value than the checkpoint's, it is refused.
+EVAL_ARGS = {"hm_test", "mmimdb_plots", "vilt_path", "clip_pretrained", "precision", "f1", "table_seed",
+             "food101_split"}
+
+
+def given_options(parser, argv):
+    """The dests the command line sets explicitly (abbreviations and --flag=value included)."""
+    bare = copy.deepcopy(parser)
+    bare._defaults = {}
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return vars(bare.parse_args(argv))
+
+
+def apply_checkpoint_config(args, given):
+    """--eval-only: the checkpoint's own config (method, dataset, backbone, method options) is used; runtime arguments
+    (data root, test setting, device, out) and EVAL_ARGS come from the command line when given. A flag given with
+    another value than the checkpoint's own is refused, never replaced. --checkpoint takes checkpoint.safetensors (the
+    best validation check) or last.safetensors (the last check's weights)."""
     if not args.checkpoint:
         raise DataError("--eval-only needs --checkpoint PATH (the checkpoint.safetensors of a training run)")
     _, meta = read_checkpoint(args.checkpoint)
+    if "method" not in meta:
+        raise DataError(f"{args.checkpoint} records no method: pass a checkpoint.safetensors or last.safetensors "
+                        f"written by a run of this repository")
     config = meta.get("config", {})
     if meta.get("method") != args.method:
         raise DataError(f"{args.checkpoint} was trained by {meta.get('method')}.py, not {args.method}.py: "
                         f"evaluate it with {meta.get('method')}.py")
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    if "--backbone" in given and args.backbone != config.get("backbone"):
-        raise DataError(f"{args.checkpoint} was trained on backbone {config.get('backbone')}, not {args.backbone}; "
-                        f"drop --backbone or pass --backbone {config.get('backbone')}")
+    for k, v in sorted(given.items()):
+        if k in config and k not in RUNTIME_ARGS | EVAL_ARGS and json.loads(json.dumps(v)) != config[k]:
+            flag = "--" + k.replace("_", "-")
+            raise DataError(f"{flag} {v}: {args.checkpoint} was trained with {flag} {config[k]}; --eval-only evaluates "
+                            f"the checkpoint as trained: drop {flag} (or pass {config[k]})")
     for k, v in config.items():
-        if k not in RUNTIME_ARGS:
+        if k not in RUNTIME_ARGS and not (k in EVAL_ARGS and k in given):
             setattr(args, k, v)
-    if "--test-missing" not in given:
-        args.test_missing = config.get("test_missing")
-    if "--test-rate" not in given:
-        args.test_rate = config.get("test_rate")
+    for k in ("test_missing", "test_rate"):
+        if k not in given:
+            setattr(args, k, config.get(k))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1253,13 +1446,13 @@ def _average_rows(groups):
     and train = test type text / image / both at one rate."""
     types, out = ("text", "image", "both"), {}
     means = {k: float(np.mean(v)) for k, v in groups.items()}
-    for (method, backbone, dataset, missing, rate, test_missing, test_rate, variant, metric), _ in groups.items():
+    for (method, backbone, dataset, missing, rate, test_missing, test_rate, variant, metric, ev), _ in groups.items():
         if test_rate != rate:
             continue
-        per_test = [(method, backbone, dataset, missing, rate, t, rate, variant, metric) for t in types]
-        per_run = [(method, backbone, dataset, t, rate, t, rate, variant, metric) for t in types]
-        for avg_key, members in (((method, backbone, dataset, missing, rate, "avg", rate, variant, metric), per_test),
-                                 ((method, backbone, dataset, "avg", rate, "avg", rate, variant, metric), per_run)):
+        per_test = [(method, backbone, dataset, missing, rate, t, rate, variant, metric, ev) for t in types]
+        per_run = [(method, backbone, dataset, t, rate, t, rate, variant, metric, ev) for t in types]
+        for avg_key, members in (((method, backbone, dataset, missing, rate, "avg", rate, variant, metric, ev), per_test),
+                                 ((method, backbone, dataset, "avg", rate, "avg", rate, variant, metric, ev), per_run)):
             if all(m in means for m in members) and paper_backbones(*avg_key[:1], *avg_key[2:8]):
                 out[avg_key] = [float(np.mean([means[m] for m in members]))] * min(len(groups[m]) for m in members)
     return out
@@ -1277,12 +1470,14 @@ def summary_rows(folders):
                 with open(os.path.join(root, "results.json")) as f:
                     r = json.load(f)
                 p = r["protocol"]
+                evaluation = os.path.dirname(r.get("checkpoint") or root) if r.get("eval_only") else None
                 key = (r["method"], paper_backbone(r["backbone"]) or r["backbone"]["backbone"], r["dataset"],
-                       p["missing"], p["rate"], p["test_missing"], p["test_rate"], run_variant(r), r["metric"])
+                       p["missing"], p["rate"], p["test_missing"], p["test_rate"], run_variant(r), r["metric"],
+                       evaluation)                             # an evaluation of a checkpoint is not another run
                 groups.setdefault(key, []).append(100 * r["metrics"]["test"][r["metric"]])
     rows = []
     for key, values in sorted({**groups, **_average_rows(groups)}.items(), key=lambda kv: str(kv[0])):
-        method, backbone, dataset, missing, rate, test_missing, test_rate, variant, metric = key
+        method, backbone, dataset, missing, rate, test_missing, test_rate, variant, metric, evaluation = key
         papers = paper_numbers(*key[:8])
         paper, mean, averaged = (papers or [None])[0], float(np.mean(values)), "avg" in (missing, test_missing)
         note, others = paper.note if paper else "", paper_backbones(*key[:1], *key[2:8])
@@ -1290,10 +1485,11 @@ def summary_rows(folders):
             note = f"no comparison: the source ran {' / '.join(others)}, this run {backbone}"
         for p in papers[1:]:
             note += f"; also {p.value:.2f} ({p.source} [{p.kind}], setting {p.setting})"
-        rows.append({"method": method, "backbone": backbone, "variant": variant, "dataset": dataset,
+        rows.append({"method": method, "backbone": backbone, "variant": variant, "evaluation": evaluation,
+                     "dataset": dataset,
                      "train": f"{missing} {rate}", "test": f"{test_missing} {test_rate}", "metric": metric,
                      "runs": len(values), "mean": round(mean, 2),
-                     "std": None if averaged else round(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, 2),
+                     "std": None if averaged or len(values) < 2 else round(float(np.std(values, ddof=1)), 2),
                      "paper": paper.value if paper else None, "diff": round(mean - paper.value, 2) if paper else None,
                      "setting": paper.setting if paper else None, "source": paper.source if paper else None,
                      "kind": paper.kind if paper else None, "note": note})
@@ -1308,9 +1504,10 @@ def summary_markdown(rows):
     for r in rows:
         paper = "-" if r["paper"] is None else f"{r['paper']:.2f}" + ("*" if r["setting"] == "inferred" else "")
         diff = "-" if r["diff"] is None else f"{r['diff']:+.2f}"
-        std = "" if r["std"] is None else f" +- {r['std']:.2f}"
+        std = f" +- {r['std']:.2f}" if r["std"] is not None else (" +- -" if r["runs"] == 1 and not r["test"].startswith("avg") else "")
+        variant = (r["variant"] or "-") + (f" [evaluation of {r['evaluation']}]" if r.get("evaluation") else "")
         source = "; ".join(s for s in (r["source"] and f"{r['source']} [{r['kind']}]", r["note"]) if s) or "-"
-        lines.append(f"| {r['method']} | {r['backbone']} | {r['variant'] or '-'} | {r['dataset']} | {r['train']} | "
+        lines.append(f"| {r['method']} | {r['backbone']} | {variant} | {r['dataset']} | {r['train']} | "
                      f"{r['test']} | {r['metric']} | {r['mean']:.2f}{std} ({r['runs']}) | {paper} | {diff} | "
                      f"{source} |")
     if any(r["setting"] == "inferred" for r in rows):
@@ -1325,7 +1522,7 @@ def cli(parser, main, argv=None):
     args = parser.parse_args(argv)
     try:
         if args.eval_only:
-            apply_checkpoint_config(args, argv)
+            apply_checkpoint_config(args, given_options(parser, argv))
         if args.seeds:
             return run_seeds(args, main)
         args = finalize_args(args)

@@ -462,10 +462,21 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def finite_json(obj):
+    """Strict JSON: a non-finite number (an undefined metric, an unset best) is written as null, never as NaN."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=float)
+            json.dump(finite_json(obj), f, indent=2, default=float, allow_nan=False)
     atomic_write(path, write)
 
 
@@ -613,14 +624,14 @@ class Collate:
 # Loaders: the global batch is the same whatever the number of processes; each rank loads its share
 # ----------------------------------------------------------------------------------------------------
 
-def global_batches(n, batch_size, seed, epoch):
-    """Seeded permutation of the training set cut into global batches; an incomplete last batch is dropped
-    (unless the split is smaller than one batch). Identical on every rank."""
+def global_batches(n, batch_size, seed, epoch, min_last=1):
+    """Seeded permutation of the training set cut into global batches. The incomplete last batch is kept, as the
+    official loaders do (drop_last False): its step averages the loss over its own samples. Only a remainder smaller
+    than `min_last` (the number of processes, which each need a sample) is dropped. Identical on every rank."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    steps = max(1, n // batch_size)
-    size = min(batch_size, n)
-    return [order[k * size:(k + 1) * size] for k in range(steps)]
+    batches = [order[k:k + batch_size] for k in range(0, n, batch_size)]
+    return batches if len(batches) == 1 or len(batches[-1]) >= min_last else batches[:-1]
 
 
 def rank_micro_batches(batch, rank, world, micro):

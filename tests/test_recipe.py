@@ -419,32 +419,53 @@ def test_clip_grad_bounds_the_gradient_norm(tmp_path):
         assert (a / 4 - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+@pytest.mark.parametrize("warmup_start", ["zero", "one-step"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
-def test_schedule_follows_its_formula(schedule):
-    """After W = 10 warm-up steps of 100 (lr (s + 1) / W at step s): linear 1 - p, cosine (1 + cos(pi p)) / 2,
-    constant 1, with p = (s - W) / (100 - W); written out here step by step."""
+def test_schedule_follows_its_formula(schedule, warmup_start):
+    """After W = 10 warm-up steps of 100 (lr s / W at step s, or (s + 1) / W with --warmup-start one-step):
+    linear 1 - p, cosine (1 + cos(pi p)) / 2, constant 1, with p = (s - W) / (100 - W); written out step by step."""
     from argparse import Namespace
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = common.make_schedule(opt, 100, Namespace(warmup=0.1, schedule=schedule))
+    sched = common.make_schedule(opt, 100, Namespace(warmup=0.1, schedule=schedule, warmup_start=warmup_start))
+    shift = 1 if warmup_start == "one-step" else 0
     for s in range(100):
         p = (s - 10) / 90
-        expected = (s + 1) / 10 if s < 10 else {"linear": 1 - p, "cosine": (1 + math.cos(math.pi * p)) / 2,
-                                                "constant": 1.0}[schedule]
+        expected = (s + shift) / 10 if s < 10 else {"linear": 1 - p, "cosine": (1 + math.cos(math.pi * p)) / 2,
+                                                    "constant": 1.0}[schedule]
         assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * expected, abs=1e-12), s
         opt.step()
         sched.step()
 
 
+@pytest.mark.parametrize("total", [100, 37])
+def test_linear_schedule_equals_hf_polynomial_decay(total):
+    """MAP / MemPrompt / DCP call transformers' get_polynomial_decay_schedule_with_warmup (lr_end 0, power 1) with
+    W = int(warmup * max_steps): --warmup-start zero with --schedule linear is that schedule, step for step."""
+    from argparse import Namespace
+    from transformers import get_polynomial_decay_schedule_with_warmup
+    ours_opt, hf_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2) for _ in range(2))
+    ours = common.make_schedule(ours_opt, total, Namespace(warmup=0.1, schedule="linear", warmup_start="zero"))
+    hf = get_polynomial_decay_schedule_with_warmup(hf_opt, int(0.1 * total), total, lr_end=0, power=1)
+    for s in range(total + 2):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(hf_opt.param_groups[0]["lr"], abs=1e-15), s
+        for o, sc in ((ours_opt, ours), (hf_opt, hf)):
+            o.step()
+            sc.step()
+
+
 def test_global_batches_are_a_fresh_permutation_each_epoch():
-    """Every epoch: disjoint batches of exactly batch_size that cover all but the dropped remainder, drawn anew each
-    epoch and for each seed, and the same on every call (every rank computes them)."""
+    """Every epoch: disjoint batches of batch_size and the incomplete last one (kept, as the official loaders'
+    drop_last False), covering every sample, drawn anew each epoch and for each seed, and the same on every call
+    (every rank computes them). Only a remainder smaller than min_last (the number of processes) is dropped."""
     from data import global_batches
     a0, a1, b0 = global_batches(103, 10, 4, 0), global_batches(103, 10, 4, 1), global_batches(103, 10, 5, 0)
     for batches in (a0, a1, b0):
         flat = [i for b in batches for i in b]
-        assert [len(b) for b in batches] == [10] * 10 and len(set(flat)) == 100 and set(flat) <= set(range(103))
+        assert [len(b) for b in batches] == [10] * 10 + [3] and sorted(flat) == list(range(103))
     assert a0 == global_batches(103, 10, 4, 0) and a0 != a1 and a0 != b0
+    assert global_batches(103, 10, 4, 0, min_last=3) == a0 and global_batches(103, 10, 4, 0, min_last=4) == a0[:-1]
     assert global_batches(7, 10, 0, 0)[0] and sorted(global_batches(7, 10, 0, 0)[0]) == list(range(7))
+    assert len(global_batches(7, 10, 0, 0, min_last=8)) == 1
 
 
 def test_predictions_never_see_dropout(tmp_path):
@@ -495,7 +516,9 @@ MUTATIONS = [
     {"file": "common.py", "old": "return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))", "new": "return math.cos(0.5 * math.pi * min(1.0, progress))", "why": "cosine schedule is a quarter cosine, not (1 + cos(pi p)) / 2", "tests": ["tests/test_recipe.py::test_schedule_follows_its_formula"]},
     {"file": "common.py", "old": "max(0.0, 1.0 - progress)", "new": "max(0.0, 1.0 - 0.9 * progress)", "why": "linear decay does not reach 0 at the last step", "tests": ["tests/test_recipe.py::test_schedule_follows_its_formula"]},
     {"file": "data.py", "old": "manual_seed(seed * 1000003 + epoch)", "new": "manual_seed(seed * 1000003)", "why": "every epoch sees the same batches", "tests": ["tests/test_recipe.py::test_global_batches_are_a_fresh_permutation_each_epoch"]},
-    {"file": "data.py", "old": "steps = max(1, n // batch_size)", "new": "steps = max(1, -(-n // batch_size))", "why": "an incomplete last global batch is kept (its step differs in size)", "tests": ["tests/test_recipe.py::test_global_batches_are_a_fresh_permutation_each_epoch"]},
+    {"file": "data.py", "old": "return batches if len(batches) == 1 or len(batches[-1]) >= min_last else batches[:-1]", "new": "return batches if len(batches) == 1 or len(batches[-1]) == batch_size else batches[:-1]", "why": "the incomplete last global batch is dropped (official: drop_last False)", "tests": ["tests/test_recipe.py::test_global_batches_are_a_fresh_permutation_each_epoch"]},
+    {"file": "data.py", "old": "len(batches[-1]) >= min_last else", "new": "len(batches[-1]) >= 1 else", "why": "a last batch smaller than the number of processes is kept (a rank without a sample)", "tests": ["tests/test_recipe.py::test_global_batches_are_a_fresh_permutation_each_epoch"]},
+    {"file": "common.py", "old": "shift = 1 if args.warmup_start == \"one-step\" else 0", "new": "shift = 1", "why": "warm-up (s + 1) / W where MAP's HF schedule gives s / W", "tests": ["tests/test_recipe.py::test_linear_schedule_equals_hf_polynomial_decay"]},
     {"file": "common.py", "old": "    return logits.float().softmax(-1)[:, 1]", "new": "    return logits.float()[:, 1].sigmoid()", "why": "binary p(1) from one logit, not the 2-logit softmax", "tests": ["tests/test_recipe.py::test_scores_from_logits_per_task"]},
     {"file": "common.py", "old": "    if task == \"multilabel\":\n        return logits.float().sigmoid()", "new": "    if task == \"multilabel\":\n        return logits.float().softmax(-1)", "why": "multi-label scores softmaxed across genres", "tests": ["tests/test_recipe.py::test_scores_from_logits_per_task"]},
     {"file": "common.py", "old": "attn_mask=bias.to(q.dtype))", "new": "attn_mask=None)",
