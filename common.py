@@ -1470,7 +1470,7 @@ def summary_rows(folders):
                 with open(os.path.join(root, "results.json")) as f:
                     r = json.load(f)
                 p = r["protocol"]
-                evaluation = os.path.dirname(r.get("checkpoint") or root) if r.get("eval_only") else None
+                evaluation = (r.get("checkpoint") or root) if r.get("eval_only") else None
                 key = (r["method"], paper_backbone(r["backbone"]) or r["backbone"]["backbone"], r["dataset"],
                        p["missing"], p["rate"], p["test_missing"], p["test_rate"], run_variant(r), r["metric"],
                        evaluation)                             # an evaluation of a checkpoint is not another run
@@ -1527,7 +1527,7 @@ def cli(parser, main, argv=None):
             return run_seeds(args, main)
         args = finalize_args(args)
         return main(args)
-    except (DataError, WeightsError) as e:
+    except (DataError, WeightsError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 
