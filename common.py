@@ -250,6 +250,38 @@ def _register_tiny_clip():
         open_clip.add_model_config(folder)
 
 
+@contextlib.contextmanager
+def quiet_hub(local_only):
+    """No hub retry warnings or library log lines while weights load (a failure ends in one WeightsError message);
+    local_only: HF_HUB_OFFLINE=1 semantics for the call (the local cache only, no network)."""
+    import logging
+    from huggingface_hub import constants
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or local_only
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        constants.HF_HUB_OFFLINE = offline
+
+
+def from_cache_then_hub(create, what, error):
+    """create() from the local cache first; if that fails and HF_HUB_OFFLINE is not set, one line says a download
+    is tried (the hub retries quietly for up to a minute without a network), then create() online."""
+    from huggingface_hub import constants
+    try:
+        with quiet_hub(local_only=True):
+            return create()
+    except error:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    print(f"{what}: not in the local cache, downloading from the Hugging Face hub (offline? set HF_HUB_OFFLINE=1 "
+          f"to stop at once)", flush=True)
+    with quiet_hub(local_only=False):
+        return create()
+
+
 def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick_gelu="auto"):
     """Frozen open_clip model. `pretrained`: a tag ('openai'), a local file, or '' for random init.
     QuickGELU: the tag's own setting (OpenAI weights were trained with it); for a local file 'auto' means on,
@@ -262,9 +294,10 @@ def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick
         quick = tag_cfg.get("quick_gelu", False) if tag_cfg else bool(pretrained)
     else:
         quick = quick_gelu == "on"
+    def create():
+        return open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None, force_quick_gelu=quick)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, force_quick_gelu=quick)
+        model, _, preprocess = from_cache_then_hub(create, f"CLIP weights {model_name}/{pretrained}", RuntimeError)
     except RuntimeError as e:
         if pretrained and not os.path.isfile(pretrained):
             raise WeightsError(
@@ -304,9 +337,10 @@ def load_vilt(path=VILT_DEFAULT):
                 if not p.any():
                     p.normal_(0.0, config.initializer_range)
     else:
+        def create():
+            return ViltModel.from_pretrained(path), BertTokenizer.from_pretrained(path)
         try:
-            model = ViltModel.from_pretrained(path)
-            tokenizer = BertTokenizer.from_pretrained(path)
+            model, tokenizer = from_cache_then_hub(create, f"ViLT weights '{path}'", OSError)
         except OSError as e:
             raise WeightsError(
                 f"ViLT weights '{path}' are not cached and cannot be downloaded here. On a machine with internet run: "
@@ -922,7 +956,7 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch, epoch
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         samples += len(batch_ids)
-        if run.main and step % every == 0:
+        if run.main and step % every == 0 and step not in checks:      # a check prints its own line
             tick = progress(run, bar, name, step, len(batches), float(total) / seen, lr, tick,
                             sum(len(b) for b in batches[:step]), sum(len(b) for b in batches), terminal)
             tensorboard_log(run, {f"{stage}/train_loss": float(total) / seen, f"{stage}/lr": lr}, schedule.last_epoch)
@@ -933,7 +967,8 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch, epoch
             if run.history and run.history[-1]["checks"]:          # fit recorded the check meanwhile: add its lr
                 check = run.history[-1]["checks"][-1]
                 check["lr"] = lr
-                tensorboard_log(run, {f"{stage}/val_{k}": v for k, v in check["val"].items()}, schedule.last_epoch)
+                tensorboard_log(run, {f"{stage}/train_loss": check["train_loss"], f"{stage}/lr": lr,
+                                      **{f"{stage}/val_{k}": v for k, v in check["val"].items()}}, schedule.last_epoch)
             if step < len(batches):                                 # validation left the model in eval mode
                 net.train()
             total, samples, seen, t0 = torch.zeros((), device=run.device), 0, 0, time.time()
