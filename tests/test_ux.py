@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -253,6 +254,35 @@ def test_hub_tried_after_the_cache_with_a_note_first(monkeypatch, capsys):
     assert "HF_HUB_OFFLINE=1" in calls[1][1] and logging.root.manager.disable == logging.NOTSET
 
 
+def readme_steps(name):
+    """The ```bash block between <!-- NAME:begin ... --> and <!-- NAME:end --> in README.md, as command lines."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    found = re.search(rf"<!-- {name}:begin.*?-->\s*```bash\n(.*?)```\s*<!-- {name}:end -->", text, re.S)
+    assert found, f"README.md has no {name} block"
+    return [line for line in found.group(1).splitlines() if line.strip()]
+
+
+def test_readme_add_your_own_method_recipe_runs(tmp_path):
+    """README "Add your own method", run as written in a folder with the repository's files (not a git checkout):
+    the copy trains on toy under its new name and `common.py summarize` lists it; the log header has no commit."""
+    for f in ("common.py", "data.py", "map.py"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    outputs = []
+    for line in readme_steps("own-method"):
+        p = subprocess.run(re.sub(r"^python ", f"{sys.executable} ", line), shell=True, cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (line, p.stderr[-2000:])
+        outputs.append(p.stdout)
+    assert 'build_parser("mymethod"' in (tmp_path / "mymethod.py").read_text()
+    assert 'paper_table("mymethod"' in (tmp_path / "mymethod.py").read_text()
+    header = outputs[2].splitlines()[:2]
+    assert header[0].startswith("device: ") and header[1].startswith("versions: ") and "commit" not in header[1]
+    assert "mymethod: toy (" in outputs[2]
+    rows = [line.split("|")[1:4] for line in outputs[3].splitlines() if line.startswith("| mymethod ")]
+    assert [[c.strip() for c in r] for r in rows] == [["mymethod", "tiny-vilt", "-"]], outputs[3]
+
+
 MUTATIONS = [
     {"file": "common.py", "old": '        return f"{text} (default: {show_value(action.default, action)})"',
      "new": "        return text", "why": "--help: a flag's default not shown"},
@@ -289,4 +319,6 @@ MUTATIONS = [
      "why": "weight loading: hub retry warnings and library log lines not quieted"},
     {"file": "common.py", "old": "    constants.HF_HUB_OFFLINE = offline or local_only\n", "new": "",
      "why": "weight loading: the local cache not tried first"},
+    {"file": "README.md", "old": "s/paper_table(\"map\"/paper_table(\"mymethod\"/", "new": "s/paper_table(\"map\"/paper_table(\"map\"/",
+     "why": "README add-your-own-method: the recipe renames only one of the two strings"},
 ]
