@@ -60,7 +60,8 @@ def test_help_states_every_default(method, capsys):
         assert "default" in block.lower(), f"{method}.py --help: {flag} states no default: {block}"
         assert "(default: None)" not in block and "{" not in block.split("default")[-1], block
     assert f"(default: {module.parser().get_default('paper_backbone')})" in blocks["--backbone"]
-    assert "".join(text.split()).count("".join(common.doc_title(module.__doc__).split())) == 1   # whole, once
+    first_paragraph = module.__doc__.strip().split("\n\n")[0]
+    assert "".join(text.split()).count("".join(first_paragraph.split())) == 1
     own = section(text, f"{method}-specific options")
     assert "--prompt-length" in own and "--lr " not in own and "--dataset" not in own
     assert "--prompt-length" not in section(text, "optimisation")
