@@ -963,10 +963,10 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch, epoch
         if step in checks:
             if run.world > 1:
                 dist.all_reduce(total)
+            run.step_lr = lr                                        # the lr of the step the check follows
             yield step, float(total) / samples, time.time() - t0, samples
-            if run.history and run.history[-1]["checks"]:          # fit recorded the check meanwhile: add its lr
+            if run.history and run.history[-1]["checks"]:          # fit recorded the check meanwhile
                 check = run.history[-1]["checks"][-1]
-                check["lr"] = lr
                 tensorboard_log(run, {f"{stage}/train_loss": check["train_loss"], f"{stage}/lr": lr,
                                       **{f"{stage}/val_{k}": v for k, v in check["val"].items()}}, schedule.last_epoch)
             if step < len(batches):                                 # validation left the model in eval mode
