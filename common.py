@@ -252,6 +252,38 @@ def _register_tiny_clip():
             open_clip.add_model_config(folder)
 
 
+@contextlib.contextmanager
+def quiet_hub(local_only):
+    """No hub retry warnings or library log lines while weights load (a failure ends in one WeightsError message);
+    local_only: HF_HUB_OFFLINE=1 semantics for the call (the local cache only, no network)."""
+    import logging
+    from huggingface_hub import constants
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or local_only
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        constants.HF_HUB_OFFLINE = offline
+
+
+def from_cache_then_hub(create, what, error):
+    """create() from the local cache first; if that fails and HF_HUB_OFFLINE is not set, one line says a download
+    is tried (the hub retries quietly for up to a minute without a network), then create() online."""
+    from huggingface_hub import constants
+    try:
+        with quiet_hub(local_only=True):
+            return create()
+    except error:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    print(f"{what}: not in the local cache, downloading from the Hugging Face hub (offline? set HF_HUB_OFFLINE=1 "
+          f"to stop at once)", flush=True)
+    with quiet_hub(local_only=False):
+        return create()
+
+
 def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick_gelu="auto"):
     """Frozen open_clip model. `pretrained`: a tag ('openai'), a local file, or '' for random init.
     QuickGELU: the tag's own setting (OpenAI weights were trained with it); for a local file 'auto' means on,
@@ -264,9 +296,10 @@ def load_clip(model_name=CLIP_DEFAULT, pretrained=CLIP_PRETRAINED_DEFAULT, quick
         quick = tag_cfg.get("quick_gelu", False) if tag_cfg else bool(pretrained)
     else:
         quick = quick_gelu == "on"
+    def create():
+        return open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None, force_quick_gelu=quick)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, force_quick_gelu=quick)
+        model, _, preprocess = from_cache_then_hub(create, f"CLIP weights {model_name}/{pretrained}", RuntimeError)
     except RuntimeError as e:
         if pretrained and not os.path.isfile(pretrained):
             raise WeightsError(
@@ -306,9 +339,10 @@ def load_vilt(path=VILT_DEFAULT):
                 if not p.any():
                     p.normal_(0.0, config.initializer_range)
     else:
+        def create():
+            return ViltModel.from_pretrained(path), BertTokenizer.from_pretrained(path)
         try:
-            model = ViltModel.from_pretrained(path)
-            tokenizer = BertTokenizer.from_pretrained(path)
+            model, tokenizer = from_cache_then_hub(create, f"ViLT weights '{path}'", OSError)
         except OSError as e:
             raise WeightsError(
                 f"ViLT weights '{path}' are not cached and cannot be downloaded here. On a machine with internet run: "
@@ -438,13 +472,17 @@ def scores_from_logits(logits, task):
 # Command line (the contract every method file uses)
 # ---------------------------------------------------------------------------------------------------------
 def build_parser(method, doc, backbone):
-    """The shared CLI. Each method adds its `# Method-specific` flags and sets its paper's defaults."""
-    p = argparse.ArgumentParser(prog=f"{method}.py", description=doc.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="toy", choices=DATASETS)
+    """The shared CLI. Each method adds its `# Method-specific` flags and sets its paper's defaults; `cli` puts those
+    in their own group. --help states every default (`HelpFormatter`)."""
+    p = Parser(prog=f"{method}.py", description=doc_title(doc), formatter_class=HelpFormatter,
+                                epilog="Defaults given per dataset are those of the paper's backbone and the default "
+                                       "--missing; --print-config prints the configuration any command line resolves "
+                                       "to.")
+    p.add_argument("--dataset", default="toy", choices=DATASETS,
+                   help="toy sets: synthetic, generated in memory (offline); the others read --data-root")
     p.add_argument("--data-root", default=None, help="default: data/<dataset>")
     p.add_argument("--backbone", default=None, choices=["clip", "vilt", "tiny-clip", "tiny-vilt"],
-                   help=f"default: {backbone} (the paper's)")
+                   help="the frozen backbone (the paper's); tiny-*: tiny random-initialised, offline")
     p.add_argument("--missing", default="both", choices=["none", "text", "image", "both"],
                    help="missing type of train and validation")
     p.add_argument("--rate", type=float, default=0.7, help="missing rate eta of train and validation")
@@ -457,15 +495,15 @@ def build_parser(method, doc, backbone):
                    help="MM-IMDb F1 definition reported as f1_macro (the other is kept as f1_macro_<definition>): "
                         "torchmetrics-0.9 = MAP/MemPrompt's code (p >= 0.5, classes never seen left out of the macro "
                         "mean); torchmetrics-1 = AOEPT's (p > 0.5, such classes count 0)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--val-interval", type=float, default=1.0,
-                   help="validate every this fraction of an epoch and at its end (MAP, MemPrompt, MuAP: the official "
-                        "0.2, Hateful Memes 0.11; 1 on the toy sets)")
+                   help="validate every this fraction of an epoch and at its end (MAP, MemPrompt, MuAP: their official "
+                        "config.py values)")
     p.add_argument("--batch-size", type=int, default=256, help="effective (global) batch per optimiser step")
     p.add_argument("--micro-batch", type=int, default=32, help="per-process forward batch; accumulation fills the rest")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--weight-decay", type=float, default=2e-2)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (after the warm-up)")
+    p.add_argument("--weight-decay", type=float, default=2e-2, help="decoupled weight decay (AdamW) / L2 (Adam)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="the optimiser")
     p.add_argument("--decay-exempt", default="bias-norm", choices=["bias-norm", "none"],
                    help="parameters without weight decay: bias-norm = names containing bias / LayerNorm. / norm. / norm1. / "
                         "norm2. (MAP, MemPrompt, DCP); none = every parameter decays (AOEPT)")
@@ -480,39 +518,155 @@ def build_parser(method, doc, backbone):
                    help="dropout inside the frozen ViLT while the method trains (MAP/MemPrompt: drop_rate 0.1); never at "
                         "evaluation. CLIP has none (DCP's CLIP code), so it does not apply there")
     p.add_argument("--max-text-len", type=int, default=None,
-                   help="ViLT text tokens (default: the papers' 512/1024/128 for Food-101/MM-IMDb/Hateful Memes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run once per seed and summarise mean/std")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="text tokens: CLIP's 77; ViLT's 40-row position table is stretched to the papers' lengths")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and the missing tables")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run once per seed and summarise mean/std (default: one run, with --seed)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when a GPU is visible, else cpu; an explicit cuda without one is an error")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA")
     p.add_argument("--num-workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
     p.add_argument("--out", default=None, help="run folder (default: runs/<method>-<dataset>-<backbone>-...; "
                                                "--eval-only: <checkpoint folder>/eval-<test missing><test rate>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint.safetensors written by this method")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint.safetensors written by this method (--eval-only)")
     p.add_argument("--overwrite", action="store_true",
                    help="let --eval-only write into a folder that holds a training run's results")
     p.add_argument("--eval-grid", action="store_true", help="evaluate on every test missing type x rate")
-    p.add_argument("--grid-rates", type=float, nargs="+", default=[round(0.1 * k, 1) for k in range(11)])
+    p.add_argument("--grid-rates", type=float, nargs="+", default=[round(0.1 * k, 1) for k in range(11)],
+                   help="test missing rates of --eval-grid")
     p.add_argument("--cache-images", action="store_true",
                    help="decode and resize each split once into a uint8 memory map (per backbone preprocessing)")
-    p.add_argument("--image-cache-dir", default=os.path.join("runs", "cache", "images"))
+    p.add_argument("--image-cache-dir", default=os.path.join("runs", "cache", "images"),
+                   help="where --cache-images keeps its files")
     p.add_argument("--nm2i", action="store_true",
                    help="NM2I diagnostic on the test split (AOEPT's; this repository's estimator), CLIP prompt methods")
     p.add_argument("--nm2i-clusters", type=int, default=10, help="k of the k-means discretisation in NM2I")
     p.add_argument("--clip-model", default=CLIP_DEFAULT, help="open_clip model name")
     p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED_DEFAULT, help="open_clip tag or a local weights file")
-    p.add_argument("--clip-quick-gelu", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--clip-quick-gelu", default="auto", choices=["auto", "on", "off"],
+                   help="QuickGELU activations; auto: the weights' own (on for OpenAI's)")
     p.add_argument("--vilt-path", default=VILT_DEFAULT, help="HF hub name or local folder")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as JSON and exit (nothing is loaded)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard (needs the tensorboard package)")
     p.set_defaults(method=method, paper_backbone=backbone)
+    for title, dests in OPTION_GROUPS.items():
+        move_to_group(p, p.add_argument_group(title), [a for a in p._actions if a.dest in dests])
+    p.shared_actions = list(p._actions)                # the rest, added by the method file, get their own group (cli)
     return p
+
+
+# --help: the shared flags by topic (a flag added to build_parser and not listed here stays under "options").
+OPTION_GROUPS = {
+    "data and missing protocol": ("dataset", "data_root", "missing", "rate", "test_missing", "test_rate", "hm_test",
+                                  "mmimdb_plots", "max_text_len", "cache_images", "image_cache_dir"),
+    "backbone": ("backbone", "clip_model", "clip_pretrained", "clip_quick_gelu", "vilt_path", "backbone_dropout"),
+    "optimisation": ("epochs", "val_interval", "batch_size", "micro_batch", "lr", "weight_decay", "optimizer",
+                     "decay_exempt", "schedule", "warmup", "warmup_start", "clip_grad", "seed", "seeds"),
+    "run and output": ("device", "precision", "num_workers", "out", "resume", "overwrite", "tensorboard",
+                       "print_config"),
+    "evaluation": ("eval_only", "checkpoint", "f1", "eval_grid", "grid_rates", "nm2i", "nm2i_clusters"),
+}
+
+
+def move_to_group(parser, group, actions):
+    """Show `actions` under `group` in --help (argparse keeps each group's list in _group_actions; parsing is
+    unaffected)."""
+    for action in actions:
+        for g in parser._action_groups:
+            if action in g._group_actions:
+                g._group_actions.remove(action)
+        group._group_actions.append(action)
+
+
+def method_options_group(parser):
+    """The flags a method file added after build_parser returned, in a group of their own, listed first."""
+    own = [a for a in parser._actions if a not in getattr(parser, "shared_actions", parser._actions)]
+    if own and not any(g.title.endswith("-specific options") for g in parser._action_groups):
+        group = parser.add_argument_group(f"{parser.get_default('method')}-specific options")
+        move_to_group(parser, group, own)
+        parser._action_groups.insert(2, parser._action_groups.pop())
+
+
+def doc_title(doc):
+    """A method docstring's first paragraph, as one line (the --help description)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with every default: the flag's value, the per-dataset value a recipe resolves a None / per-dataset
+    default to (`resolved`, filled by `Parser.format_help`), or the help's own words where it says 'default'."""
+
+    def __init__(self, prog, resolved=None, **kw):
+        super().__init__(prog, max_help_position=32, **kw)
+        self.resolved = resolved or {}
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if action.dest in self.resolved:
+            return f"{text} (default: {self.resolved[action.dest]})"
+        return f"{text} (default: {show_value(action.default, action)})"
+
+
+def show_value(value, action=None):
+    if isinstance(action, argparse._StoreTrueAction):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value).replace("%", "%%")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with --help resolving the defaults a recipe sets per dataset (`resolved_defaults`)."""
+
+    def _get_formatter(self):
+        return self.formatter_class(prog=self.prog, resolved=getattr(self, "_resolved", None))
+
+    def format_help(self):
+        self._resolved = resolved_defaults(self)
+        try:
+            return super().format_help()
+        finally:
+            self._resolved = None
+
+
+def resolved_defaults(parser):
+    """{dest: text} for each flag whose default is None or per dataset: the value the run would use, per dataset
+    (parse_args + finalize_args + the method's own resolution before setup), for the paper's backbone and the
+    default --missing."""
+    values = {}
+    for dataset in DATASETS:
+        try:
+            args = resolved_config(getattr(parser, "main", None), finalize_args(parser.parse_args(["--dataset", dataset])))
+        except (DataError, SystemExit, ValueError):
+            continue
+        for action in parser._actions:
+            if action.default is None or isinstance(action.default, dict):
+                values.setdefault(action.dest, {})[dataset] = getattr(args, action.dest, None)
+    text = {}
+    for dest, per_dataset in values.items():
+        groups = {}
+        for dataset, value in per_dataset.items():
+            groups.setdefault(show_value(value), []).append(dataset)
+        if len(groups) == 1:
+            text[dest] = next(iter(groups))
+        else:
+            text[dest] = "; ".join(f"{v} for {', '.join(names)}" for v, names in groups.items()).replace(
+                "toy, toy-multilabel, toy-binary", "toy sets")
+    return text
 
 
 # Arguments that may differ between a run and its resumption / evaluation.
 RUNTIME_ARGS = {"resume", "device", "num_workers", "out", "eval_only", "checkpoint", "eval_grid", "grid_rates",
                 "seeds", "data_root", "test_missing", "test_rate", "micro_batch", "cache_images", "image_cache_dir",
                 "cache_dir", "cache_features", "nm2i", "nm2i_clusters", "overwrite"}   # cache_*: AOEPT's, PROMISE's
+RUNTIME_ARGS |= {"print_config", "tensorboard"}
 
 
 def resolve_shared(args):
@@ -543,8 +697,6 @@ def finalize_args(args):
                                         f"-seed{args.seed}{options_suffix(args)}")
     if args.eval_only and not args.overwrite:
         refuse_training_folder(args.out)
-    if not args.eval_only and not args.resume:
-        refuse_run_folder(args.out, args.overwrite)
     return args
 
 
@@ -680,8 +832,68 @@ class Run:
         self.started = time.time()
 
     def log(self, *msg):
-        if self.main:
-            print(*msg, flush=True)
+        """One line to stdout on rank 0, through tqdm so it never sticks to a progress bar. The first call of a run
+        prints the environment header first (`environment_lines`): device, precision, versions, commit, config."""
+        if not self.main:
+            return
+        if not getattr(self, "header_logged", False):
+            self.header_logged = True
+            for line in environment_lines(self.args):
+                tqdm.write(line, file=sys.stdout)
+        tqdm.write(" ".join(str(m) for m in msg), file=sys.stdout)
+        sys.stdout.flush()
+
+
+def package_version(name):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def git_commit():
+    """The repository's commit (+ whether tracked files differ from it), or None outside a git checkout."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def environment_info(args):
+    """What ran where, for the log's first lines and results.json: device and its name, precision as run, versions,
+    the commit (absent outside a git checkout), processes."""
+    import platform
+    device = torch.device(args.device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    info = {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+            "precision": "bf16 autocast" if cuda and args.precision == "bf16" else "fp32",
+            "processes": int(os.environ.get("WORLD_SIZE", "1")), "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "open_clip": package_version("open_clip_torch"), "transformers": package_version("transformers")}
+    if cuda:
+        info["device_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1)
+    info.update(git_commit() or {})
+    return info
+
+
+def environment_lines(args):
+    e = environment_info(args)
+    memory = f", {e['device_memory_gib']} GiB" if "device_memory_gib" in e else ""
+    commit = f"; commit {e['commit'][:12]}{' (modified)' if e['dirty'] else ''}" if "commit" in e else ""
+    return [f"device: {e['device']} ({e['device_name']}{memory}), precision {e['precision']}, {e['processes']} "
+            f"process(es), {e['cpu_threads']} CPU threads",
+            f"versions: python {e['python']}, torch {e['torch']} (CUDA {e['cuda']}), open_clip {e['open_clip']}, "
+            f"transformers {e['transformers']}{commit}",
+            "config: " + json.dumps(config_of(args), sort_keys=True, default=str)]
 
 
 def seed_everything(seed):
@@ -693,6 +905,10 @@ def seed_everything(seed):
 def setup(args):
     """Seed, device, backbone, datasets, run folder. Everything a method needs before building its model."""
     run = Run(args)
+    if run.main:                                           # before anything is loaded: the folder is ours to write
+        if not args.eval_only and not args.resume:
+            refuse_run_folder(args.out, args.overwrite)
+        claim_folder(args.out)
     seed_everything(args.seed)
     run.bb = load_backbone(args).to(run.device)
     run.train_set, run.val_set, run.test_set = (load_data(args, run.bb, s) for s in ("train", "val", "test"))
@@ -700,8 +916,6 @@ def setup(args):
     run.num_outputs = num_outputs(run.task, run.num_classes)
     run.metric = METRIC[run.task]
     run.collate = Collate(run.bb, args.max_text_len)
-    if run.main:
-        claim_folder(args.out)
     run.log(f"{args.method}: {args.dataset} ({run.task}, {len(run.train_set)}/{len(run.val_set)}/{len(run.test_set)}) "
             f"on {args.backbone}, train/val missing {args.missing} {args.rate}, test {args.test_missing} "
             f"{args.test_rate}, out {args.out}")
@@ -833,11 +1047,12 @@ def check_steps(steps, interval):
     return sorted(set(range(every, steps + 1, every)) | {steps})
 
 
-def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
+def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch, epochs=None, stage="train"):
     """One epoch of optimiser steps over global batches, each accumulated from micro-batches; the loss of a
     micro-batch is weighted by its share of the global batch, so the step equals one big-batch step.
     A generator: at each validation check it yields (step, mean loss, seconds, samples) since the previous check.
-    It starts where the schedule stands (the schedule counts the steps taken: a run resumed at a mid-epoch check)."""
+    It starts where the schedule stands (the schedule counts the steps taken: a run resumed at a mid-epoch check).
+    Progress: a bar on a terminal; otherwise (SLURM, nohup) about ten `progress` lines an epoch."""
     args = run.args
     if hasattr(run.train_set, "set_epoch"):                # items that depend on the epoch (PROMISE's views)
         run.train_set.set_epoch(epoch)
@@ -847,8 +1062,11 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
     loader = iter(make_loader(run, run.train_set, [m for ms in micro for m in ms]))
     net.train()
     total, samples, t0 = torch.zeros((), device=run.device), 0, time.time()
-    bar = tqdm(total=sum(len(b) for b in batches), initial=sum(len(b) for b in batches[:done]), desc=f"epoch {epoch}",
-               leave=False, disable=not run.main or not sys.stderr.isatty())
+    name = f"[{stage}] epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")      # as fit's check lines count
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=sum(len(b) for b in batches), initial=sum(len(b) for b in batches[:done]), desc=name,
+               leave=False, disable=not run.main or not terminal)
+    every, seen, tick = max(1, len(batches) // 10), 0, (time.time(), sum(len(b) for b in batches[:done]))
     for step, (batch_ids, micro_ids) in enumerate(zip(batches[done:], micro), done + 1):
         finite = torch.ones((), dtype=torch.bool, device=run.device)
         for k, ids in enumerate(micro_ids):
@@ -861,21 +1079,33 @@ def train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
                 (loss * (len(ids) * run.world / len(batch_ids))).backward()
             total += loss.detach() * len(ids)
             finite &= torch.isfinite(loss.detach())
+            seen += len(ids)
             bar.update(len(ids) * run.world)
         stop_if_not_finite(run, finite, total, epoch, step)
         if args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         samples += len(batch_ids)
+        if run.main and step % every == 0 and step not in checks:      # a check prints its own line
+            tick = progress(run, bar, name, step, len(batches), float(total) / seen, lr, tick,
+                            sum(len(b) for b in batches[:step]), sum(len(b) for b in batches), terminal)
+            tensorboard_log(run, {f"{stage}/train_loss": float(total) / seen, f"{stage}/lr": lr}, schedule.last_epoch)
         if step in checks:
             if run.world > 1:
                 dist.all_reduce(total)
+            run.step_lr = lr                                        # the lr of the step the check follows
             yield step, float(total) / samples, time.time() - t0, samples
+            if run.history and run.history[-1]["checks"]:          # fit recorded the check meanwhile
+                check = run.history[-1]["checks"][-1]
+                tensorboard_log(run, {f"{stage}/train_loss": check["train_loss"], f"{stage}/lr": lr,
+                                      **{f"{stage}/val_{k}": v for k, v in check["val"].items()}}, schedule.last_epoch)
             if step < len(batches):                                 # validation left the model in eval mode
                 net.train()
-            total, samples, t0 = torch.zeros((), device=run.device), 0, time.time()
+            total, samples, seen, t0 = torch.zeros((), device=run.device), 0, 0, time.time()
+            tick = (time.time(), sum(len(b) for b in batches[:step]))
     bar.close()
 
 
@@ -891,6 +1121,39 @@ def stop_if_not_finite(run, finite, total, epoch, step):
             f"OUT/last.safetensors holds the last validation check")
 
 
+def progress(run, bar, name, step, steps, loss, lr, tick, done, size, terminal):
+    """Mean loss since the last check and lr on the bar; off a terminal, one log line with samples/s and the epoch's
+    ETA over the samples since the previous line. Returns the new (time, samples done) mark."""
+    now = time.time()
+    rate = (done - tick[1]) / max(now - tick[0], 1e-9)
+    if terminal:
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    else:
+        eta = (size - done) / rate if rate > 0 else float("nan")
+        run.log(f"{name} step {step}/{steps}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} samples/s  "
+                f"epoch ETA {format_seconds(eta)}")
+    return now, done
+
+
+def format_seconds(s):
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def tensorboard_log(run, scalars, step):
+    """--tensorboard: scalars into OUT/tensorboard (rank 0; the writer opens at the first call, flushes each)."""
+    if not getattr(run.args, "tensorboard", False) or not run.main:
+        return
+    if getattr(run, "tensorboard", None) is None:
+        from torch.utils.tensorboard import SummaryWriter
+        run.tensorboard = SummaryWriter(os.path.join(run.args.out, "tensorboard"))
+    for tag, value in scalars.items():
+        run.tensorboard.add_scalar(tag, value, step)
+    run.tensorboard.flush()
+
+
 def record_check(run, stage, epoch, step, loss, seconds, samples, val):
     """run.history holds one entry per epoch (mean loss so far, the latest check's val) with every check inside."""
     h = run.history[-1] if run.history else {}
@@ -900,7 +1163,7 @@ def record_check(run, stage, epoch, step, loss, seconds, samples, val):
     h["train_loss"] = (h["train_loss"] * h["samples"] + loss * samples) / (h["samples"] + samples)
     h["seconds"], h["samples"] = h["seconds"] + seconds, h["samples"] + samples
     h["samples_per_s"], h["val"] = h["samples"] / h["seconds"], val
-    h["checks"].append({"step": step, "train_loss": loss, "val": val})
+    h["checks"].append({"step": step, "train_loss": loss, "lr": getattr(run, "step_lr", None), "val": val})
 
 
 def fit(run, model, loss_fn, epochs=None, stage="train"):
@@ -930,7 +1193,8 @@ def fit(run, model, loss_fn, epochs=None, stage="train"):
             run.best_val = {"stage": stage, "epoch": best["epoch"], "step": best["step"], run.metric: best["metric"]}
         return                                             # (an earlier stage keeps the state resume restored)
     for epoch in range(start, epochs):
-        for step, train_loss, seconds, samples in train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
+        for step, train_loss, seconds, samples in train_one_epoch(run, net, loss_fn, optimizer, schedule, params, epoch,
+                                                                   epochs=epochs, stage=stage):
             val = evaluate(run, model, run.val_set)
             score = val[run.metric] if not math.isnan(val[run.metric]) else -math.inf
             if score > best["metric"] or best["epoch"] < 0:
@@ -1043,7 +1307,8 @@ def predict(run, model, dataset):
     model.eval()
     batches = rank_batches(run, len(dataset))
     scores = []
-    for batch in make_loader(run, dataset, batches):
+    for batch in tqdm(make_loader(run, dataset, batches), total=len(batches), leave=False,
+                      desc=f"predicting {getattr(dataset, 'split', '')}", disable=not run.main or not sys.stderr.isatty()):
         batch = to_device(batch, run.device)
         with autocast(run):
             logits = model(batch)["logits"]
@@ -1118,7 +1383,8 @@ def finish(run, model, extra=None):
                "checkpoint": os.path.abspath(args.checkpoint) if args.eval_only else None,
                "train_samples_per_s": float(np.mean([h["samples_per_s"] for h in epochs])) if epochs else None,
                "wall_time_s": time.time() - run.started, "peak_memory_mb": peak_memory_mb(run.device),
-               "history": run.history, "config": config_of(args), **(extra or {})}
+               "history": run.history, "config": config_of(args), "environment": environment_info(args),
+               **(extra or {})}
     if run.main:
         write_predictions(os.path.join(args.out, "predictions_test.csv"), run.test_set, scores, run.task,
                           run.test_set.class_names)
@@ -1309,26 +1575,83 @@ def eval_grid(run, model):
     if run.main:
         write_json(os.path.join(args.out, "grid.json"), rows)
         write_csv(os.path.join(args.out, "grid.csv"), list(rows[0]), [list(r.values()) for r in rows])
-        plot_grid(rows, run.metric, os.path.join(args.out, "robustness.png"))
+        plot_grid(rows, run.metric, os.path.join(args.out, "robustness.png"), title=grid_title(args))
     return rows
 
 
-def plot_grid(rows, metric, path):
+GRID_LABELS = {"text": "text missing", "image": "image missing", "both": "mixed (text or image)"}
+
+
+def grid_title(args):
+    """robustness.png's title: method, dataset, backbone and the training setting."""
+    return f"{args.method} on {args.dataset}, {args.backbone}; trained with {args.missing} missing {args.rate:g}"
+
+
+def pyplot():
+    """matplotlib.pyplot (Agg), or None with a one-line note when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plot drawn (pip install matplotlib)", flush=True)
+        return None
+    return plt
+
+
+def plot_grid(rows, metric, path, title=None):
+    plt = pyplot()
+    if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for missing_type in ("text", "image", "both"):
         sel = [r for r in rows if r["missing"] == missing_type]
-        ax.plot([r["rate"] for r in sel], [r[metric] for r in sel], marker="o", label=f"{missing_type} missing")
+        ax.plot([r["rate"] for r in sel], [r[metric] for r in sel], marker="o", label=GRID_LABELS[missing_type])
     ax.set_xlabel("test missing rate")
     ax.set_ylabel(metric)
-    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(title="test samples missing")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def history_rows(history, metric):
+    """One row per validation check: stage, epoch (1-based), step, the fractional epoch over all stages (x of the
+    curves), train loss since the previous check, lr of the check's step, every validation metric."""
+    rows, offset, stage = [], 0.0, None
+    for h in history:
+        if h["stage"] != stage and rows:                 # a new stage (MuAP) continues the x axis
+            offset = rows[-1]["x"]
+        stage, steps = h["stage"], max(c["step"] for c in h["checks"])
+        for c in h["checks"]:
+            rows.append({"stage": h["stage"], "epoch": h["epoch"] + 1, "step": c["step"],
+                         "x": offset + h["epoch"] + c["step"] / steps, "train_loss": c["train_loss"],
+                         "lr": c.get("lr"), **{f"val_{k}": v for k, v in c["val"].items()}})
+    return rows
+
+
+def write_history(history, metric, out):
+    """OUT/history.csv (`history_rows`) and, when matplotlib is installed, OUT/curves.png: train loss, lr and the
+    validation metric over epochs."""
+    rows = history_rows(history, metric)
+    if not rows:
+        return
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    write_csv(os.path.join(out, "history.csv"), header, [[r.get(k) for k in header] for r in rows])
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    x = [r["x"] for r in rows]
+    for ax, key, label in zip(axes, ("train_loss", "lr", f"val_{metric}"),
+                              ("train loss", "learning rate", f"validation {metric}")):
+        ax.plot(x, [float("nan") if r.get(key) is None else r[key] for r in rows], marker=".")
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+    fig.tight_layout()
+    atomic_write(os.path.join(out, "curves.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -1516,17 +1839,77 @@ def summary_markdown(rows):
     return "\n".join(lines)
 
 
-def cli(parser, main, argv=None):
-    """Entry point of every method file: parse, apply --eval-only's checkpoint config, --seeds, run."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+class _Resolved(Exception):
+    """Raised by `resolved_config`'s stand-in for setup, carrying main's arguments."""
+
+
+def resolved_config(main, args):
+    """The arguments `main` runs with: what its code before `setup` resolves (MemPrompt's per-dataset defaults, MuAP's
+    stage epochs) applied to args, with nothing loaded (setup is replaced by a stop for the call)."""
+    scope = getattr(main, "__globals__", {})
+    if scope.get("setup") is not setup:
+        return args
+    def stop(a):
+        raise _Resolved(a)
+    scope["setup"] = stop
     try:
+        main(args)
+    except _Resolved as stopped:
+        return stopped.args[0]
+    finally:
+        scope["setup"] = setup
+    return args
+
+
+def check_device(args):
+    """An explicit --device cuda on a machine whose CUDA torch cannot see is an error, never a CPU fallback."""
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here (built for CUDA "
+                        f"{torch.version.cuda or 'none: a CPU-only build'}; CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): fix the driver / install, or pass "
+                        f"--device cpu")
+
+
+def check_tensorboard(args):
+    if getattr(args, "tensorboard", False):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise DataError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop "
+                            "--tensorboard)") from None
+
+
+def write_run_records(results, args):
+    """After a training run (rank 0): OUT/history.csv, one row per validation check, and curves.png."""
+    if int(os.environ.get("RANK", "0")) == 0 and not args.eval_only and results.get("history"):
+        write_history(results["history"], results["metric"], args.out)
+
+
+def cli(parser, main, argv=None):
+    """Entry point of every method file: parse, apply --eval-only's checkpoint config, --print-config, --seeds, run,
+    then the history CSV and curves."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser.main = main                                  # --help resolves per-dataset defaults through main
+    method_options_group(parser)
+    args = parser.parse_args(argv)
+
+    def run(a):
+        results = main(a)
+        write_run_records(results, a)
+        return results
+    try:
+        check_device(args)
+        check_tensorboard(args)
         if args.eval_only:
             apply_checkpoint_config(args, given_options(parser, argv))
+        if args.print_config:
+            config = vars(resolved_config(main, finalize_args(copy.deepcopy(args))))
+            print(json.dumps(config, indent=1, sort_keys=True, default=str))
+            return config
         if args.seeds:
-            return run_seeds(args, main)
+            return run_seeds(args, run)
         args = finalize_args(args)
-        return main(args)
+        return run(args)
     except (DataError, WeightsError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
