@@ -133,7 +133,7 @@ def test_toy_run_off_a_terminal_logs_progress_history_and_curves(tmp_path, capsy
     lrs = expected_lrs(method.parser().parse_args(argv), 16)
     for epoch in (1, 2):
         found = [(int(m.group(1)), m.group(2)) for line in log for m in [re.match(
-            rf"\[train\] epoch {epoch}/2 step (\d)/8  loss \d+\.\d{{4}}  lr (\d\.\d\de-\d\d)  \d+\.\d samples/s  "
+            rf"\[train\] epoch {epoch}/2 step (\d)/8  loss \d+\.\d{{4}}  lr (\d\.\d\de[-+]\d\d)  \d+\.\d samples/s  "
             rf"epoch ETA \d+m\d\ds$", line)] if m]
         assert [s for s, _ in found] == list(range(1, 8)), (epoch, log)   # step 8 is the check: fit's own line
         assert [lr for _, lr in found] == [f"{lrs[8 * (epoch - 1) + s - 1]:.2e}" for s, _ in found]
