@@ -412,6 +412,7 @@ def scores_from_logits(logits, task):
 # ---------------------------------------------------------------------------------------------------------
 def build_parser(method, doc, backbone):
     """The shared CLI. Each method adds its `# Method-specific` flags and sets its paper's defaults."""
+    from data import table_seed_arg
     p = argparse.ArgumentParser(prog=f"{method}.py", description=doc.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="toy", choices=DATASETS)
@@ -426,6 +427,13 @@ def build_parser(method, doc, backbone):
     p.add_argument("--hm-test", default="seen", choices=["seen", "unseen"], help="Hateful Memes dev/test split")
     p.add_argument("--mmimdb-plots", default="all", choices=["all", "first"],
                    help="MM-IMDb: one sample per (movie, plot) as MAP's make_arrow, or per movie with its first plot")
+    p.add_argument("--food101-split", default="official", metavar="{official,per-class,PATH}",
+                   help="Food-101 train/val: official = DATA_ROOT/split.json (MAP, MemPrompt) or DATA_ROOT/valid.csv "
+                        "(AOEPT), else refused; PATH = such a file; per-class = this repository's 10%% carve per "
+                        "class, seed 0 (differs from every official run)")
+    p.add_argument("--table-seed", default=0, type=table_seed_arg,
+                   help="seed of the missing tables, independent of --seed (the official tables are fixed files "
+                        "shared by every seed and method); 'run' = redraw them with each --seed")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--val-interval", type=float, default=1.0,
                    help="validate every this fraction of an epoch and at its end (MAP, MemPrompt, MuAP: the official "
@@ -608,11 +616,14 @@ def seed_everything(seed):
 
 
 def setup(args):
-    """Seed, device, backbone, datasets, run folder. Everything a method needs before building its model."""
+    """Seed, device, datasets, backbone, run folder. Everything a method needs before building its model. The data
+    is read and checked (files, fields, every image) before the weights load: bad data fails at once."""
+    from data import read_splits, with_image_cache
     run = Run(args)
     seed_everything(args.seed)
+    splits = read_splits(args)
     run.bb = load_backbone(args).to(run.device)
-    run.train_set, run.val_set, run.test_set = (load_data(args, run.bb, s) for s in ("train", "val", "test"))
+    run.train_set, run.val_set, run.test_set = (with_image_cache(args, run.bb, ds) for ds in splits)
     run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
     run.num_outputs = num_outputs(run.task, run.num_classes)
     run.metric = METRIC[run.task]
@@ -912,13 +923,16 @@ def write_predictions(path, dataset, scores, task, class_names):
 
 
 def protocol(run):
+    from data import TABLE_SEED_DEFAULT, table_seed
     args = run.args
     splits = {}
     for name, ds in (("train", run.train_set), ("val", run.val_set), ("test", run.test_set)):
         splits[name] = {"size": len(ds), "missing": ds.missing_type, "rate": ds.rate,
-                        "counts": table_counts(ds.missing), "table_hash": ds.table_hash}
+                        "counts": table_counts(ds.missing), "table_hash": ds.table_hash,
+                        "source": getattr(ds, "source", None)}
     return {"missing": args.missing, "rate": args.rate, "test_missing": args.test_missing,
-            "test_rate": args.test_rate, "seed": args.seed, "splits": splits,
+            "test_rate": args.test_rate, "seed": args.seed, "table_seed": table_seed(args),
+            "table_seed_setting": getattr(args, "table_seed", TABLE_SEED_DEFAULT), "splits": splits,
             "dummy_inputs": "missing text -> ''; missing image -> all-ones normalised tensor"}
 
 

@@ -57,13 +57,21 @@ def _sentence(rng, n_words=5):
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def make_food101(root, classes=("apple_pie", "baby_back_ribs", "bibimbap"), n_train=12, n_test=4):
-    """images/{train,test}/<class>/<class>_<n>.jpg and texts/{train,test}_titles.csv (no header).
+def food101_fixture_val(n_train):
+    """Indices (per class) the fixture's split.json puts in val: the last floor(n_train / 10) train rows."""
+    return range(n_train - n_train // 10, n_train)
+
+
+def make_food101(root, classes=("apple_pie", "baby_back_ribs", "bibimbap"), n_train=12, n_test=4, split_file=True):
+    """images/{train,test}/<class>/<class>_<n>.jpg, texts/{train,test}_titles.csv (no header) and, as MAP's
+    datasets/Food101/split.json, split.json {"train", "val", "test": lists of file names} whose val holds the
+    rows `food101_fixture_val` names (split_file=False: no split file).
 
     n_train and n_test are per class; rows are written class by class.
     """
     rng = random.Random(0)
     os.makedirs(os.path.join(root, "texts"), exist_ok=True)
+    official = {"train": [], "val": [], "test": []}
     for split, n in (("train", n_train), ("test", n_test)):
         rows = []
         for name in classes:
@@ -73,8 +81,13 @@ def make_food101(root, classes=("apple_pie", "baby_back_ribs", "bibimbap"), n_tr
                 filename = f"{name}_{split}{i}.jpg"
                 _write_image(os.path.join(folder, filename), rng)
                 rows.append([filename, _sentence(rng), name])
+                in_val = split == "train" and i in food101_fixture_val(n_train)
+                official["val" if in_val else split].append(filename)
         with open(os.path.join(root, "texts", f"{split}_titles.csv"), "w", newline="") as f:
             csv.writer(f).writerows(rows)
+    if split_file:
+        with open(os.path.join(root, "split.json"), "w") as f:
+            json.dump(official, f)
     return str(root)
 
 
