@@ -56,6 +56,18 @@ def test_food101_official_split_json_is_the_default(tmp_path):
     assert train.source == val.source
 
 
+def test_food101_split_json_train_list_is_honoured(tmp_path, capsys):
+    """A train row that split.json lists in neither train nor val is left out, with a line that says so."""
+    root = make_food101(tmp_path, n_train=12, n_test=2)
+    path = os.path.join(root, "split.json")
+    official = json.load(open(path))
+    dropped = official["train"].pop(4)
+    json.dump(official, open(path, "w"))
+    train = load("food101", root, "train")
+    assert dropped[:-4] not in train.ids and train.ids == [name[:-4] for name in official["train"]]
+    assert "1 rows of train_titles.csv are in neither list" in capsys.readouterr().out
+
+
 def test_food101_aoept_valid_csv_and_a_path(tmp_path):
     """AOEPT's valid.csv (header "id", stems): val = its rows, train = every other train row; a file given by path
     is read the same way."""
