@@ -293,11 +293,11 @@ def _read_json(path):
 def _read_jsonl(path):
     """[(line number, object)] of a JSON-lines file; blank lines are skipped."""
     rows = []
-    for line, text in enumerate(_read_text(path).splitlines(), start=1):
-        if not text.strip():
+    for line, content in enumerate(_read_text(path).splitlines(), start=1):
+        if not content.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(content)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {line}: not valid JSON ({e.msg}, column {e.colno}); fix or remove this "
                             f"line") from None
@@ -398,7 +398,7 @@ def _food101_official(samples, path):
     val_names, train_names = read_food101_split(path)
     stems = [os.path.splitext(s[0])[0] for s in samples]
     found = val_names & set(stems)
-    if not found:
+    if val_names and not found:
         raise DataError(f"{path}: none of its {len(val_names)} validation names is a row of texts/train_titles.csv; "
                         f"is it the Food-101 split?")
     if len(found) < len(val_names):

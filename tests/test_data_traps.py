@@ -379,6 +379,8 @@ MUTATIONS = [
      "new": "    return None\n", "why": "trap: Food-101 ignores the official split file in the data root (per-class carve)"},
     {"file": "data.py", "old": "    if choice == \"per-class\":\n        return None\n", "new": "",
      "why": "trap: --food101-split per-class is not honoured"},
+    {"file": "data.py", "old": "samples = val if split == \"val\" else train", "new": "samples = train if split == \"val\" else val",
+     "why": "trap: Food-101 official split with train and val swapped"},
     {"file": "data.py", "old": "stem not in val_names and (train_names is None or stem in train_names)]",
      "new": "stem not in val_names]", "why": "trap: Food-101 train ignores split.json's train list"},
     {"file": "data.py", "old": "    raise DataError(f\"Food-101: the official validation split is not in",
