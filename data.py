@@ -7,9 +7,11 @@ Sections, in reading order:
                       and three synthetic `toy` datasets that run in seconds.
     Preprocessing     each backbone's image preprocessing (ViLT's resize, CLIP's own transform, normalisation); the
                       parameters are the backbone's (bb.shorter, bb.longer, bb.patch, bb.preprocess).
-    Files             atomic writes, JSON and CSV (also used by common.py for results and checkpoints).
-    Image cache       --cache-images: each split decoded and resized once into a uint8 memory map; `load_data`,
-                      one split as a run's arguments ask for it.
+    Files             atomic writes (mode from the umask; stale temporary files of killed runs removed), JSON and
+                      CSV (also used by common.py for results and checkpoints).
+    Image cache       --cache-images: each split decoded and resized once into a uint8 memory map.
+    A run's splits    `read_splits`: the three splits as a run's arguments ask for them, every image checked and
+                      overlaps warned about, before any weights load; `load_data`: one split (the robustness grid).
     Dummy inputs      `Collate`, the one place they are decided: text -> "" (tokenises to start/end tokens and
                       padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for
                       ViLT, DCP for CLIP). SyP zeroes the missing tower's feature itself before its head, as DCP's
@@ -393,7 +395,7 @@ def read_food101_split(path):
     return {os.path.splitext(row[0])[0] for row in rows[1:] if row}, None
 
 
-def _food101_official(samples, path):
+def _food101_official(samples, path, split):
     """Train and val rows of texts/train_titles.csv as the split file names them, and the source record."""
     val_names, train_names = read_food101_split(path)
     stems = [os.path.splitext(s[0])[0] for s in samples]
@@ -401,13 +403,13 @@ def _food101_official(samples, path):
     if val_names and not found:
         raise DataError(f"{path}: none of its {len(val_names)} validation names is a row of texts/train_titles.csv; "
                         f"is it the Food-101 split?")
-    if len(found) < len(val_names):
+    if len(found) < len(val_names) and split == "val":
         print(f"food101 val: {len(val_names) - len(found)} of the {len(val_names)} names in {path} have no row in "
               f"train_titles.csv (empty title or no image); left out")
     val = [s for s, stem in zip(samples, stems) if stem in val_names]
     train = [s for s, stem in zip(samples, stems) if stem not in val_names and (train_names is None or stem in train_names)]
     left_out = len(samples) - len(val) - len(train)
-    if left_out:
+    if left_out and split == "val":
         print(f"food101: {left_out} rows of train_titles.csv are in neither list of {path}; left out")
     return train, val, _source(path, food101_split="official")
 
@@ -428,7 +430,7 @@ def read_food101(root, split, food101_split="official"):
         source = {"food101_split": "per-class", "rule": "floor(n_c / 10) train rows of each class, seed 0 (this "
                                                         "repository's; differs from every official run)"}
     else:
-        train, val, source = _food101_official(samples, path)
+        train, val, source = _food101_official(samples, path, split)
         samples = val if split == "val" else train
     if split == "val":
         print(f"food101 val: {len(samples)} rows, split {source.get('file', 'per-class 10% carve, seed 0')}"
@@ -871,13 +873,16 @@ def warn_overlaps(splits):
 def read_split(args, split, missing_type=None, rate=None):
     """One split as the run's arguments say: train / val with --missing --rate, test with --test-missing --test-rate
     (or the given type and rate, for the robustness grid); tables drawn with `table_seed(args)`. No weights needed."""
+    food101_split = getattr(args, "food101_split", "official")
+    if food101_split != "official" and args.dataset != "food101":
+        raise DataError(f"--food101-split {food101_split} applies to --dataset food101 only, not {args.dataset}")
     if split == "test":
         missing_type, rate = missing_type or args.test_missing, args.test_rate if rate is None else rate
     else:
         missing_type, rate = args.missing, args.rate
     return load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=table_seed(args),
                       hm_test=args.hm_test, mmimdb_plots=args.mmimdb_plots,
-                      food101_split=getattr(args, "food101_split", "official"))
+                      food101_split=food101_split)
 
 
 def read_splits(args):

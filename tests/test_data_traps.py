@@ -63,8 +63,8 @@ def test_food101_split_json_train_list_is_honoured(tmp_path, capsys):
     official = json.load(open(path))
     dropped = official["train"].pop(4)
     json.dump(official, open(path, "w"))
-    train = load("food101", root, "train")
-    assert dropped[:-4] not in train.ids and train.ids == [name[:-4] for name in official["train"]]
+    train, val = load("food101", root, "train"), load("food101", root, "val")
+    assert dropped[:-4] not in train.ids + val.ids and train.ids == [name[:-4] for name in official["train"]]
     assert "1 rows of train_titles.csv are in neither list" in capsys.readouterr().out
 
 
@@ -98,6 +98,12 @@ def test_food101_without_split_file_is_refused_and_per_class_is_the_opt_in(tmp_p
     assert "differs from the official split" in capsys.readouterr().out
     official = make_food101(tmp_path / "o", n_train=12, n_test=2)
     assert set(val.ids) != set(load("food101", official, "val").ids)
+
+
+def test_food101_split_flag_on_another_dataset_refused():
+    with pytest.raises(DataError, match="--food101-split per-class applies to --dataset food101 only"):
+        data.read_split(args_for("toy", None, food101_split="per-class"), "val")
+    assert len(data.read_split(args_for("toy", None), "val")) == 128
 
 
 def test_food101_split_recorded_in_the_protocol(tmp_path, monkeypatch, capsys):
@@ -386,6 +392,8 @@ MUTATIONS = [
     {"file": "data.py", "old": "    raise DataError(f\"Food-101: the official validation split is not in",
      "new": "    return None\n    raise DataError(f\"Food-101: the official validation split is not in",
      "why": "trap: Food-101 without a split file silently carves per class"},
+    {"file": "data.py", "old": "    if food101_split != \"official\" and args.dataset != \"food101\":\n", "new": "    if False:\n",
+     "why": "trap: --food101-split on another dataset silently ignored"},
     {"file": "data.py", "old": "return args.seed if seed == \"run\" else int(seed)", "new": "return args.seed",
      "why": "trap: the missing tables follow the run seed again"},
     {"file": "data.py", "old": "return args.seed if seed == \"run\" else int(seed)", "new": "return int(seed) if seed != \"run\" else 0",
