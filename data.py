@@ -35,8 +35,9 @@ Decisions (one line each):
   instead (differs from every official run). The source file and its sha256 are recorded.
 - Reading: every text file is UTF-8 (a BOM is skipped); a bad byte, a malformed JSON line or a missing field is a
   DataError naming file, line and field. Every image of every split is checked before training (its header
-  decodes; a JPEG / PNG ends with its end marker) and all bad files are reported at once. 16-bit greyscale is
-  scaled to 8 bits. Duplicate ids and val / test samples also in train are warned about with counts.
+  decodes; a JPEG / PNG holds its end marker in its last 64 KiB, so a JPEG with a longer trailer after its end is
+  refused too) and all bad files are reported at once. 16-bit greyscale is scaled to 8 bits (v / 257). Duplicate
+  ids and val / test samples also in train are warned about with counts.
 - MM-IMDb: "plot" given as a string is one plot; "genres" as a string must be one genre name (else refused).
 - Hateful Memes: a val or test file with a single class is refused (AUROC needs both).
 - MM-IMDb, mmimdb_plots="all" (default, MAP's make_arrow single_plot=False): one sample per (movie, plot), id
