@@ -554,8 +554,9 @@ def read_hatememes(root, split, hm_test="seen"):
         texts.append(row["text"])
         labels.append(row["label"])
     if split != "train" and len(set(labels)) < 2:
-        raise DataError(f"{path}: every row has label {labels[0] if labels else None}; AUROC needs both classes, "
-                        f"so this {split} split cannot be scored. Use the full {jsonl} of the download")
+        found = f"every row has label {labels[0]}" if labels else "no rows"
+        raise DataError(f"{path}: {found}; AUROC needs both classes, so this {split} split cannot be scored. Use "
+                        f"the full {jsonl} of the download")
     return dict(class_names=["not_hateful", "hateful"], ids=ids, images=images, texts=texts,
                 labels=np.asarray(labels, dtype=np.int64), source=_source(path))
 
