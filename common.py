@@ -474,6 +474,7 @@ def scores_from_logits(logits, task):
 def build_parser(method, doc, backbone):
     """The shared CLI. Each method adds its `# Method-specific` flags and sets its paper's defaults; `cli` puts those
     in their own group. --help states every default (`HelpFormatter`)."""
+    from data import table_seed_arg
     p = Parser(prog=f"{method}.py", description=doc_title(doc), formatter_class=HelpFormatter,
                                 epilog="Defaults given per dataset are those of the paper's backbone and the default "
                                        "--missing; --print-config prints the configuration any command line resolves "
@@ -495,6 +496,13 @@ def build_parser(method, doc, backbone):
                    help="MM-IMDb F1 definition reported as f1_macro (the other is kept as f1_macro_<definition>): "
                         "torchmetrics-0.9 = MAP/MemPrompt's code (p >= 0.5, classes never seen left out of the macro "
                         "mean); torchmetrics-1 = AOEPT's (p > 0.5, such classes count 0)")
+    p.add_argument("--food101-split", default="official", metavar="{official,per-class,PATH}",
+                   help="Food-101 train/val: official = DATA_ROOT/split.json (MAP, MemPrompt) or DATA_ROOT/valid.csv "
+                        "(AOEPT), else refused; PATH = such a file; per-class = this repository's 10%% carve per "
+                        "class, seed 0 (differs from every official run)")
+    p.add_argument("--table-seed", default=0, type=table_seed_arg,
+                   help="seed of the missing tables, independent of --seed (the official tables are fixed files "
+                        "shared by every seed and method); 'run' = redraw them with each --seed")
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--val-interval", type=float, default=1.0,
                    help="validate every this fraction of an epoch and at its end (MAP, MemPrompt, MuAP: their official "
@@ -561,7 +569,8 @@ def build_parser(method, doc, backbone):
 # --help: the shared flags by topic (a flag added to build_parser and not listed here stays under "options").
 OPTION_GROUPS = {
     "data and missing protocol": ("dataset", "data_root", "missing", "rate", "test_missing", "test_rate", "hm_test",
-                                  "mmimdb_plots", "max_text_len", "cache_images", "image_cache_dir"),
+                                  "mmimdb_plots", "food101_split", "table_seed", "max_text_len", "cache_images",
+                                  "image_cache_dir"),
     "backbone": ("backbone", "clip_model", "clip_pretrained", "clip_quick_gelu", "vilt_path", "backbone_dropout"),
     "optimisation": ("epochs", "val_interval", "batch_size", "micro_batch", "lr", "weight_decay", "optimizer",
                      "decay_exempt", "schedule", "warmup", "warmup_start", "clip_grad", "seed", "seeds"),
@@ -903,15 +912,18 @@ def seed_everything(seed):
 
 
 def setup(args):
-    """Seed, device, backbone, datasets, run folder. Everything a method needs before building its model."""
+    """Seed, device, datasets, backbone, run folder. Everything a method needs before building its model. The data
+    is read and checked (files, fields, every image) before the weights load: bad data fails at once."""
+    from data import read_splits, with_image_cache
     run = Run(args)
     if run.main:                                           # before anything is loaded: the folder is ours to write
         if not args.eval_only and not args.resume:
             refuse_run_folder(args.out, args.overwrite)
         claim_folder(args.out)
     seed_everything(args.seed)
+    splits = read_splits(args)
     run.bb = load_backbone(args).to(run.device)
-    run.train_set, run.val_set, run.test_set = (load_data(args, run.bb, s) for s in ("train", "val", "test"))
+    run.train_set, run.val_set, run.test_set = (with_image_cache(args, run.bb, ds) for ds in splits)
     run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
     run.num_outputs = num_outputs(run.task, run.num_classes)
     run.metric = METRIC[run.task]
@@ -1338,13 +1350,16 @@ def write_predictions(path, dataset, scores, task, class_names):
 
 
 def protocol(run):
+    from data import TABLE_SEED_DEFAULT, table_seed
     args = run.args
     splits = {}
     for name, ds in (("train", run.train_set), ("val", run.val_set), ("test", run.test_set)):
         splits[name] = {"size": len(ds), "missing": ds.missing_type, "rate": ds.rate,
-                        "counts": table_counts(ds.missing), "table_hash": ds.table_hash}
+                        "counts": table_counts(ds.missing), "table_hash": ds.table_hash,
+                        "source": getattr(ds, "source", None)}
     return {"missing": args.missing, "rate": args.rate, "test_missing": args.test_missing,
-            "test_rate": args.test_rate, "seed": args.seed, "splits": splits,
+            "test_rate": args.test_rate, "seed": args.seed, "table_seed": table_seed(args),
+            "table_seed_setting": getattr(args, "table_seed", TABLE_SEED_DEFAULT), "splits": splits,
             "f1": f"{args.f1} (F1-Macro as that torchmetrics computes it; both definitions kept in metrics)"
                   if run.task == "multilabel" else None,
             "schedule": f"{args.schedule} after a warm-up of int({args.warmup} x steps) steps from "

@@ -7,9 +7,11 @@ Sections, in reading order:
                       and three synthetic `toy` datasets that run in seconds.
     Preprocessing     each backbone's image preprocessing (ViLT's resize, CLIP's own transform, normalisation); the
                       parameters are the backbone's (bb.shorter, bb.longer, bb.patch, bb.preprocess).
-    Files             atomic writes, JSON and CSV (also used by common.py for results and checkpoints).
-    Image cache       --cache-images: each split decoded and resized once into a uint8 memory map; `load_data`,
-                      one split as a run's arguments ask for it.
+    Files             atomic writes (mode from the umask; stale temporary files of killed runs removed), JSON and
+                      CSV (also used by common.py for results and checkpoints).
+    Image cache       --cache-images: each split decoded and resized once into a uint8 memory map.
+    A run's splits    `read_splits`: the three splits as a run's arguments ask for them, every image checked and
+                      overlaps warned about, before any weights load; `load_data`: one split (the robustness grid).
     Dummy inputs      `Collate`, the one place they are decided: text -> "" (tokenises to start/end tokens and
                       padding); image -> an all-ones tensor after normalisation, the size of the real image (MAP for
                       ViLT, DCP for CLIP). SyP zeroes the missing tower's feature itself before its head, as DCP's
@@ -19,12 +21,25 @@ Sections, in reading order:
 This file imports nothing from common.py (common.py imports it).
 
 Decisions (one line each):
-- Missing table: a pure function of (dataset, split, type, rate, seed); each split is drawn independently.
+- Missing table: a pure function of (dataset, split, type, rate, table seed); each split is drawn independently. The
+  table seed is its own setting (--table-seed, default 0), not the run seed: like the official tables (files keyed by
+  split, type and rate, drawn once and reused by every seed and method), `--seeds 0 1 2` and two methods see the
+  same tables. `--table-seed run` redraws them with each run seed.
 - Rounding: total = floor(n * rate), computed exactly with Fraction(str(rate)) (0.7 * 10 -> 7).
 - "both": total // 2 samples image-missing, the rest text-missing (MAP's rule), disjoint.
 - Food-101: rows with an empty title are dropped (MAP skips text-less samples too); one line is printed.
-- Food-101 val: carved from the official train rows with a fixed seed 0 (not the run seed), stratified:
-  floor(n_c / 10) rows of each class c go to val, so |val| = sum_c floor(n_c / 10); train is the rest.
+- Food-101 val: the official split (MAP's and MemPrompt's datasets/Food101/split.json: train 61,142 / val 6,846;
+  AOEPT's data/food101/valid.csv holds the same val list less one row), read from ROOT/split.json, ROOT/valid.csv
+  or --food101-split PATH; with split.json train is its "train" list, with valid.csv every other row. Absent, the
+  run is refused. `--food101-split per-class` carves floor(n_c / 10) rows of each class c with a fixed seed 0
+  instead (differs from every official run). The source file and its sha256 are recorded.
+- Reading: every text file is UTF-8 (a BOM is skipped); a bad byte, a malformed JSON line or a missing field is a
+  DataError naming file, line and field. Every image of every split is checked before training (its header
+  decodes; a JPEG / PNG holds its end marker in its last 64 KiB, so a JPEG with a longer trailer after its end is
+  refused too) and all bad files are reported at once. 16-bit greyscale is scaled to 8 bits (v / 257). Duplicate
+  ids and val / test samples also in train are warned about with counts.
+- MM-IMDb: "plot" given as a string is one plot; "genres" as a string must be one genre name (else refused).
+- Hateful Memes: a val or test file with a single class is refused (AUROC needs both).
 - MM-IMDb, mmimdb_plots="all" (default, MAP's make_arrow single_plot=False): one sample per (movie, plot), id
   "<movie>#<k>", so the metrics count plots; the missing table is drawn over the movies and each plot takes its movie's
   code (MAP indexes its table by movie). "first": one sample per movie, plot[0] (movie-level metrics, as AOEPT).
@@ -33,10 +48,14 @@ Decisions (one line each):
 - Hateful Memes: val = dev_seen.jsonl, test = test_seen.jsonl (hm_test="unseen": the *_unseen files).
 - Toy data depend only on (dataset, split), never on the run seed.
 """
+import codecs
 import csv
 import hashlib
+import io
 import json
 import os
+import re
+import socket
 import tempfile
 from fractions import Fraction
 
@@ -63,6 +82,13 @@ MMIMDB_GENRES = ["Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "A
                  "Music", "Animation", "Musical", "Western", "Sport", "Short", "Film-Noir"]
 FOOD101_VAL_SEED = 0
 FOOD101_VAL_FRACTION = Fraction(1, 10)
+# The official Food-101 split, looked for in the data root in this order (MAP / MemPrompt's, then AOEPT's).
+FOOD101_SPLIT_FILES = ("split.json", "valid.csv")
+FOOD101_SPLIT_SOURCES = ("https://github.com/YiLunLee/missing_aware_prompts/raw/main/datasets/Food101/split.json "
+                         "(MAP and MemPrompt; save it as ROOT/split.json) or "
+                         "https://github.com/Jian-Lang/AOEPT/raw/master/data/food101/valid.csv (AOEPT; save it as "
+                         "ROOT/valid.csv)")
+TABLE_SEED_DEFAULT = 0
 
 
 class DataError(Exception):
@@ -87,12 +113,37 @@ def _stable_seed(key):
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def table_seed_arg(value):
+    """--table-seed: an integer, or "run" (the run's --seed: tables redrawn with every seed)."""
+    if value == "run":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--table-seed takes an integer or 'run', not {value!r}") from None
+
+
+def table_seed(args):
+    """The seed the missing tables are drawn with: --table-seed, or the run seed under --table-seed run."""
+    seed = getattr(args, "table_seed", TABLE_SEED_DEFAULT)
+    return args.seed if seed == "run" else int(seed)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Missing tables
 # ----------------------------------------------------------------------------------------------------
 
 def missing_table(n, missing_type, rate, *, dataset, split, seed):
-    """int8 missing codes of shape (n,), a pure function of (dataset, split, type, rate, seed).
+    """int8 missing codes of shape (n,), a pure function of (dataset, split, type, rate, seed); `seed` is the table
+    seed (`table_seed(args)`), not the run seed.
 
     total = floor(n * rate), exact (Fraction(str(rate))). text: total text-missing; image: total
     image-missing; both: total // 2 image-missing and total - total // 2 text-missing, disjoint;
@@ -140,16 +191,19 @@ def table_counts(table):
 class MMDataset(torch.utils.data.Dataset):
     """Image-text samples of one split with their missing codes.
 
-    `images[i]` is a file path (loaded lazily) or a uint8 (H, W, 3) array (toy data).
+    `images[i]` is a file path (loaded lazily) or a uint8 (H, W, 3) array (toy data). `source`: the files this split
+    was read from and how (recorded in results.json).
     """
 
-    def __init__(self, name, split, class_names, ids, images, texts, labels, *, missing_type, rate, seed, groups=None):
+    def __init__(self, name, split, class_names, ids, images, texts, labels, *, missing_type, rate, seed, groups=None,
+                 source=None):
         self.name, self.split = name, split
         self.task = TASK[name]
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.ids, self.images, self.texts, self._labels = list(ids), images, list(texts), labels
         self.missing_type, self.rate = missing_type, rate
+        self.source = source or {}
         # groups[i]: the row of the table sample i takes (MM-IMDb: its movie); default one row per sample.
         groups = np.arange(len(self.ids)) if groups is None else np.asarray(groups, dtype=np.int64)
         n_rows = int(groups.max()) + 1 if len(groups) else 0
@@ -171,8 +225,8 @@ class MMDataset(torch.utils.data.Dataset):
             return Image.fromarray(image)
         try:
             with Image.open(image) as f:
-                return f.convert("RGB")
-        except OSError as e:
+                return to_rgb(f)
+        except (OSError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {image} ({e}); re-download or remove this sample") from e
 
     def labels(self):
@@ -182,24 +236,34 @@ class MMDataset(torch.utils.data.Dataset):
         return np.asarray(self._labels, dtype=np.int64)
 
 
-def load_split(dataset, root, split, *, missing_type, rate, seed, hm_test="seen", mmimdb_plots="all"):
-    """Read one split ("train", "val" or "test") and attach its missing table."""
+def to_rgb(img):
+    """A PIL image -> RGB. 16-bit greyscale (mode I;16 or I) is scaled to 8 bits, v -> round(v / 257):
+    convert("RGB") would clip every value above 255 to white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.clip(np.round(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_split(dataset, root, split, *, missing_type, rate, seed, hm_test="seen", mmimdb_plots="all",
+               food101_split="official"):
+    """Read one split ("train", "val" or "test") and attach its missing table (`seed`: the table seed)."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; use one of {DATASETS}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
-    groups = None                                                   # each sample's table row (MM-IMDb: its movie)
     if dataset.startswith("toy"):
         class_names, ids, images, texts, labels = make_toy(dataset, split)
+        read = dict(class_names=class_names, ids=ids, images=images, texts=texts, labels=labels,
+                    source={"generated": f"make_toy({dataset!r}, {split!r})"})
     else:
         if root is None or not os.path.isdir(root):
             raise DataError(f"data root not found: {root}\nexpected layout:\n{dataset_layout(dataset)}")
         reader = {"food101": read_food101, "mmimdb": read_mmimdb, "hatememes": read_hatememes}[dataset]
-        extra = {"hatememes": {"hm_test": hm_test}, "mmimdb": {"plots": mmimdb_plots}}.get(dataset, {})
-        class_names, ids, images, texts, labels, *rows = reader(root, split, **extra)
-        groups = rows[0] if rows else None
-    return MMDataset(dataset, split, class_names, ids, images, texts, labels,
-                     missing_type=missing_type, rate=rate, seed=seed, groups=groups)
+        extra = {"hatememes": {"hm_test": hm_test}, "mmimdb": {"plots": mmimdb_plots},
+                 "food101": {"food101_split": food101_split}}[dataset]
+        read = reader(root, split, **extra)
+    return MMDataset(dataset, split, missing_type=missing_type, rate=rate, seed=seed, **read)
 
 
 def _require_file(path, dataset):
@@ -207,29 +271,72 @@ def _require_file(path, dataset):
         raise DataError(f"file not found: {path}\nexpected layout:\n{dataset_layout(dataset)}")
 
 
+def _read_text(path):
+    """A text file as str: UTF-8, a leading BOM skipped; a byte that is not UTF-8 is an error naming its line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; re-save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8)") from None
+
+
+def _read_json(path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}); fix the file or "
+                        f"download it again") from None
+
+
+def _read_jsonl(path):
+    """[(line number, object)] of a JSON-lines file; blank lines are skipped."""
+    rows = []
+    for line, content in enumerate(_read_text(path).splitlines(), start=1):
+        if not content.strip():
+            continue
+        try:
+            row = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {line}: not valid JSON ({e.msg}, column {e.colno}); fix or remove this "
+                            f"line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {line}: expected a JSON object with fields id, img, label, text")
+        rows.append((line, row))
+    return rows
+
+
+def _source(path, **how):
+    return {"file": os.path.abspath(path), "sha256": file_sha256(path), **how}
+
+
 # ----------------------------------------------------------------------------------------------------
 # UPMC Food-101
 # ----------------------------------------------------------------------------------------------------
 
 def _read_food101_csv(root, official_split, class_names):
-    """Rows (filename, text, class index) of texts/<split>_titles.csv whose image exists."""
+    """Rows (filename, image path, text, class index) of texts/<split>_titles.csv whose title is not empty."""
     csv_path = os.path.join(root, "texts", f"{official_split}_titles.csv")
     _require_file(csv_path, "food101")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if rows and rows[0] and rows[0][0] == "filename":
-        rows = rows[1:]
+    reader = csv.reader(io.StringIO(_read_text(csv_path), newline=""))
     class_index = {name: k for k, name in enumerate(class_names)}
     samples, n_empty, seen_classes = [], 0, set()
-    for line, row in enumerate(rows, start=1):
+    for row in reader:
+        line = reader.line_num
+        if line == 1 and row and row[0] == "filename":
+            continue
         if len(row) != 3:
-            raise DataError(f"{csv_path} row {line}: expected 3 columns (filename,text,class), got {len(row)}")
+            raise DataError(f"{csv_path} line {line}: expected 3 columns (filename,text,class), got {len(row)}")
         filename, text, class_name = row
         if class_name not in class_index:
-            raise DataError(f"{csv_path} row {line}: class {class_name!r} has no folder images/train/{class_name}")
+            raise DataError(f"{csv_path} line {line}: class {class_name!r} has no folder images/train/{class_name}")
         image = os.path.join(root, "images", official_split, class_name, filename)
         if not os.path.isfile(image):
-            raise DataError(f"{csv_path} row {line}: image file not found: {image}")
+            raise DataError(f"{csv_path} line {line}: image file not found: {image}")
         seen_classes.add(class_name)
         if not text.strip():
             n_empty += 1
@@ -244,7 +351,7 @@ def _read_food101_csv(root, official_split, class_names):
 
 
 def _food101_val_rows(labels):
-    """Indices of the val rows: floor(n_c / 10) rows per class c, drawn with the fixed seed 0."""
+    """--food101-split per-class: indices of the val rows, floor(n_c / 10) rows per class c, fixed seed 0."""
     rng = np.random.default_rng(FOOD101_VAL_SEED)
     labels = np.asarray(labels)
     val = []
@@ -255,19 +362,85 @@ def _food101_val_rows(labels):
     return sorted(val)
 
 
-def read_food101(root, split):
-    """Food-101: class names = sorted folders of images/train; val carved from official train."""
+def food101_split_file(root, choice):
+    """The official split file: --food101-split PATH, else ROOT/split.json or ROOT/valid.csv; None for per-class."""
+    if choice == "per-class":
+        return None
+    if choice != "official":
+        if not os.path.isfile(choice):
+            raise DataError(f"--food101-split {choice}: file not found; pass MAP's split.json or AOEPT's valid.csv, "
+                            f"or 'per-class'")
+        return choice
+    for name in FOOD101_SPLIT_FILES:
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise DataError(f"Food-101: the official validation split is not in {root} (looked for "
+                    f"{' and '.join(FOOD101_SPLIT_FILES)}). Download {FOOD101_SPLIT_SOURCES}, or pass "
+                    f"--food101-split PATH. --food101-split per-class carves 10% of each class with seed 0 instead, "
+                    f"a split that differs from every official run")
+
+
+def read_food101_split(path):
+    """(val names, train names or None) as file stems: MAP's split.json ({"train", "val", "test"} lists of
+    "<class>_<n>.jpg") or AOEPT's valid.csv (header "id", one "<class>_<n>" a line; train = every other row)."""
+    if path.endswith(".json"):
+        split = _read_json(path)
+        if not isinstance(split, dict) or not isinstance(split.get("val"), list):
+            raise DataError(f"{path}: expected MAP's Food-101 split.json, an object with a 'val' list of file names")
+        stems = {key: {os.path.splitext(str(name))[0] for name in split[key]}
+                 for key in ("train", "val") if isinstance(split.get(key), list)}
+        return stems["val"], stems.get("train")
+    rows = list(csv.reader(io.StringIO(_read_text(path), newline="")))
+    if not rows or rows[0] != ["id"]:
+        raise DataError(f"{path}: expected AOEPT's valid.csv, a header 'id' then one '<class>_<n>' a line")
+    return {os.path.splitext(row[0])[0] for row in rows[1:] if row}, None
+
+
+def _food101_official(samples, path, split):
+    """Train and val rows of texts/train_titles.csv as the split file names them, and the source record."""
+    val_names, train_names = read_food101_split(path)
+    stems = [os.path.splitext(s[0])[0] for s in samples]
+    found = val_names & set(stems)
+    if val_names and not found:
+        raise DataError(f"{path}: none of its {len(val_names)} validation names is a row of texts/train_titles.csv; "
+                        f"is it the Food-101 split?")
+    if len(found) < len(val_names) and split == "val":
+        print(f"food101 val: {len(val_names) - len(found)} of the {len(val_names)} names in {path} have no row in "
+              f"train_titles.csv (empty title or no image); left out")
+    val = [s for s, stem in zip(samples, stems) if stem in val_names]
+    train = [s for s, stem in zip(samples, stems) if stem not in val_names and (train_names is None or stem in train_names)]
+    left_out = len(samples) - len(val) - len(train)
+    if left_out and split == "val":
+        print(f"food101: {left_out} rows of train_titles.csv are in neither list of {path}; left out")
+    return train, val, _source(path, food101_split="official")
+
+
+def read_food101(root, split, food101_split="official"):
+    """Food-101: class names = sorted folders of images/train; val = the official split's list (or per-class)."""
     train_dir = os.path.join(root, "images", "train")
     if not os.path.isdir(train_dir):
         raise DataError(f"folder not found: {train_dir}\nexpected layout:\n{dataset_layout('food101')}")
     class_names = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    path = food101_split_file(root, food101_split)                  # refused before anything is read
     samples = _read_food101_csv(root, "test" if split == "test" else "train", class_names)
-    if split != "test":
+    if split == "test":
+        source = _source(os.path.join(root, "texts", "test_titles.csv"))
+    elif path is None:
         val = set(_food101_val_rows([s[3] for s in samples]))
         samples = [s for k, s in enumerate(samples) if (k in val) == (split == "val")]
+        source = {"food101_split": "per-class", "rule": "floor(n_c / 10) train rows of each class, seed 0 (this "
+                                                        "repository's; differs from every official run)"}
+    else:
+        train, val, source = _food101_official(samples, path, split)
+        samples = val if split == "val" else train
+    if split == "val":
+        print(f"food101 val: {len(samples)} rows, split {source.get('file', 'per-class 10% carve, seed 0')}"
+              + (f" (sha256 {source['sha256'][:16]})" if "sha256" in source else
+                 " (differs from the official split of MAP, MemPrompt and AOEPT)"))
     ids, images, texts, labels = (list(column) for column in zip(*samples)) if samples else ([], [], [], [])
     ids = [os.path.splitext(name)[0] for name in ids]
-    return class_names, ids, images, texts, np.asarray(labels, dtype=np.int64)
+    return dict(class_names=class_names, ids=ids, images=images, texts=texts,
+                labels=np.asarray(labels, dtype=np.int64), source=source)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,8 +448,13 @@ def read_food101(root, split):
 # ----------------------------------------------------------------------------------------------------
 
 def _mmimdb_texts(meta, json_path, plots):
-    """The movie's texts: every non-empty plot ("all") or the first ("first"); else its "plot outline"."""
-    found = [p for p in meta.get("plot") or [] if isinstance(p, str) and p.strip()]
+    """The movie's texts: every non-empty plot ("all") or the first ("first"); else its "plot outline".
+    A "plot" given as one string is one plot."""
+    plot = meta.get("plot") or []
+    plot = [plot] if isinstance(plot, str) else plot
+    if not isinstance(plot, list):
+        raise DataError(f"{json_path}: 'plot' is a {type(plot).__name__}; give a list of strings (or one string)")
+    found = [p for p in plot if isinstance(p, str) and p.strip()]
     if found:
         return found if plots == "all" else found[:1]
     outline = meta.get("plot outline")
@@ -285,15 +463,37 @@ def _mmimdb_texts(meta, json_path, plots):
     raise DataError(f"{json_path}: no 'plot' or 'plot outline' field; this movie has no text to read")
 
 
+MMIMDB_IGNORED_GENRES = ("Adult", "News", "Reality-TV", "Talk-Show")
+
+
+def _mmimdb_genres(meta, json_path):
+    """The "genres" list; one string must be one genre name (a joined "Drama, Comedy" is refused, not guessed)."""
+    if "genres" not in meta:
+        raise DataError(f"{json_path}: no 'genres' field; MM-IMDb labels come from it")
+    genres = meta["genres"]
+    if isinstance(genres, str):
+        if genres not in MMIMDB_GENRES and genres not in MMIMDB_IGNORED_GENRES:
+            raise DataError(f"{json_path}: 'genres' is the string {genres!r}, not a genre name; give a list, "
+                            f"e.g. [\"Drama\", \"Comedy\"]")
+        genres = [genres]
+    if not isinstance(genres, list):
+        raise DataError(f"{json_path}: 'genres' is a {type(genres).__name__}; give a list of genre names")
+    return genres
+
+
 def read_mmimdb(root, split, plots="all"):
     """MM-IMDb: movies from split.json (val = "dev"); 23 genres in MAP's order; one sample per (movie, plot) or per
-    movie (plots="first"). Returns also each sample's movie row, which its missing code follows."""
+    movie (plots="first"). Returns also each sample's movie row (groups), which its missing code follows."""
     if plots not in ("all", "first"):
         raise DataError(f"unknown --mmimdb-plots {plots!r}; use 'all' (one sample per plot) or 'first'")
     split_path = os.path.join(root, "split.json")
     _require_file(split_path, "mmimdb")
-    with open(split_path) as f:
-        movies = [str(i) for i in json.load(f)[{"train": "train", "val": "dev", "test": "test"}[split]]]
+    key = {"train": "train", "val": "dev", "test": "test"}[split]
+    split_lists = _read_json(split_path)
+    if not isinstance(split_lists, dict) or not isinstance(split_lists.get(key), list):
+        raise DataError(f"{split_path}: no '{key}' list of movie ids; expected {{\"train\": [...], \"dev\": [...], "
+                        f"\"test\": [...]}}")
+    movies = [str(i) for i in split_lists[key]]
     folder = os.path.join(root, "dataset") if os.path.isdir(os.path.join(root, "dataset")) else root
     genre_index = {g: k for k, g in enumerate(MMIMDB_GENRES)}
     ids, images, texts, labels, rows = [], [], [], [], []
@@ -301,12 +501,11 @@ def read_mmimdb(root, split, plots="all"):
         json_path, image = os.path.join(folder, f"{movie}.json"), os.path.join(folder, f"{movie}.jpeg")
         _require_file(json_path, "mmimdb")
         _require_file(image, "mmimdb")
-        with open(json_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if "genres" not in meta:
-            raise DataError(f"{json_path}: no 'genres' field; MM-IMDb labels come from it")
+        meta = _read_json(json_path)
+        if not isinstance(meta, dict):
+            raise DataError(f"{json_path}: expected a JSON object with 'genres' and 'plot'")
         label = np.zeros(len(MMIMDB_GENRES), dtype=np.float32)
-        for genre in meta["genres"]:
+        for genre in _mmimdb_genres(meta, json_path):
             if genre in genre_index:
                 label[genre_index[genre]] = 1.0
         for k, text in enumerate(_mmimdb_texts(meta, json_path, plots)):
@@ -316,36 +515,50 @@ def read_mmimdb(root, split, plots="all"):
             labels.append(label)
             rows.append(row)
     labels = np.stack(labels) if labels else np.zeros((0, len(MMIMDB_GENRES)), dtype=np.float32)
-    return MMIMDB_GENRES, ids, images, texts, labels, rows
+    return dict(class_names=MMIMDB_GENRES, ids=ids, images=images, texts=texts, labels=labels, groups=rows,
+                source=_source(split_path, key=key, plots=plots))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Hateful Memes
 # ----------------------------------------------------------------------------------------------------
 
+HATEMEMES_FIELDS = {"id": "the meme id", "img": "the image path, e.g. img/01235.png", "text": "the meme's text"}
+
+
 def read_hatememes(root, split, hm_test="seen"):
-    """Hateful Memes: train.jsonl, dev_<hm_test>.jsonl, test_<hm_test>.jsonl; images via the `img` field."""
+    """Hateful Memes: train.jsonl, dev_<hm_test>.jsonl, test_<hm_test>.jsonl; images via the `img` field.
+    A val or test file with one class is refused: its AUROC is undefined."""
     if hm_test not in ("seen", "unseen"):
         raise DataError(f"unknown hm_test {hm_test!r}; use 'seen' or 'unseen'")
     jsonl = {"train": "train.jsonl", "val": f"dev_{hm_test}.jsonl", "test": f"test_{hm_test}.jsonl"}[split]
     path = os.path.join(root, jsonl)
     _require_file(path, "hatememes")
     ids, images, texts, labels = [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for line, row in enumerate(rows, start=1):
+    for line, row in _read_jsonl(path):
         if "label" not in row:
-            raise DataError(f"{path} row {line}: no 'label'; this split has no labels (like Kaggle's test.jsonl); "
+            raise DataError(f"{path} line {line}: no 'label'; this split has no labels (like Kaggle's test.jsonl); "
                             f"use test_seen.jsonl (Kaggle williamberrios/hateful-memes)")
         if row["label"] not in (0, 1):
-            raise DataError(f"{path} row {line}: label {row['label']!r} is not 0 or 1")
+            raise DataError(f"{path} line {line}: label {row['label']!r} is not 0 or 1")
+        for field, meaning in HATEMEMES_FIELDS.items():
+            if field not in row:
+                raise DataError(f"{path} line {line}: no '{field}' field ({meaning}); every row needs id, img, "
+                                f"label and text")
+        if not isinstance(row["text"], str):
+            raise DataError(f"{path} line {line}: 'text' is a {type(row['text']).__name__}, not a string")
         image = os.path.join(root, row["img"])
         _require_file(image, "hatememes")
         ids.append(str(row["id"]).zfill(5))
         images.append(image)
         texts.append(row["text"])
         labels.append(row["label"])
-    return ["not_hateful", "hateful"], ids, images, texts, np.asarray(labels, dtype=np.int64)
+    if split != "train" and len(set(labels)) < 2:
+        found = f"every row has label {labels[0]}" if labels else "no rows"
+        raise DataError(f"{path}: {found}; AUROC needs both classes, so this {split} split cannot be scored. Use "
+                        f"the full {jsonl} of the download")
+    return dict(class_names=["not_hateful", "hateful"], ids=ids, images=images, texts=texts,
+                labels=np.asarray(labels, dtype=np.int64), source=_source(path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,12 +661,55 @@ def vilt_transform(img, bb):
 # Files: atomic writes (the image cache here; results and checkpoints in common.py)
 # ----------------------------------------------------------------------------------------------------
 
+HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+# Our temporary files: .tmp-<host>-<pid>-<mkstemp's 8 characters>; a stale one is this host's, of a dead process.
+TMP_PATTERN = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]{8}")
+_swept = set()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                         # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temp(folder):
+    """Remove the temporary files a killed run left in `folder`: only names of our own pattern, written on this
+    host by a process that no longer runs. Returns the names removed."""
+    removed = []
+    for name in os.listdir(folder):
+        m = TMP_PATTERN.fullmatch(name)
+        if m and m["host"] == HOST and not _alive(int(m["pid"])):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:                               # another process removed it first
+                pass
+    return removed
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves a half-written file."""
+    """write(tmp_path) then rename: a crash never leaves a half-written file. The file gets the mode a plain open()
+    would give (0o666 less the umask; mkstemp's own is 0o600). The first write into a folder removes stale
+    temporary files of killed runs."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    if folder not in _swept:
+        _swept.add(folder)
+        remove_stale_temp(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{HOST}-{os.getpid()}-")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -547,7 +803,10 @@ class _Resized(torch.utils.data.Dataset):
 def build_image_cache(dataset, bb, base, workers):
     """Decode + resize every image once (in DataLoader workers), append to a flat uint8 file, then write the index;
     the index appears last and atomically, so a half-built cache is never used."""
-    loader = torch.utils.data.DataLoader(_Resized(dataset, bb), batch_size=None, num_workers=workers)
+    # Its own generator: the loader's worker seed is not drawn from the global RNG, so the run that builds the cache
+    # and every run that hits it draw the same numbers afterwards (the same model initialisation and dropout).
+    loader = torch.utils.data.DataLoader(_Resized(dataset, bb), batch_size=None, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
     index, offset = [], 0
 
     def write(tmp):
@@ -562,18 +821,101 @@ def build_image_cache(dataset, bb, base, workers):
     write_json(base + ".json", index)
 
 
-def load_data(args, bb, split, missing_type=None, rate=None):
+# ----------------------------------------------------------------------------------------------------
+# A run's splits: read and checked (files, fields, every image) before any weights load
+# ----------------------------------------------------------------------------------------------------
+
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+END_WINDOW = 1 << 16                                                # bytes at a file's end searched for the marker
+_checked = set()                                                    # (path, size, mtime) found good in this process
+
+
+def image_problem(path):
+    """Why the image at `path` cannot be used, or None: its header must decode (format, size, not a decompression
+    bomb) and a JPEG / PNG must hold its end marker in its last 64 KiB (a truncated download does not)."""
+    try:
+        st = os.stat(path)
+        if (path, st.st_size, st.st_mtime_ns) in _checked:
+            return None
+        with Image.open(path) as img:
+            fmt = img.format
+    except Image.DecompressionBombError as e:
+        return f"too many pixels for PIL ({e}); resize it"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    if fmt in END_MARKERS:
+        with open(path, "rb") as f:
+            f.seek(max(0, st.st_size - END_WINDOW))
+            if END_MARKERS[fmt] not in f.read():
+                return f"truncated: no {fmt} end marker"
+    _checked.add((path, st.st_size, st.st_mtime_ns))
+    return None
+
+
+def check_images(datasets):
+    """Every image file of the given splits, checked at once: one DataError listing every bad file."""
+    bad = {}
+    for ds in datasets:
+        for image in dict.fromkeys(i for i in ds.images if isinstance(i, str)):
+            problem = image_problem(image)
+            if problem:
+                bad[image] = (ds.split, problem)
+    if bad:
+        lines = "\n".join(f"  {path} ({split}): {problem}" for path, (split, problem) in bad.items())
+        raise DataError(f"{len(bad)} image file(s) cannot be read:\n{lines}\nre-download these files (or remove "
+                        f"their rows from the split's file); nothing was trained")
+
+
+def warn_overlaps(splits):
+    """Warn (with counts) about ids repeated within a split and val / test samples whose id is also in train.
+    MM-IMDb's "<movie>#<k>" counts as its movie."""
+    base = {ds.split: [i.split("#")[0] if ds.name == "mmimdb" else i for i in ds.ids] for ds in splits}
+    for ds in splits:
+        ids = ds.ids
+        repeated = len(ids) - len(set(ids))
+        if repeated:
+            print(f"warning: {ds.name} {ds.split}: {repeated} repeated sample ids (each is read as a sample)")
+    train = set(base.get("train", []))
+    for split in ("val", "test"):
+        shared = sorted(set(base.get(split, [])) & train)
+        if shared:
+            print(f"warning: {splits[0].name} {split}: {len(shared)} samples also in train "
+                  f"(e.g. {', '.join(shared[:3])}); its {split} numbers are not held-out numbers")
+
+
+def read_split(args, split, missing_type=None, rate=None):
     """One split as the run's arguments say: train / val with --missing --rate, test with --test-missing --test-rate
-    (or the given type and rate, for the robustness grid); with --cache-images, read through the image cache."""
+    (or the given type and rate, for the robustness grid); tables drawn with `table_seed(args)`. No weights needed."""
+    food101_split = getattr(args, "food101_split", "official")
+    if food101_split != "official" and args.dataset != "food101":
+        raise DataError(f"--food101-split {food101_split} applies to --dataset food101 only, not {args.dataset}")
     if split == "test":
         missing_type, rate = missing_type or args.test_missing, args.test_rate if rate is None else rate
     else:
         missing_type, rate = args.missing, args.rate
-    ds = load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=args.seed,
-                    hm_test=args.hm_test, mmimdb_plots=args.mmimdb_plots)
-    if args.cache_images:
-        ds = CachedImages(ds, bb, args.image_cache_dir, args.num_workers)
-    return ds
+    return load_split(args.dataset, args.data_root, split, missing_type=missing_type, rate=rate, seed=table_seed(args),
+                      hm_test=args.hm_test, mmimdb_plots=args.mmimdb_plots,
+                      food101_split=food101_split)
+
+
+def read_splits(args):
+    """train, val, test read and checked (every image file, repeated ids, overlaps): a run's data, before weights."""
+    splits = [read_split(args, s) for s in SPLITS]
+    check_images(splits)
+    warn_overlaps(splits)
+    return splits
+
+
+def with_image_cache(args, bb, ds):
+    """--cache-images: the split read through the image cache for this backbone's preprocessing."""
+    return CachedImages(ds, bb, args.image_cache_dir, args.num_workers) if args.cache_images else ds
+
+
+def load_data(args, bb, split, missing_type=None, rate=None):
+    """One split read, its images checked, and (--cache-images) cached: what the robustness grid evaluates on."""
+    ds = read_split(args, split, missing_type, rate)
+    check_images([ds])
+    return with_image_cache(args, bb, ds)
 
 
 # ----------------------------------------------------------------------------------------------------

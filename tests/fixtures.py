@@ -9,6 +9,7 @@ import os
 import random
 import socket
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -57,13 +58,28 @@ def _sentence(rng, n_words=5):
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def make_food101(root, classes=("apple_pie", "baby_back_ribs", "bibimbap"), n_train=12, n_test=4):
-    """images/{train,test}/<class>/<class>_<n>.jpg and texts/{train,test}_titles.csv (no header).
+def food101_fixture_val(labels):
+    """Rows (indices into the train CSV) the fixture's split.json puts in val: floor(n_c / 10) of each class c,
+    drawn as --food101-split per-class draws them (numpy default_rng(0), one permutation per class in label order),
+    so the fixture trees give the same train / val with either choice (tests that need them apart write their own
+    split file)."""
+    rng, labels, val = np.random.default_rng(0), np.asarray(labels), []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        val.extend(rng.permutation(rows)[:len(rows) // 10].tolist())
+    return sorted(val)
+
+
+def make_food101(root, classes=("apple_pie", "baby_back_ribs", "bibimbap"), n_train=12, n_test=4, split_file=True):
+    """images/{train,test}/<class>/<class>_<n>.jpg, texts/{train,test}_titles.csv (no header) and, as MAP's
+    datasets/Food101/split.json, split.json {"train", "val", "test": lists of file names} whose val holds the
+    rows `food101_fixture_val` names (split_file=False: no split file).
 
     n_train and n_test are per class; rows are written class by class.
     """
     rng = random.Random(0)
     os.makedirs(os.path.join(root, "texts"), exist_ok=True)
+    official = {}
     for split, n in (("train", n_train), ("test", n_test)):
         rows = []
         for name in classes:
@@ -75,7 +91,19 @@ def make_food101(root, classes=("apple_pie", "baby_back_ribs", "bibimbap"), n_tr
                 rows.append([filename, _sentence(rng), name])
         with open(os.path.join(root, "texts", f"{split}_titles.csv"), "w", newline="") as f:
             csv.writer(f).writerows(rows)
+        official[split] = [row[0] for row in rows]
+    if split_file:
+        val = set(food101_fixture_val([sorted(classes).index(row[2]) for row in rows_of(root, "train")]))
+        official["val"] = [name for k, name in enumerate(official["train"]) if k in val]
+        official["train"] = [name for k, name in enumerate(official["train"]) if k not in val]
+        with open(os.path.join(root, "split.json"), "w") as f:
+            json.dump(official, f)
     return str(root)
+
+
+def rows_of(root, split):
+    with open(os.path.join(root, "texts", f"{split}_titles.csv"), newline="") as f:
+        return list(csv.reader(f))
 
 
 # Genres cycled through the fixture's movies; News and Reality-TV are outside the 23 and must be ignored.

@@ -115,11 +115,12 @@ def test_food101_item_and_text(food101_root):
 
 
 def test_food101_stratified_val_rule(tmp_path):
-    root = make_food101(tmp_path, classes=("a_cls", "b_cls"), n_train=25, n_test=2)
-    train, val = load("food101", root, "train"), load("food101", root, "val")
+    """--food101-split per-class: floor(n_c / 10) train rows of each class, a fixed carve."""
+    root = make_food101(tmp_path, classes=("a_cls", "b_cls"), n_train=25, n_test=2, split_file=False)
+    train, val = (load("food101", root, s, food101_split="per-class") for s in ("train", "val"))
     assert np.bincount(val.labels()).tolist() == [math.floor(25 / 10)] * 2
     assert len(train) == 50 - 4 and not set(train.ids) & set(val.ids)
-    assert np.array_equal(val.ids, load("food101", root, "val", seed=7).ids)  # fixed carve, not the run seed
+    assert np.array_equal(val.ids, load("food101", root, "val", seed=7, food101_split="per-class").ids)
 
 
 def test_food101_header_row_and_empty_titles(tmp_path, capsys):
