@@ -33,6 +33,8 @@ Modelling choices (the paper leaves these open; ASSUMPTION marks the place in th
     - Each stage restarts AdamW and its schedule and keeps its OWN best validation check; the final model is the
       (last) alignment stage's best, even where a single stage validated higher: Sec. 3.6's tuning ends with the
       alignment stage, whose prompts are the model; a single stage's best is its teacher, not a candidate.
+
+Smaller readings:
     - Freezing is parameter-level: the text-step fixes P_v^c, f_v, yet P_v^miss = f_v(P_t^c) moves and feeds P_t^c.
     - Prompts are input-level as in MAP: prepended at each of the first 6 prompted layers, earlier prompts kept.
     - CLIP (not in the paper) cross-fusion: the text prompt before the text tower's tokens, the image prompt likewise;
