@@ -32,7 +32,8 @@ Readings of the paper (the literal one is the default, the other a flag):
       zeroed): the FC sees the missing tower's prompt feature (computed on the dummy input), so P_{I,B}[image
       missing] and P_{T,B}[text missing] train, the prompts S_d is said to re-weight when a modality is absent;
       --missing-feature zero (DCP's code): that half is zeroed, the logits ignore the missing tower and those two
-      prompts get zero gradient (46,080 of 1.61 M trainable parameters on ViT-B/16 never train). CLIP only.
+      prompts get zero gradient (46,080 of the 1.61 M trainable parameters on ViT-B/16, Food-101, never
+      train). CLIP only.
     - (E7) the sources' words: "the prompt features of the last prompted layer". Read as each tower's L_p prompt
       tokens at the ENCODER OUTPUT (the prompts of the last prompted layer, carried to the end), token mean, then
       the tower's frozen final norm and projection (CLIP: ln_post, proj; ln_final, text_projection), so 2E = DCP's

@@ -1,7 +1,9 @@
 """MuAP (muap.py): CLI runs on toy and fixture trees, crosswise prompt generation, per-sample routing, the
 freezing of each multi-step stage, the alignment loss against a brute-force KL with teachers rebuilt from their
 files, the teacher logits table, rounds, honest stage/epoch errors, where the fusions put the prompts, and both forwards
-against a per-sample brute force on HF's ViltLayer and open_clip's own modules."""
+against a per-sample brute force on HF's ViltLayer and open_clip's own modules on images of different sizes; the
+header's own-code lines run verbatim, teachers in evaluation mode, teacher files of another configuration refused,
+the initial missing-type prompts not one vector, and the training-mode forward (with ViLT's backbone dropout)."""
 import csv
 import json
 import math

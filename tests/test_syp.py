@@ -1,9 +1,12 @@
 """SyP on the tiny backbones. Mechanisms first (fast), CLI runs last: the defaults and the Table 3/4 rows of the
-flags, the first-layer prompt of every variant against a per-sample loop over the paper's formulas (one S_d for
-both towers), X_C = the layer-0 token means of common.modality_tokens with the missing half zero and no extra
-encoder pass, a sample's logits blind to its missing modality, the layer-0 injection and F_i = LN(FC(GELU(FC(.))))
-of the tokens that left layer i-1 (recorded on the library's blocks), the head's input, the
-classifier-only row equal to a head on the frozen features, and the standard outputs of the CLI."""
+flags, degenerate sizes refused, the first-layer prompt of every variant against a per-sample loop over the paper's
+formulas (one S_d for both towers), X_C = the layer-0 token means of common.modality_tokens with the missing half zero
+and no extra encoder pass, the layer-0 injection and F_i = LN(FC(GELU(FC(.)))) of the inserted prompt (default) or of
+the tokens that left layer i-1 (recorded on the library's blocks), the prompt rows blind to the text padding (pad ids
+and truncation at the last EOT change nothing), the head's input with the missing tower kept (paper) or zeroed (DCP),
+logits and gradients against a reference forward for each reading on images of different sizes, in training mode
+too (ViLT's backbone dropout with the same masks), the classifier-only row equal to a head on the frozen features, and
+the standard outputs of the CLI."""
 import inspect
 import json
 import os
