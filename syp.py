@@ -80,7 +80,8 @@ Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLI
 import torch
 import torch.nn as nn
 
-from common import CLIP_B16, build_parser, cli, clip_text_mask, finish, fit, masked_mean, paper_table, setup, task_loss
+from common import (CLIP_B16, build_parser, cli, clip_text_mask, finish, fit, masked_mean, paper_table,
+                    read_checkpoint, setup, task_loss)
 from data import IMAGE_MISSING, TEXT_MISSING, DataError
 
 
@@ -321,6 +322,10 @@ def main(args):
     problem = check_args(args)
     if problem:
         parser().error(problem)
+    if args.eval_only and "propagate" not in read_checkpoint(args.checkpoint)[1].get("config", {}):
+        raise DataError(f"{args.checkpoint} was written by an earlier syp.py (text prompts that saw the padding, F_i of "
+                        f"the prompt tokens that left layer i-1, the missing tower's feature zeroed), which this one "
+                        f"does not compute: train it again")
     run = setup(args)
     try:
         model = SyP(run.bb, run.num_outputs, args.prompt_length, args.prompt_depth, args.reduction,

@@ -74,6 +74,9 @@ MUTATIONS = [
      "new": 't = torch.cat([torch.nn.functional.dropout(P["text"], 0.1, self.training).to(t.dtype), t], dim=1)',
      "why": "CLIP: the first text prompt through dropout while training only",
      "tests": ["tests/test_syp.py::test_training_mode_equals_eval_mode_without_dropout"]},
+    {"file": "syp.py", "old": 'if args.eval_only and "propagate" not in', "new": 'if False and "propagate" not in',
+     "why": "--eval-only evaluates a checkpoint of the earlier syp.py (another forward) without a word",
+     "tests": ["tests/test_syp.py::test_eval_only_refuses_a_checkpoint_of_the_earlier_syp"]},
     {"file": "syp.py", "old": "if prompts and (length < 1 or depth < 1):", "new": "if prompts and length < 1:",
      "why": "SyP(depth=0) accepted (its prompts still enter layer 0)",
      "tests": ["tests/test_syp.py::test_degenerate_sizes_are_refused_with_the_reason"]},
@@ -906,6 +909,27 @@ def test_headline_command_on_food101_tree(tmp_path, food101_root):
     assert results["config"]["prompt_length"] == 36 and results["config"]["lr"] == 1e-3
     assert results["config"]["batch_size"] == 32 and results["config"]["weight_decay"] == 2e-2
     assert results["config"]["head"] == "prompts" and results["paper_variant"] == "full"
+
+
+def test_eval_only_refuses_a_checkpoint_of_the_earlier_syp(tmp_path):
+    """A checkpoint whose config lacks --propagate (written before the padding mask, the inserted chain and the kept
+    missing feature) is refused by --eval-only with the reason; this run's own checkpoint evaluates."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    out = tmp_path / "run"
+    cli(syp.parser(), syp.main, ["--dataset", "toy", "--backbone", "tiny-clip", "--epochs", "1", *FAST,
+                                 "--out", str(out)])
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    del config["propagate"], config["missing_feature"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(out / "checkpoint.safetensors"), str(old), metadata=dict(meta, config=json.dumps(config)))
+    with pytest.raises(SystemExit, match="earlier syp.py"):
+        cli(syp.parser(), syp.main, ["--eval-only", "--checkpoint", str(old), "--out", str(tmp_path / "e1")])
+    results = cli(syp.parser(), syp.main, ["--eval-only", "--checkpoint", str(out / "checkpoint.safetensors"),
+                                           "--out", str(tmp_path / "e2")])
+    assert results["config"]["propagate"] == "inserted"
 
 
 def test_cli_classifier_only_row(tmp_path):
