@@ -9,43 +9,59 @@ Map from the paper to this file:
     Sec. 3.4 crosswise missing-type prompts P_t^miss = f_missing(P_v^c),
              P_v^miss = f_missing(P_t^c); per-sample choice by missing case   -> `PromptGenerator.forward`
     Sec. 3.5 head-fusion / cross-fusion prompting                           -> `MuAP.forward_vilt / forward_clip`
-    Sec. 3.6 multi-step tuning: text-step, image-step, alignment stage      -> `main` (`set_stage`, `snapshot`)
+    Sec. 3.6 multi-step tuning: text-step, image-step, alignment stage      -> `main` (`set_stage`, `snapshot`, teachers)
     Sec. 3.6 alignment loss L = L_task + lambda_t KL(y_t||y) + lambda_v KL(y_v||y) -> `alignment_loss`, `kl`
 
-Deviations and assumptions (one line each; the paper leaves these open; ASSUMPTION marks the place in the code):
+Modelling choices (the paper leaves these open; ASSUMPTION marks the place in the code):
     - f_missing: per target modality and prompted layer, token-wise Linear(D_other, D/16) -> GELU -> Linear(., D).
-    - Head-fusion adds the prompts, P_t + P_v: P tokens at the sequence start (--head-combine add; a review: "adds").
-    - add is the default: with [P_t, P_v] (concat, the summary's word) ViLT head-fusion is cross, and the paper differs.
-    - ViLT: head+concat == cross (attention is permutation-equivariant, prompts have no position embedding); warned.
+    - Initialisation (not MAP's: MAP starts its prompts at zeros with one row of ones, under which f_missing would
+      map the zero rows to one vector): P_m^c ~ N(0, 0.02) (ViLT's init std); f_missing's weights N(0, 1/fan_in),
+      biases 0, so P^miss starts as distinct tokens of about half P^c's spread (PyTorch's default init, biases
+      included, would start P^miss as one vector repeated P times).
+    - Head-fusion adds the prompts, P_t + P_v: P tokens at the sequence start (--head-combine add; a review: "adds");
+      with [P_t, P_v] (concat, the summary's word) ViLT head-fusion equals cross-fusion (warned).
     - Single stages (text-step, image-step) use the task loss only: the paper's "contrastive learning" was not readable.
-    - Freezing is parameter-level: the text-step fixes P_v^c, f_v, yet P_v^miss = f_v(P_t^c) moves and feeds P_t^c.
-    - Teachers (--teachers snapshot, default): y_t, y_v = frozen deep copies of the text-step / image-step best states.
-    - So KL(y_v || y) starts at 0 (the image-step state starts the alignment: an anchor); y_t's image prompts: at init.
-    - --teachers live, the other reading: y_t / y_v = the model with only its text / only its image prompts, detached.
-    - snapshot is the default: there the single stages make the targets the alignment aligns to (live: +2 forwards).
-    - Snapshot teachers never change: their logits of all training samples are computed once per alignment stage.
-    - Exact for a deterministic pipeline; HF ViLT draws its patch order at random (multinomial): float rounding only.
-    - (That holds with all patches kept, max_image_length -1 as in MAP; a smaller cap would freeze one patch draw.)
-    - The table is computed in eval mode: a teacher's logits carry no dropout, whatever the student's backbone does.
-    - KL(teacher || student) in fp32, autocast off; multi-label: the per-class Bernoulli KL, averaged.
-    - lambda_t = lambda_v = 1.
-    - Stages 5 / 5 / 10 epochs (MAP's 20 as 1:1:2); each restarts AdamW and its schedule, and keeps its best state.
-    - --rounds R repeats text-step, image-step, alignment R times ("iteratively aligning"), each with its own teachers.
-    - --epochs (20) is the total: R equal rounds of >= 3 epochs, else an error; --stage-epochs T I A sets one round.
-    - MAP's recipe otherwise: AdamW lr 1e-2, weight decay 2e-2, batch 256, prompts in the first 6 layers; N(0, 0.02).
-    - Prompts are input-level as in MAP: prepended at each prompted layer, earlier prompts kept.
-    - ViLT pooler + MAP's MLP head, both trained in every stage.
-    - --prompt-depth 0 or --prompt-length 0: no prompts, the backbone with a trained pooler and head (warned).
-    - CLIP (not in the paper) cross-fusion: the text prompt before the text tower's tokens, the image prompt likewise.
-    - CLIP head-fusion: P_t + P_v before each tower's tokens, the other tower's prompt mapped by a Linear per direction.
-    - CLIP: the two pooled features are concatenated (DCP) and fed to MAP's MLP head.
-    - Recipe as MAP's code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends.
-    - The single-stage snapshots are written to OUT/teacher-<stage>.safetensors, which --resume reads back.
+    - Teachers (--teachers snapshot, default): y_t, y_v = frozen deep copies of the text-step / image-step best
+      states, so KL(y_v || y) starts at 0 (the image-step state starts the alignment: an anchor); --teachers live,
+      the other reading: the model as it is with only its text / only its image prompts, detached (+2 forwards).
+      Either kind runs in evaluation mode: a target carries no backbone dropout, whatever the student's forward does.
+    - Alignment loss L = L_task + lambda_t KL(y_t || y) + lambda_v KL(y_v || y), lambda_t = lambda_v = 1, KL at
+      temperature 1 (softmax of the raw logits), in fp32; multi-label: the per-class Bernoulli KL, averaged.
+    - Stages: --epochs (20) split into R equal rounds of E >= 3 epochs, each E // 4, E // 4, the rest (text-step,
+      image-step, alignment: 20 -> 5/5/10, MAP's 20 as 1:1:2; 10 -> 2/2/6); --stage-epochs T I A sets one round.
+      --rounds R repeats the three stages ("iteratively aligning"), each round with its own teachers.
+    - Each stage restarts AdamW and its schedule and keeps its OWN best validation check; the final model is the
+      (last) alignment stage's best, even where a single stage validated higher: Sec. 3.6's tuning ends with the
+      alignment stage, whose prompts are the model; a single stage's best is its teacher, not a candidate.
 
-Use from your own code (README, "Use a method in your own code"): `MuAP(bb, num_outputs, fusion, length, depth)` on a
-frozen `common.load_vilt()` / `load_clip()` backbone; stages by `set_stage(model, text, image)`, teachers by
-`snapshot(model)` into `model.teachers`; losses `common.task_loss` (single stages) and `alignment_loss` (alignment,
-`main` shows the order); no pre-pass. Copy this file with common.py and data.py.
+Smaller readings:
+    - Freezing is parameter-level: the text-step fixes P_v^c, f_v, yet P_v^miss = f_v(P_t^c) moves and feeds P_t^c.
+    - Prompts are input-level as in MAP: prepended at each of the first 6 prompted layers, earlier prompts kept.
+    - CLIP (not in the paper) cross-fusion: the text prompt before the text tower's tokens, the image prompt likewise;
+      head-fusion: P_t + P_v before each tower's tokens, the other tower's prompt mapped by a Linear per direction;
+      the two pooled features are concatenated (DCP) and fed to MAP's MLP head.
+
+Plumbing and recipe:
+    - MAP's recipe otherwise: AdamW lr 1e-2, weight decay 2e-2, batch 256; ViLT pooler + MAP's MLP head, both trained
+      in every stage; LN eps 1e-6, backbone dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends (README).
+    - Snapshot teachers never change: their logits of all training samples are computed once per alignment stage
+      (`TeacherTable`), in evaluation mode; exact for a deterministic pipeline (HF ViLT draws its patch order at
+      random, so float rounding only; with all patches kept, max_image_length -1 as in MAP).
+    - The single-stage snapshots are written to OUT/teacher-<stage>.safetensors with the run's configuration;
+      --resume reads them back and refuses one written by another configuration.
+    - --prompt-depth 0 or --prompt-length 0: no prompts, the backbone with a trained pooler and head (warned).
+
+Use from your own code (README, "Use a method in your own code"), on a frozen `common.load_vilt()` / `load_clip()`
+backbone `bb`, a batch of `data.Collate` and its task ("multiclass", "multilabel" or "binary"); copy this file with
+common.py and data.py; `main` shows the full order (validation, best states, the teacher table):
+    model = MuAP(bb, num_outputs, fusion="head", length=16, depth=6)
+    set_stage(model, text=True, image=False)      # text-step: train on task_loss(model(batch)["logits"], ...)
+    teacher_t = snapshot(model)
+    set_stage(model, text=False, image=True)      # image-step: the same loss
+    teacher_v = snapshot(model)
+    set_stage(model, text=True, image=True)       # alignment stage: both prompts, KL to the frozen teachers
+    model.teachers = snapshot_teachers(teacher_t, teacher_v)
+    loss = alignment_loss(model.train()(batch), batch["label"], task, lambda_t=1.0, lambda_v=1.0)
 
 Sections, in reading order: command line; prompt module (Sec. 3.4); forward (Sec. 3.5); multi-step prompt tuning
 (Sec. 3.6); loss and run (Sec. 3.6); the numbers to compare with.
@@ -53,15 +69,17 @@ Sections, in reading order: command line; prompt module (Sec. 3.4); forward (Sec
 Usage: python muap.py --dataset food101 --missing both --rate 0.7 --fusion head     (ViLT, the paper's setting)
        python muap.py --dataset toy --backbone tiny-vilt --epochs 4 --batch-size 16   (offline, on CPU)
 """
+import contextlib
 import copy
+import json
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (autocast, build_parser, checkpoint_meta, cli, finish, fit, gather_rows, method_state, paper_table,
-                    read_checkpoint, save_tensors, setup, task_loss)
+from common import (autocast, build_parser, checkpoint_meta, cli, config_of, finish, fit, gather_rows, method_state,
+                    paper_table, read_checkpoint, save_tensors, setup, task_loss)
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, DataError, make_loader, rank_batches, to_device
 
 
@@ -98,9 +116,14 @@ def parser():
 # MuAP: prompt module (Sec. 3.4, multimodal prompt generator)
 # ---------------------------------------------------------------------------------------------------------
 def bottleneck(d_in, d_out):
-    """ASSUMPTION: f_missing is a token-wise bottleneck MLP, Linear(d_in, d_out/16) -> GELU -> Linear(., d_out)."""
+    """ASSUMPTION: f_missing is a token-wise bottleneck MLP, Linear(d_in, d_out/16) -> GELU -> Linear(., d_out),
+    weights N(0, 1/fan_in) and biases 0, so distinct input tokens stay distinct (the bias does not dominate)."""
     hidden = max(1, d_out // 16)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+    mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+    for m in (mlp[0], mlp[2]):
+        nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+        nn.init.zeros_(m.bias)
+    return mlp
 
 
 class ModalityPrompt(nn.Module):
@@ -110,7 +133,8 @@ class ModalityPrompt(nn.Module):
 
     def __init__(self, depth, length, width, other_width, to_other=False):
         super().__init__()
-        self.complete = nn.Parameter(torch.randn(depth, length, width) * 0.02)      # P_m^c (N, P, D); ASSUMPTION
+        self.complete = nn.Parameter(torch.randn(depth, length, width) * 0.02)      # P_m^c (N, P, D); ASSUMPTION:
+                                                                                   # N(0, 0.02), not MAP's one-hot rows
         self.f_missing = nn.ModuleList(bottleneck(other_width, width) for _ in range(depth))
         self.to_other = nn.Linear(width, other_width) if to_other else None        # ASSUMPTION (CLIP head)
 
@@ -252,12 +276,41 @@ def snapshot(model):
     return teacher.eval()
 
 
+@contextlib.contextmanager
+def backbone_dropout_off(bb):
+    """Evaluation-mode backbone for a teacher's forward inside the student's training step (ViLT's dropout; CLIP
+    has none), restored after."""
+    active = getattr(bb, "dropout_active", False)
+    bb.train(False)
+    try:
+        yield
+    finally:
+        bb.train(active)
+
+
+def snapshot_teachers(teacher_t, teacher_v):
+    """model.teachers from two `snapshot`s, for your own loop: y_t, y_v of each batch from the frozen teachers, in
+    evaluation mode, fp32 (what `main`'s `TeacherTable` looks up, computed per batch instead of once)."""
+    def teachers(model, batch, P_t, P_v):
+        with torch.no_grad(), backbone_dropout_off(model.bb):
+            return teacher_t(batch)["logits"].float(), teacher_v(batch)["logits"].float()
+    return teachers
+
+
 def stage_teacher(run, model, stage):
-    """The snapshot after a single stage, also written to OUT/teacher-<stage>.safetensors: under --resume, `fit`
-    skips a stage that had finished and leaves the model at its pre-stage state, so the snapshot is read back."""
+    """The snapshot after a single stage, also written to OUT/teacher-<stage>.safetensors with the run's config:
+    under --resume, `fit` skips a stage that had finished and leaves the model at its pre-stage state, so the
+    snapshot is read back, and refused if another configuration wrote it (as `common.resume` does last.safetensors)."""
     path = os.path.join(run.args.out, f"teacher-{stage}.safetensors")
     if run.args.resume and os.path.isfile(path):
-        model.load_state_dict(read_checkpoint(path)[0], strict=False)
+        tensors, meta = read_checkpoint(path)
+        current = json.loads(json.dumps(config_of(run.args)))
+        if meta.get("config") != current:
+            stored = meta.get("config") or {}
+            diff = sorted(k for k in set(current) | set(stored) if current.get(k) != stored.get(k))
+            raise DataError(f"--resume: {path} was written by a different configuration (differs in: "
+                            f"{', '.join(diff)}); resume with that run's arguments, or train again in another --out")
+        model.load_state_dict(tensors, strict=False)
     elif run.main and not run.args.eval_only:
         save_tensors(path, method_state(model), checkpoint_meta(run))
     return snapshot(model)
@@ -295,8 +348,9 @@ def teacher_table(run, teacher_t, teacher_v):
 
 
 def live_teachers(model, batch, P_t, P_v):
-    """--teachers live: y_t, y_v = the model as it is, with only its text / only its image prompts inserted."""
-    with torch.no_grad():
+    """--teachers live: y_t, y_v = the model as it is, with only its text / only its image prompts inserted, in
+    evaluation mode (ASSUMPTION: a target without backbone dropout, as the snapshot teachers')."""
+    with torch.no_grad(), backbone_dropout_off(model.bb):
         return model.logits(batch, P_t, None), model.logits(batch, None, P_v)
 
 
@@ -318,7 +372,7 @@ def stage_epochs(args):
         raise DataError(f"--epochs {args.epochs} cannot give each stage (text-step, image-step, alignment; Sec. 3.6) "
                         f">= 1 epoch in {args.rounds} equal round(s): pass --epochs >= {3 * args.rounds} (a multiple "
                         f"of --rounds) or --stage-epochs TEXT IMAGE ALIGN")
-    quarter = max(1, per_round // 4)                             # ASSUMPTION: MAP's 20 epochs as 5 / 5 / 10 (1:1:2)
+    quarter = max(1, per_round // 4)                 # ASSUMPTION: MAP's 20 epochs as 5 / 5 / 10 (1:1:2); 10 -> 2/2/6
     return [quarter, quarter, per_round - 2 * quarter]
 
 
@@ -343,7 +397,8 @@ def equivalences(args, bb, epochs):
 # MuAP: loss (Sec. 3.6)
 # ---------------------------------------------------------------------------------------------------------
 def kl(teacher_logits, logits, task):
-    """KL(p || q), p = teacher, q = student, averaged over the batch, in fp32. Softmax tasks: sum_c p_c log(p_c / q_c);
+    """KL(p || q), p = teacher, q = student, at temperature 1, averaged over the batch, in fp32. Softmax tasks:
+    sum_c p_c log(p_c / q_c);
     multi-label (ASSUMPTION): Bernoulli KL of each class, averaged over classes."""
     with torch.autocast(logits.device.type, enabled=False):
         teacher_logits, logits = teacher_logits.float(), logits.float()

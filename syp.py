@@ -16,9 +16,28 @@ Map from the paper (method section; notation the paper's, labels (E1)-(E8) ours,
     (E8) L_total = sum_i L_i(P_final^(i)), the task loss                                  -> `loss_fn` in `main`
     Missing cases m in {c, m1, m2} = (complete, image missing, text missing) in the paper; this repository's codes
     are the reverse for m1/m2: 0 = complete, 1 = TEXT missing, 2 = IMAGE missing (data.py).
-Ablations (Tables 3, 4; `paper_variant` names the row a run reproduces): --no-dynamic (static prompt only),
---no-static (dynamic prompt only = base prompt + adapter), --no-static --no-adapter (base prompt only), --no-adapter
-(synergistic prompts without the adapter), --no-dynamic --no-static --head cls (classifier fine-tuning only).
+Ablations (the sources print two ablation tables without numbers; "Table 3" = the first (dynamic / static prompt),
+"Table 4" = the second (base prompt, adapter), our names; `paper_variant` names the row a run reproduces):
+--no-dynamic (static prompt only), --no-static (dynamic prompt only = base prompt + adapter), --no-static
+--no-adapter (base prompt only), --no-adapter (synergistic prompts without the adapter), --no-dynamic --no-static
+--head cls (classifier fine-tuning only).
+
+Readings of the paper (the literal one is the default, the other a flag):
+    - (E6) --propagate inserted (default): F_i's argument is the prompt INSERTED at layer i-1 (F_{i-1}'s output,
+      P^{R_0} for i = 1), a chain of inserted prompts, as the equation's only argument and DCP's chain of prompts;
+      --propagate output: F_i of the prompt tokens that LEFT layer i-1 (the prose's "integrates ... the current
+      layer's input features"). Either replaces the prompt part of layer i's input, 1 <= i < M; after layer M-1
+      the prompts are carried through the remaining layers.
+    - CLIP head input, --missing-feature keep (default, the paper: P_final = FC(P^{I,R} || P^{T,R}), nothing
+      zeroed): the FC sees the missing tower's prompt feature (computed on the dummy input), so P_{I,B}[image
+      missing] and P_{T,B}[text missing] train, the prompts S_d is said to re-weight when a modality is absent;
+      --missing-feature zero (DCP's code): that half is zeroed, the logits ignore the missing tower and those two
+      prompts get zero gradient (46,080 of the 1.61 M trainable parameters on ViT-B/16, Food-101, never
+      train). CLIP only.
+    - (E7) the sources' words: "the prompt features of the last prompted layer". Read as each tower's L_p prompt
+      tokens at the ENCODER OUTPUT (the prompts of the last prompted layer, carried to the end), token mean, then
+      the tower's frozen final norm and projection (CLIP: ln_post, proj; ln_final, text_projection), so 2E = DCP's
+      head width; not the prompts as they leave layer M-1.
 
 Assumptions (the paper is silent; each also marked ASSUMPTION where it is coded):
     - (E1) X_I, X_T: the mean of each modality's tokens at the layer-0 input (embedding output; CLIP text over
@@ -29,25 +48,21 @@ Assumptions (the paper is silent; each also marked ASSUMPTION where it is coded)
     - (E2) W_1: d_I + d_T -> (d_I + d_T) / r, W_2: -> L_p; r = 16 (not reported; DCP's r).
     - P_{k,B} (3 x L_p x D_k) and P_S (3 x L_p x D_t) are indexed by the missing case m (P_m's subscript; DCP's
       per-case prompts), N(0, 0.02) (DCP); P_S has the text width D_t (DCP's common prompts); G_k = Linear(D_t, D_k).
-    - (E6) F_i's argument is the prompt part of layer i-1's OUTPUT (the tokens that left it), which replaces the
-      prompt part of layer i's input for 1 <= i < M; the prose's "current layer's input features" enter through
-      attention. DCP instead maps the prompt that entered layer i-1. After layer M-1 the prompts are carried.
     - (E6) F_i's hidden width D_k / r (DCP's projections); one F_i per tower and layer.
-    - (E7) A tower's prompt feature: the mean of its L_p prompt tokens at the encoder output, through the tower's
-      frozen final norm and projection (CLIP: ln_post, proj; ln_final, text_projection), so 2E = DCP's head width.
-    - CLIP text tower: prompts before SOT, text rows causal; the prompt rows of the attention mask are opened (a
-      prompt sees every position), else under the causal mask P^{T,R} would never see the text it is to carry.
-    - Missing inputs: common.py's dummy inputs ('' and an all-ones image); the missing tower's feature is zeroed
-      before the FC (DCP's code, not the paper), so a sample's logits ignore its missing modality (CLIP).
+    - CLIP text tower: prompts before SOT, text rows causal (open_clip's mask); a prompt row sees every prompt and
+      the text up to its EOT, never the padding after it (else P^{T,R} could not see the text it is to carry under
+      the causal mask; the padding is no input). So no prompt or text row sees the padding, and cutting the ids to
+      the batch's last EOT + 1 changes nothing (exact).
+    - Missing inputs: common.py's dummy inputs ('' and an all-ones image).
     - FC = Linear(2E, C), N(0, 0.02), bias 0 (DCP). (E8): the batch mean instead of the sum (a constant factor).
     - Schedule (not stated): 10% linear warm-up, then linear decay (DCP, MAP).
-    - --head cls: DCP's head (CLIP's pooled [CLS] and EOT after the prompts, missing half zeroed; the prompt rows
-      stay opened), kept because Table 3's classifier-only row has no prompts to pool, and to compare the heads.
+    - --head cls: DCP's head (CLIP's pooled [CLS] and EOT after the prompts; the prompt rows as above), kept because
+      the classifier-only row of "Table 3" has no prompts to pool, and to compare the heads.
     - ViLT (not in the paper): one joint stream of width D, one P_B, G and F_i, prompts before [CLS]; head = FC on
       the prompt feature after ViLT's final norm (--head cls: a trained copy of ViLT's pooler on [CLS], as MAP);
       the missing modality's dummy tokens stay in the joint stream (MAP), only X_C zeroes it.
-    - Tiny backbones have 4 layers: M = min(--prompt-depth, layers).
-    - CLIP: the forward also returns each tower's per-layer pooled prompt, for --nm2i (AOEPT's diagnostic).
+    - Tiny backbones have 4 layers: M = min(--prompt-depth, layers). L_p, M >= 1 and widths / r >= 1, else refused.
+    - CLIP: the forward also returns each tower's per-layer inserted prompt mean, for --nm2i (AOEPT's diagnostic).
     - Recipe (README): DCP's no-decay names, val once per epoch, MM-IMDb per plot; on ViLT LN eps 1e-6, no dropout.
 
 Use from your own code (README, "Use a method in your own code"): `SyP(bb, num_outputs, length, depth, r)` on a
@@ -59,14 +74,15 @@ forward; loss (E8) and run; the numbers to compare with.
 
 Usage: python syp.py --dataset food101 --missing text --rate 0.7            (CLIP ViT-B/16, the paper's backbone)
        python syp.py --dataset food101 --missing both --rate 0.7            (the paper's main table: 82.45)
-       python syp.py --dataset food101 --missing both --rate 0.5 --no-static   (Table 3, dynamic prompt only)
+       python syp.py --dataset food101 --missing both --rate 0.5 --no-static   ("Table 3", dynamic prompt only)
        python syp.py --dataset toy --backbone tiny-clip                       (offline, CPU, a few minutes)
 """
 import torch
 import torch.nn as nn
 
-from common import CLIP_B16, build_parser, cli, clip_text_mask, finish, fit, masked_mean, paper_table, setup, task_loss
-from data import IMAGE_MISSING, TEXT_MISSING
+from common import (CLIP_B16, build_parser, cli, clip_text_mask, finish, fit, masked_mean, paper_table,
+                    read_checkpoint, setup, task_loss)
+from data import IMAGE_MISSING, TEXT_MISSING, DataError
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,6 +103,11 @@ def parser():
                    help="drop P_S and G_I, G_T: P = P_D (Table 3, dynamic prompt only)")
     p.add_argument("--no-adapter", action="store_true",
                    help="drop the Dynamic Adapter: P_D = P_B (Table 4)")
+    p.add_argument("--propagate", default="inserted", choices=["inserted", "output"],
+                   help="(E6) F_i of the prompt inserted at layer i-1 (the equation) or of the prompt tokens that "
+                        "left layer i-1")
+    p.add_argument("--missing-feature", default="keep", choices=["keep", "zero"],
+                   help="CLIP: the FC sees the missing tower's prompt feature (E7, the paper) or zeros (DCP's code)")
     # AdamW, lr 1e-3, weight decay 2e-2, batch 32, 20 epochs (paper). ASSUMPTION: 10% warm-up, linear decay.
     p.set_defaults(lr=1e-3, weight_decay=2e-2, batch_size=32, micro_batch=32, epochs=20, schedule="linear",
                    warmup=0.1)
@@ -95,6 +116,10 @@ def parser():
 
 def check_args(args):
     """Flag combinations that name no model stop here with the fix."""
+    if args.reduction < 1:
+        return f"--reduction {args.reduction}: r must be >= 1 (the paper's bottlenecks divide widths by r; DCP's 16)"
+    if args.missing_feature == "zero" and "vilt" in (args.backbone or ""):
+        return "--missing-feature zero is CLIP's (two towers); ViLT has one joint feature: drop it"
     if args.prompt_length < 1 or args.prompt_depth < 1:
         return ("--prompt-length and --prompt-depth must be >= 1; the run without prompts (Table 3, classifier "
                 "fine-tuning only) is --no-dynamic --no-static --head cls")
@@ -113,6 +138,8 @@ def paper_variant(args):
            (False, True, True): "base-only", (False, False, True): "no-adapter",
            (True, True, False): "classifier-only"}[(args.no_dynamic, args.no_static, args.no_adapter)]
     off = ["head-cls"] if prompts and args.head == "cls" else []
+    off += [f"{k}={v}" for k, v, paper in (("propagate", args.propagate, "inserted"),
+                                           ("missing-feature", args.missing_feature, "keep")) if v != paper]
     off += [f"{k}={v}" for k, v, paper in (("prompt-length", args.prompt_length, 36),
                                            ("prompt-depth", args.prompt_depth, 6)) if prompts and v != paper]
     return "+".join([row] + off) if off else row
@@ -181,11 +208,18 @@ def input_features(bb, batch, x, t):
     return zero_missing(masked_mean(x[:, L_t:], t[:, L_t:]), masked_mean(x[:, :L_t], t[:, :L_t]), m)
 
 
-def open_prompt_rows(bb, n, length, device, dtype):
-    """CLIP's causal mask over [L_p prompts; 77 text tokens] with the prompt rows opened: (L_p + 77, L_p + 77)."""
-    mask = bb.causal_mask(length, device, dtype).clone()
-    mask[:n] = 0                             # ASSUMPTION: a text prompt sees the whole text (else P^{T,R} cannot)
-    return mask
+def text_attention_mask(bb, ids, n, dtype):
+    """CLIP text tower over [L_p prompts; L_t text]: the text rows causal; a prompt row sees the prompts and the text
+    up to its EOT, not the padding after it -> (B * heads, L_p + L_t, L_p + L_t); (L_t, L_t) without prompts."""
+    L = n + ids.shape[1]
+    causal = bb.causal_mask(L, ids.device, dtype)
+    if n == 0:
+        return causal
+    mask = causal.expand(len(ids), L, L).clone()
+    mask[:, :n] = 0                          # ASSUMPTION: a text prompt sees the text (else P^{T,R} cannot carry it)
+    padding = ~clip_text_mask(ids)           # (B, L_t): the positions after EOT
+    mask[:, :n, n:] = mask[:, :n, n:].masked_fill(padding[:, None], float("-inf"))
+    return mask.repeat_interleave(bb.model.transformer.resblocks[0].attn.num_heads, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,20 +227,30 @@ def open_prompt_rows(bb, n, length, device, dtype):
 # ---------------------------------------------------------------------------------------------------------
 class SyP(nn.Module):
     def __init__(self, bb, num_outputs, length=36, depth=6, r=16, dynamic=True, static=True, adapter=True,
-                 head="prompts"):
+                 head="prompts", propagate="inserted", missing_feature="keep"):
         super().__init__()
-        self.bb, self.head_type = bb, head
+        self.bb, self.head_type, self.propagate, self.missing_feature = bb, head, propagate, missing_feature
         prompts = dynamic or static
-        if not prompts and head == "prompts":
-            raise ValueError("no prompt to pool: dynamic=False with static=False needs head='cls' (Table 3)")
-        self.length, self.depth = (length, min(depth, bb.num_layers)) if prompts else (0, 0)
         if bb.kind == "clip":
             towers, d_x, d_s, width = ({"image": bb.width_image, "text": bb.width_text},
                                        bb.width_image + bb.width_text, bb.width_text, 2 * bb.embed_dim)
         else:
             towers, d_x, d_s, width = {"joint": bb.width}, 2 * bb.width, bb.width, bb.width
-            if head == "cls":
-                self.pooler = bb.pooler_copy()                      # ASSUMPTION: ViLT's pooler trained, as MAP
+        if head not in ("prompts", "cls") or propagate not in ("inserted", "output") or \
+                missing_feature not in ("keep", "zero"):
+            raise ValueError(f"head={head!r}, propagate={propagate!r}, missing_feature={missing_feature!r}: not a choice")
+        if not prompts and head == "prompts":
+            raise ValueError("no prompt to pool: dynamic=False with static=False needs head='cls' (Table 3)")
+        if prompts and (length < 1 or depth < 1):           # layer-0-only prompts, or a mean over no token
+            raise ValueError(f"length={length}, depth={depth}: SyP needs L_p >= 1 prompt tokens in M >= 1 layers "
+                             f"(no prompts at all: dynamic=False, static=False, head='cls')")
+        if not 1 <= r <= min(towers.values()):
+            raise ValueError(f"r={r}: the bottlenecks D / r need 1 <= r <= {min(towers.values())}")
+        if missing_feature == "zero" and bb.kind != "clip":
+            raise ValueError("missing_feature='zero' needs CLIP's two towers; ViLT has one joint feature")
+        self.length, self.depth = (length, min(depth, bb.num_layers)) if prompts else (0, 0)
+        if bb.kind == "vilt" and head == "cls":
+            self.pooler = bb.pooler_copy()                          # ASSUMPTION: ViLT's pooler trained, as MAP
         self.head = nn.Linear(width, num_outputs)                   # (E7): the FC
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -221,24 +265,26 @@ class SyP(nn.Module):
 
     def forward_clip(self, batch):
         bb, m, ids, n = self.bb, batch["missing"], batch["text"], self.length
-        x, t = bb.image_embed(batch["image"]), bb.text_embed(ids)   # layer-0 inputs (B, L_v, D_v), (B, 77, D_t)
+        x, t = bb.image_embed(batch["image"]), bb.text_embed(ids)   # layer-0 inputs (B, L_v, D_v), (B, L_t, D_t)
         S_d, means = None, {}
         if self.prompt is not None:
             P, S_d = self.prompt.first(m, input_features(bb, batch, x, t))      # (E1)-(E5): P^{R_0}
             x = torch.cat([P["image"].to(x.dtype), x], dim=1)       # (E5): prepended, (B, L_p + L_v, D_v)
-            t = torch.cat([P["text"].to(t.dtype), t], dim=1)        # before SOT, (B, L_p + 77, D_t)
+            t = torch.cat([P["text"].to(t.dtype), t], dim=1)        # before SOT, (B, L_p + L_t, D_t)
             means = {"image": [P["image"].mean(1)], "text": [P["text"].mean(1)]}
-        mask = open_prompt_rows(bb, n, t.shape[1], t.device, t.dtype)
+        mask = text_attention_mask(bb, ids, n, t.dtype)
         for i in range(bb.num_layers):
-            if 1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1
-                P = self.prompt.propagate(i, {"image": x[:, :n], "text": t[:, :n]})
+            if 1 <= i < self.depth:                                 # (E6): P^{R_i} = F_i(P^{R_{i-1}})
+                left = {"image": x[:, :n], "text": t[:, :n]}        # the prompt tokens that left layer i-1
+                P = self.prompt.propagate(i, P if self.propagate == "inserted" else left)   # inserted: P^{R_{i-1}}
                 x = torch.cat([P["image"].to(x.dtype), x[:, n:]], dim=1)
                 t = torch.cat([P["text"].to(t.dtype), t[:, n:]], dim=1)
                 means["image"].append(P["image"].mean(1))
                 means["text"].append(P["text"].mean(1))
             x = bb.image_block(i, x)                                # after layer M-1 the prompts are carried
             t = bb.model.transformer.resblocks[i](t, attn_mask=mask)   # common's text_block, SyP's mask
-        feature = zero_missing(*self.head_features(x, t, ids), m)  # ASSUMPTION (DCP): missing half zeroed
+        f_I, f_T = self.head_features(x, t, ids)                   # (E7): P^{I,R} || P^{T,R}, or DCP's zeroing:
+        feature = zero_missing(f_I, f_T, m) if self.missing_feature == "zero" else torch.cat([f_I, f_T], dim=-1)
         return feature, S_d, {k: torch.stack(v, 1) for k, v in means.items()}
 
     def head_features(self, x, t, ids):
@@ -259,8 +305,10 @@ class SyP(nn.Module):
             mask = torch.cat([mask.new_ones(len(m), n), mask], dim=1)
         bias = bb.attention_bias(mask, x.dtype)                     # once per batch
         for i in range(bb.num_layers):
-            if 1 <= i < self.depth:                                 # (E6): F_i of the prompts that left layer i-1
-                x = torch.cat([self.prompt.propagate(i, {"joint": x[:, :n]})["joint"].to(x.dtype), x[:, n:]], dim=1)
+            if 1 <= i < self.depth:                                 # (E6): P^{R_i} = F_i(P^{R_{i-1}})
+                left = {"joint": x[:, :n]}                          # the prompt tokens that left layer i-1
+                P = self.prompt.propagate(i, P if self.propagate == "inserted" else left)   # inserted: P^{R_{i-1}}
+                x = torch.cat([P["joint"].to(x.dtype), x[:, n:]], dim=1)
             x = bb.block(i, x, bias)
         if self.head_type == "cls":
             return self.pooler(bb.final_norm(x)[:, n:n + 1]), S_d, None   # (B, D): pooled text [CLS]
@@ -274,10 +322,17 @@ def main(args):
     problem = check_args(args)
     if problem:
         parser().error(problem)
+    if args.eval_only and "propagate" not in read_checkpoint(args.checkpoint)[1].get("config", {}):
+        raise DataError(f"{args.checkpoint} was written by an earlier syp.py (text prompts that saw the padding, F_i of "
+                        f"the prompt tokens that left layer i-1, the missing tower's feature zeroed), which this one "
+                        f"does not compute: train it again")
     run = setup(args)
-    model = SyP(run.bb, run.num_outputs, args.prompt_length, args.prompt_depth, args.reduction,
-                dynamic=not args.no_dynamic, static=not args.no_static, adapter=not args.no_adapter,
-                head=args.head).to(run.device)
+    try:
+        model = SyP(run.bb, run.num_outputs, args.prompt_length, args.prompt_depth, args.reduction,
+                    dynamic=not args.no_dynamic, static=not args.no_static, adapter=not args.no_adapter,
+                    head=args.head, propagate=args.propagate, missing_feature=args.missing_feature).to(run.device)
+    except ValueError as e:                 # a size the backbone cannot take (e.g. --reduction above a width)
+        raise DataError(f"{e}; change the flag") from e
     if model.prompt is not None and model.depth < args.prompt_depth:
         run.log(f"prompt depth M clamped to the backbone's {model.depth} layers")
 

@@ -1,7 +1,9 @@
 """MuAP (muap.py): CLI runs on toy and fixture trees, crosswise prompt generation, per-sample routing, the
 freezing of each multi-step stage, the alignment loss against a brute-force KL with teachers rebuilt from their
 files, the teacher logits table, rounds, honest stage/epoch errors, where the fusions put the prompts, and both forwards
-against a per-sample brute force on HF's ViltLayer and open_clip's own modules."""
+against a per-sample brute force on HF's ViltLayer and open_clip's own modules on images of different sizes; the
+header's own-code lines run verbatim, teachers in evaluation mode, teacher files of another configuration refused,
+the initial missing-type prompts not one vector, and the training-mode forward (with ViLT's backbone dropout)."""
 import csv
 import json
 import math
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import common
 import muap
@@ -33,6 +36,21 @@ def toy_batch(bb, codes, max_text_len=40):
 
 
 MIXED = [COMPLETE, TEXT_MISSING, IMAGE_MISSING, TEXT_MISSING, COMPLETE, IMAGE_MISSING]
+SIZES = [(32, 32), (56, 32), (32, 48), (40, 40), (64, 24), (24, 40)]
+
+
+def mixed_size_batch(bb, codes=MIXED):
+    """As toy_batch, with PIL images of different sizes (ViLT: padded patches, a different count per sample)."""
+    ds = load_split("toy", None, "train", missing_type="both", rate=0.7, seed=0)
+    rng, rows, used = np.random.default_rng(0), [], set()
+    for code, (w, h) in zip(codes, SIZES * len(codes)):
+        i = next(k for k in range(len(ds)) if ds.missing[k] == code and k not in used)
+        used.add(i)
+        rows.append(dict(ds[i], image=Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))))
+    batch = Collate(bb, 40)(rows)
+    if bb.kind == "vilt":
+        assert len(set(batch["pixel_mask"].sum((1, 2)).tolist())) > 2
+    return batch
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -337,6 +355,9 @@ def checks_of(states, stage_index):
 
 
 def test_teachers_are_the_best_validation_states(best_run):
+    """Each stage keeps its own best check (the header's decision): the teachers are the single stages' best states
+    and the final checkpoint is the alignment stage's best, although the rigged validation scored every single-stage
+    check above every alignment check (the best over all stages would be the text-step's first check)."""
     states, saved = best_run["states"], best_run["saved"]
     for stage_index, name in ((1, "teacher-text-step"), (2, "teacher-image-step")):
         first, *later = checks_of(states, stage_index)
@@ -344,6 +365,7 @@ def test_teachers_are_the_best_validation_states(best_run):
         assert same(saved[f"{name}.safetensors"], first)                  # the best: the first check of the stage
         assert not any(same(saved[f"{name}.safetensors"], s) for s in later)
     assert same(saved["checkpoint.safetensors"], checks_of(states, 3)[0])
+    assert not same(saved["checkpoint.safetensors"], checks_of(states, 1)[0])
 
 
 def test_teachers_are_deep_copies_head_and_pooler_included(best_run):
@@ -899,11 +921,12 @@ def vilt_by_hand(model, x0, visible, L_t, P_t, P_v):
 
 @pytest.mark.parametrize("fusion,combine", [("head", "add"), ("head", "concat"), ("cross", "add")])
 def test_vilt_forward_equals_a_brute_force_on_hf_vilt_layers(fusion, combine, tiny_vilt):
-    """model.logits on a mixed batch (text padding, all three missing cases), with both prompts and with either left
+    """model.logits on a mixed batch (text padding, images of different sizes: padded patches, all three missing
+    cases), with both prompts and with either left
     out (--teachers live), equals vilt_by_hand per sample: the routing and f_missing of Sec. 3.4 written out, the
     prompt placement of Sec. 3.5, HF's ViltLayer / layernorm as the blocks. Prompts in 3 of the 4 layers."""
     model = model_for(tiny_vilt, fusion, length=2, depth=3, combine=combine).eval()
-    batch = toy_batch(tiny_vilt, MIXED)
+    batch = mixed_size_batch(tiny_vilt)
     L_t = batch["input_ids"].shape[1]
     assert (batch["text_mask"] == 0).any() and model.depth < tiny_vilt.num_layers
     with torch.no_grad():
@@ -960,7 +983,7 @@ def test_clip_forward_equals_a_brute_force_on_open_clip_modules(fusion, combine,
     """As the ViLT test, on both CLIP towers: model.logits per sample = clip_by_hand with the prompts of Sec. 3.4
     written out, with both prompts and with either left out. Prompts in 3 of the 4 layers of each tower."""
     model = model_for(tiny_clip, fusion, length=2, depth=3, combine=combine).eval()
-    batch = toy_batch(tiny_clip, MIXED)
+    batch = mixed_size_batch(tiny_clip)
     with torch.no_grad():
         got = {}
         for keep in ("both", "text", "image"):
@@ -975,18 +998,229 @@ def test_clip_forward_equals_a_brute_force_on_open_clip_modules(fusion, combine,
 
 def test_prompt_generator_shapes_and_init_as_the_header_states(tiny_clip):
     """The header's ASSUMPTIONs, on CLIP where D_t = 48 and D_v = 64 differ: P_m^c (N, P, D_m) drawn N(0, 0.02);
-    f_missing of m per layer Linear(D_other, D_m / 16) -> GELU -> Linear(D_m / 16, D_m)."""
+    f_missing of m per layer Linear(D_other, D_m / 16) -> GELU -> Linear(D_m / 16, D_m), weights N(0, 1/fan_in),
+    biases 0; so at initialisation P^miss is not one vector repeated: its spread across the tokens of a layer is
+    comparable to P^c's (measured 0.40-0.50 of it here and at ViLT-B's width 768; PyTorch's default init: 0.15-0.18,
+    at width 768 0.0033 against 0.020)."""
     gen = model_for(tiny_clip, "head", length=16, depth=4).generator
-    for prompt, D, D_other in ((gen.text, 48, 64), (gen.image, 64, 48)):
+    for prompt, other, D, D_other in ((gen.text, gen.image, 48, 64), (gen.image, gen.text, 64, 48)):
         P_c = prompt.complete.detach()
         assert P_c.shape == (4, 16, D)
         assert abs(float(P_c.std()) - 0.02) < 0.002 and abs(float(P_c.mean())) < 0.002   # 3072+ draws
         assert len(prompt.f_missing) == 4
         for f in prompt.f_missing:
             assert f[0].weight.shape == (D // 16, D_other) and f[-1].weight.shape == (D, D // 16)
+            for lin in (f[0], f[-1]):
+                assert (lin.bias == 0).all() and abs(float(lin.weight.detach().std()) * lin.in_features ** 0.5 - 1) < 0.35
+        with torch.no_grad():
+            P_miss = prompt.missing_type(other.complete)                   # (N, P, D) from the other P^c
+        across_tokens = float(P_miss.std(1).mean()) / float(P_c.std(1).mean())
+        assert across_tokens > 0.3, across_tokens
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Use from your own code (the header's lines), teachers' mode, the teacher files of another configuration
+# ---------------------------------------------------------------------------------------------------------
+def documented_lines():
+    """The indented code lines of muap.py's "Use from your own code" paragraph, verbatim."""
+    doc = muap.__doc__
+    block = doc[doc.index("Use from your own code"):doc.index("Sections, in reading order")]
+    lines = [line[4:] for line in block.splitlines() if line.startswith("    ")]
+    assert len(lines) >= 8 and lines[0].startswith("model = MuAP(")
+    return lines
+
+
+@pytest.mark.parametrize("backbone", ["tiny_clip", "tiny_vilt"])
+def test_the_documented_lines_run_and_give_the_alignment_loss(backbone, request):
+    """The header's lines run as written (each line executed in turn; "training" between the stages is a random
+    move of the trainable parameters). model.teachers = snapshot_teachers(...) then gives the frozen teachers'
+    evaluation-mode logits (ViLT's backbone dropout at 0.5 stays out of them and stays on for the student), and the
+    loss equals task + KL(y_t || y) + KL(y_v || y) by brute force (CLIP, deterministic)."""
+    bb = request.getfixturevalue(backbone)
+    batch = mixed_size_batch(bb)
+    scope = {"bb": bb, "num_outputs": 4, "batch": batch, "task": "multiclass", **{
+        name: getattr(muap, name) for name in ("MuAP", "set_stage", "snapshot", "snapshot_teachers", "alignment_loss")}}
+    dropout = getattr(bb, "dropout", 0.0)
+    if bb.kind == "vilt":
+        bb.set_dropout(0.5)
+    try:
+        torch.manual_seed(0)
+        for line in documented_lines():
+            if line.startswith(("teacher_t = ", "teacher_v = ")):          # what the stage before trained
+                with torch.no_grad():
+                    for p in scope["model"].parameters():
+                        if p.requires_grad:
+                            p.add_(0.3 * torch.randn_like(p))
+            exec(line, scope)
+        model, teacher_t, teacher_v = scope["model"], scope["teacher_t"], scope["teacher_v"]
+        assert torch.isfinite(scope["loss"]) and model.training
+        torch.manual_seed(1)
+        y_t, y_v = model.teachers(model, batch, None, None)
+        assert getattr(bb, "dropout_active", False) == (bb.kind == "vilt")     # the student's dropout stays on
+        with torch.no_grad():
+            torch.manual_seed(1)
+            want_t, want_v = teacher_t.eval()(batch)["logits"], teacher_v.eval()(batch)["logits"]
+            assert torch.allclose(y_t, want_t, atol=1e-5) and torch.allclose(y_v, want_v, atol=1e-5)
+            assert not torch.allclose(want_t, want_v, atol=1e-3)
+            if bb.kind == "clip":
+                y = model.eval()(batch)["logits"]
+                want = (float(task_loss(y, batch["label"], "multiclass")) + brute_kl(want_t, y, "multiclass")
+                        + brute_kl(want_v, y, "multiclass"))
+                assert abs(float(scope["loss"]) - want) < 1e-5
+    finally:
+        if bb.kind == "vilt":
+            bb.set_dropout(dropout)
+
+
+def test_live_teachers_run_without_backbone_dropout(tiny_vilt):
+    """--teachers live inside a training forward with ViLT's dropout at 0.5: y_t, y_v equal the evaluation-mode
+    forwards with only the text / only the image prompts (the header: a target without dropout); the student's own
+    logits are noisy, and its dropout is on again after the teachers ran."""
+    model = model_for(tiny_vilt, "head").train()
+    model.teachers = muap.live_teachers
+    batch = mixed_size_batch(tiny_vilt)
+    tiny_vilt.set_dropout(0.5)
+    try:
+        model.train()
+        torch.manual_seed(0)
+        out = model(batch)
+        assert tiny_vilt.dropout_active
+        model.eval()
+        with torch.no_grad():
+            P_t, P_v = model.generator(batch["missing"])
+            want_t, want_v, clean = model.logits(batch, P_t, None), model.logits(batch, None, P_v), model(batch)["logits"]
+    finally:
+        tiny_vilt.set_dropout(0.0)
+    assert torch.allclose(out["logits_t"], want_t, atol=1e-5) and torch.allclose(out["logits_v"], want_v, atol=1e-5)
+    assert not torch.allclose(out["logits"], clean, atol=1e-3)
+
+
+def test_resume_refuses_a_teacher_file_of_another_configuration(tmp_path, tiny_clip):
+    """A teacher-<stage>.safetensors left in --out by a run with other flags (here --lambda-t) is not loaded on
+    --resume: DataError naming the file and the differing flag; the same configuration's file is loaded as saved."""
+    def run_with(*flags):
+        args = common.finalize_args(muap.parser().parse_args(["--backbone", "tiny-clip", "--out", str(tmp_path),
+                                                              *flags]))
+        muap.stage_epochs(args)
+        return types.SimpleNamespace(args=args, main=True, bb=tiny_clip)
+    earlier, model = run_with("--lambda-t", "0.5"), model_for(tiny_clip, "head", seed=1)
+    muap.stage_teacher(earlier, model, "text-step")                             # written by the earlier run
+    path = tmp_path / "teacher-text-step.safetensors"
+    saved = common.read_checkpoint(str(path))[0]
+    now = run_with("--resume")
+    fresh = model_for(tiny_clip, "head", seed=2)
+    with pytest.raises(DataError, match=r"teacher-text-step\.safetensors was written by a different configuration "
+                                        r"\(differs in: lambda_t\)"):
+        muap.stage_teacher(now, fresh, "text-step")
+    assert not same(common.method_state(fresh), saved)
+    again = run_with("--lambda-t", "0.5", "--resume")
+    teacher = muap.stage_teacher(again, fresh, "text-step")
+    assert same(common.method_state(teacher), saved) and same(common.method_state(fresh), saved)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training mode: the forward `fit` runs
+# ---------------------------------------------------------------------------------------------------------
+def logits_and_grads(model, forward, seed=1):
+    """logits of forward() (the torch RNG seeded first: ViLT's patch draw, dropout) and the gradient of a fixed
+    random linear function of them with respect to every trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    logits = forward()
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    return logits, torch.autograd.grad((weights * logits).sum(), params, allow_unused=True)
+
+
+def assert_same(a, b):
+    assert torch.allclose(a[0], b[0], atol=1e-5), (a[0] - b[0]).abs().max()
+    for g, g_ref in zip(a[1], b[1]):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            assert (g - g_ref).abs().max() <= 1e-4 * g_ref.abs().max() + 1e-9
+
+
+@pytest.mark.parametrize("backbone,fusion", [("tiny_clip", "head"), ("tiny_vilt", "head"), ("tiny_vilt", "cross")])
+def test_training_mode_equals_eval_mode_without_dropout(backbone, fusion, request):
+    """With no dropout, the training-mode forward (teachers unset, as in the single stages) equals the evaluation
+    forward on images of different sizes: no routing, prompt or head differs between the modes."""
+    bb = request.getfixturevalue(backbone)
+    model = model_for(bb, fusion, length=2, depth=3)
+    batch = mixed_size_batch(bb)
+    train = logits_and_grads(model.train(), lambda: model(batch)["logits"])
+    assert_same(train, logits_and_grads(model.eval(), lambda: model(batch)["logits"]))
+
+
+def head_fusion_on_common_blocks(model, batch):
+    """ViLT head-fusion (add) over the batch on common's block (the dropout sites of MAP's ViLT), from Sec. 3.4-3.5:
+    per sample the prompts of its case (`paper_prompts`), at each prompted layer P_t + P_v put at the sequence
+    start, in front of the earlier ones, as keys seen by all; the pooled token the text [CLS] behind them."""
+    bb, gen, n = model.bb, model.generator, model.length
+    prompts = [paper_prompts(gen, code) for code in batch["missing"].tolist()]
+    P_t, P_v = torch.stack([p[0] for p in prompts]), torch.stack([p[1] for p in prompts])   # (B, N, P, D)
+    x, mask = bb.embed(batch)
+    for i in range(bb.num_layers):
+        if i < model.depth:
+            x = torch.cat([P_t[:, i] + P_v[:, i], x], 1)
+            mask = torch.cat([torch.ones(len(x), n, dtype=mask.dtype), mask], 1)
+        x = bb.block(i, x, (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min)
+    cls = model.depth * n
+    return model.head(model.pooler(bb.final_norm(x)[:, cls:cls + 1]))
+
+
+def test_vilt_training_with_backbone_dropout_equals_a_reference_with_the_same_masks(tiny_vilt):
+    """--backbone-dropout 0.3, training mode, images of different sizes: the head-fusion forward and its gradients
+    equal `head_fusion_on_common_blocks` started from the same torch seed (the same patch draw and dropout
+    masks); another seed gives other logits (the dropout is on)."""
+    model = model_for(tiny_vilt, "head", length=2, depth=3)
+    batch = mixed_size_batch(tiny_vilt)
+    tiny_vilt.set_dropout(0.3)
+    try:
+        model.train()
+        got = logits_and_grads(model, lambda: model(batch)["logits"])
+        assert_same(got, logits_and_grads(model, lambda: head_fusion_on_common_blocks(model, batch)))
+        other = logits_and_grads(model, lambda: model(batch)["logits"], seed=5)[0]
+    finally:
+        tiny_vilt.set_dropout(0.0)
+    assert (got[0] - other).abs().max() > 1e-3
 
 MUTATIONS = [
+    {"file": "muap.py", "why": "f_missing at PyTorch's default init (P^miss starts nearly one repeated vector)",
+     "old": "    for m in (mlp[0], mlp[2]):\n        nn.init.normal_(m.weight, std=m.in_features ** -0.5)\n"
+            "        nn.init.zeros_(m.bias)\n",
+     "new": "",
+     "tests": ["tests/test_muap.py::test_prompt_generator_shapes_and_init_as_the_header_states"]},
+    {"file": "muap.py", "why": "the teacher file's stored configuration not checked on --resume",
+     "old": 'if meta.get("config") != current:', "new": "if False:",
+     "tests": ["tests/test_muap.py::test_resume_refuses_a_teacher_file_of_another_configuration"]},
+    {"file": "muap.py", "why": "live teachers run with the student's backbone dropout on",
+     "old": "    with torch.no_grad(), backbone_dropout_off(model.bb):\n        return model.logits(",
+     "new": "    with torch.no_grad():\n        return model.logits(",
+     "tests": ["tests/test_muap.py::test_live_teachers_run_without_backbone_dropout"]},
+    {"file": "muap.py", "why": "snapshot_teachers run the frozen teachers with the student's backbone dropout on",
+     "old": "        with torch.no_grad(), backbone_dropout_off(model.bb):\n            return teacher_t(",
+     "new": "        with torch.no_grad():\n            return teacher_t(",
+     "tests": ["tests/test_muap.py::test_the_documented_lines_run_and_give_the_alignment_loss"]},
+    {"file": "muap.py", "why": "backbone_dropout_off leaves the student's dropout off after a teacher ran",
+     "old": "        bb.train(active)", "new": "        bb.train(False)",
+     "tests": ["tests/test_muap.py::test_the_documented_lines_run_and_give_the_alignment_loss",
+               "tests/test_muap.py::test_live_teachers_run_without_backbone_dropout"]},
+    {"file": "muap.py", "why": "snapshot_teachers: y_t and y_v swapped",
+     "old": 'return teacher_t(batch)["logits"].float(), teacher_v(batch)["logits"].float()',
+     "new": 'return teacher_v(batch)["logits"].float(), teacher_t(batch)["logits"].float()',
+     "tests": ["tests/test_muap.py::test_the_documented_lines_run_and_give_the_alignment_loss"]},
+    {"file": "muap.py", "why": "training mode only: every sample routed to the complete-type prompts",
+     "old": "P_t = torch.stack([P_t_c, P_t_miss, P_t_c])[missing]",
+     "new": "P_t = torch.stack([P_t_c, P_t_miss, P_t_c])[missing * (not self.training)]",
+     "tests": ["tests/test_muap.py::test_training_mode_equals_eval_mode_without_dropout"]},
+    {"file": "muap.py", "why": "CLIP: the text tower's prompts through dropout while training only",
+     "old": "t, _ = prepend(None if T is None else T[:, i], t)",
+     "new": "t, _ = prepend(None if T is None else F.dropout(T[:, i], 0.1, self.training), t)",
+     "tests": ["tests/test_muap.py::test_training_mode_equals_eval_mode_without_dropout"]},
+    {"file": "muap.py", "why": "ViLT: the prompts passed through the backbone dropout while training",
+     "old": "                    x, mask = prepend(p, x, mask)",
+     "new": "                    x, mask = prepend(self.bb.drop(p), x, mask)",
+     "tests": ["tests/test_muap.py::test_vilt_training_with_backbone_dropout_equals_a_reference_with_the_same_masks"]},
     {"file": "muap.py", "why": "teachers swapped: y_t from the image-step, y_v from the text-step",
      "old": "else teacher_table(run, teacher_t, teacher_v)",
      "new": "else teacher_table(run, teacher_v, teacher_t)"},
