@@ -286,10 +286,10 @@ def test_resume_restores_the_teachers(tmp_path, food101_root, monkeypatch):
             return real_snapshot(model)
         return spy
 
-    def epoch_or_interrupt(run, net, loss_fn, optimizer, schedule, params, epoch):
+    def epoch_or_interrupt(run, net, loss_fn, optimizer, schedule, params, epoch, **kw):
         if epoch == 1:                                         # only the alignment stage has a second epoch
             raise Interrupted
-        return real_epoch(run, net, loss_fn, optimizer, schedule, params, epoch)
+        return real_epoch(run, net, loss_fn, optimizer, schedule, params, epoch, **kw)
 
     monkeypatch.setattr(muap, "snapshot", record("first"))
     monkeypatch.setattr(common, "train_one_epoch", epoch_or_interrupt)
@@ -315,8 +315,8 @@ def best_run(tmp_path_factory, food101_root):
     states, teachers, calls = {}, [], [0]
     real_epoch, real_evaluate, real_snapshot = common.train_one_epoch, common.evaluate, muap.snapshot
 
-    def epoch_spy(run, net, loss_fn, optimizer, schedule, params, epoch):       # train_one_epoch yields at checks
-        for check in real_epoch(run, net, loss_fn, optimizer, schedule, params, epoch):
+    def epoch_spy(run, net, loss_fn, optimizer, schedule, params, epoch, **kw):  # train_one_epoch yields at checks
+        for check in real_epoch(run, net, loss_fn, optimizer, schedule, params, epoch, **kw):
             states[(run.stage_index, epoch, check[0])] = common.method_state(net)
             yield check
 

@@ -227,10 +227,10 @@ def readme_section(title):
 
 
 def test_readme_paper_table_matches_paper_numbers():
-    """Each row of README's "Reproducing the papers" table: its number is the one PAPER_NUMBERS compares the row's
+    """Each row of README's "Reproduce a paper number" table: its number is the one PAPER_NUMBERS compares the row's
     command with (the method's paper backbone and default variant), and an inferred setting says so."""
     parsers = {m: __import__(m).parser() for m in ("map", "muap", "memprompt", "syp", "aoept", "promise")}
-    rows = [line for line in readme_section("Reproducing the papers").splitlines() if line.startswith("| `python")]
+    rows = [line for line in readme_section("Reproduce a paper number").splitlines() if line.startswith("| `python")]
     assert len(rows) >= 12
     for line in rows:
         command, paper = [c.strip() for c in line.strip("|").split("|")][:2]
