@@ -220,7 +220,7 @@ def build_method(name, bb, device, batch, argv=("--dataset", "food101"), outputs
     if kind == "memprompt":
         a = mod.resolve_defaults(a)
         return mod.MemPrompt(bb, outputs, a.prompt_length, a.memory_size, a.top_n, a.prompt_depth, a.placement,
-                             a.softmax_over).to(device), task_loss, a
+                             a.softmax_over, a.query_pad, a.gen_layers, a.shared_layers).to(device), task_loss, a
     if kind == "syp":
         return mod.SyP(bb, outputs, a.prompt_length, a.prompt_depth, a.reduction, dynamic=not a.no_dynamic,
                        static=not a.no_static, adapter=not a.no_adapter).to(device), task_loss, a
