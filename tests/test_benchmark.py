@@ -188,6 +188,7 @@ def test_real_lengths_preset_prints_tokens_and_ratios_per_dataset(capsys):
         assert r["our_longest"] == sum(max(row) for row in r["drawn"]) / 2
         assert r["our_text_tokens"] == 4 * r["our_longest"]
         assert r["ratio"] == pytest.approx(r["ours_s"] / r["official_floor_s"])
+        assert r["padding_ratio"] == pytest.approx(r["ours_s"] / r["ours_padded_s"])
         assert f"| {r['dataset']} | {r['method']} | {L} | {r['our_longest']:.0f} | " in out
     for dataset, (median, p90) in bm.ASSUMED_LENGTHS.items():
         assert f"{dataset} text lengths: ASSUMED: log-normal tokens, median {median}, p90 {p90}" in out
@@ -213,6 +214,14 @@ def test_lengths_from_tokenises_the_train_split(food101_root, tmp_path, capsys):
                           "--repeats", "1", "--warmup", "0"])
     assert all(max(row) <= max(want) for r in res["real_lengths"] for row in r["drawn"])
     assert f"food101 text lengths: real: {len(want)} train texts of {food101_root}" in capsys.readouterr().out
+
+
+def test_methods_take_the_defaults_of_their_backbone():
+    """AOEPT's official recipe differs by backbone (aoept.OFFICIAL): Food-101 M 16 on ViLT, 6 on CLIP."""
+    for bb, M in ((bm.build_backbone("vilt", 40, "tiny"), 16), (bm.build_backbone("clip", 40, "tiny"), 6)):
+        batch = bm.synthetic_batch(bb, 3, 40, torch.device("cpu"))
+        _, _, a = bm.build_method("aoept", bb, torch.device("cpu"), batch)
+        assert (a.backbone, a.prompt_length) == (bb.kind, M)
 
 
 MUTATIONS = [
@@ -259,4 +268,6 @@ MUTATIONS = [
     {"file": "tests/benchmark.py", "old": "return (lambda n, rng, high: np.minimum(rng.choice(lengths, n), high)), described",
      "new": "return (lambda n, rng, high: lognormal_lengths(22, 40, n, rng, high)), described",
      "why": "--lengths-from read but the assumed distribution drawn"},
+    {"file": "tests/benchmark.py", "old": "argv = list(argv) + ([] if \"--backbone\" in argv else [\"--backbone\", bb.kind])",
+     "new": "argv = list(argv)", "why": "methods built with the CLIP defaults on ViLT (AOEPT's recipe)"},
 ]
