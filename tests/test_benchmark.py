@@ -224,6 +224,15 @@ def test_methods_take_the_defaults_of_their_backbone():
         assert (a.backbone, a.prompt_length) == (bb.kind, M)
 
 
+def test_gpu_check_bf16_path_runs_on_cpu():
+    """The GPU check's bf16 autocast path (CPU autocast, tiny sizes): masks and -inf fills in bf16 (SyP, MemPrompt)
+    stay finite and the frozen backbone unchanged; the GPU's only untested parts are device placement and syncs."""
+    res = bm.main(CHECK + ["--dtype", "bf16", "--methods", "syp,memprompt"])
+    assert res["dtype"] == "bf16" and res["ok"] and len(res["checks"]) == 4
+    with bm.precision_of(bm.parse_args(CHECK + ["--dtype", "bf16"]), torch.device("cpu"))():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 MUTATIONS = [
     {"file": "tests/benchmark.py", "old": "if not torch.equal(v, reference[k])]", "new": "if not torch.equal(v, v)]",
      "why": "frozen check compares the backbone with itself"},
@@ -270,4 +279,6 @@ MUTATIONS = [
      "why": "--lengths-from read but the assumed distribution drawn"},
     {"file": "tests/benchmark.py", "old": "argv = list(argv) + ([] if \"--backbone\" in argv else [\"--backbone\", bb.kind])",
      "new": "argv = list(argv)", "why": "methods built with the CLIP defaults on ViLT (AOEPT's recipe)"},
+    {"file": "tests/benchmark.py", "old": "    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)\n\n\ndef benchmark(",
+     "new": "    return contextlib.nullcontext\n\n\ndef benchmark(", "why": "--dtype bf16 runs in fp32 (no autocast)"},
 ]
