@@ -574,11 +574,11 @@ class Collate:
     CLIP batch: image (B,3,S,S), text (B,77). ViLT batch: image (B,3,H,W) zero-padded, pixel_mask (B,H,W),
     input_ids / text_mask (B, L_t) padded to the longest in the batch, truncated at max_text_len.
     Both: label, missing (B,) codes, ids (list).
-    CLIP text is cut after the batch's last EOT (trim_clip_text, `trim`): under the causal mask no later position
+    trim_clip_text: CLIP text cut after the batch's last EOT (`trim`). Under the causal mask no later position
     reaches a pooled EOT feature, so this is exact for a method whose prompt rows do not attend to the padding and
-    whose text queries / means skip it; a method that reads the padding passes trim_clip_text=False (full 77)."""
+    whose text queries / means skip it (tests/test_truncation.py); off by default (the full 77)."""
 
-    def __init__(self, bb, max_text_len, trim_clip_text=True):
+    def __init__(self, bb, max_text_len, trim_clip_text=False):
         self.bb, self.max_text_len, self.trim_clip_text = bb, max_text_len, trim_clip_text
 
     @staticmethod
