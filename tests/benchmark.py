@@ -37,7 +37,7 @@ Usage:
     python tests/benchmark.py --preset real-lengths           # + --lengths-from food101=ROOT mmimdb=ROOT ...
     python tests/benchmark.py --device cuda --gpu-check       # real sizes, bf16, batch 32; --datasets to restrict
     python tests/benchmark.py --images                        # images/s: JPEG decode + preprocess vs the cache
-    python tests/benchmark.py --sdpa --quick --text-len 512 --batch-size 4 --threads 2 --warmup 0
+    python tests/benchmark.py --sdpa --text-len 512 --batch-size 4 --threads 2 --warmup 1 --repeats 5 [--profile 15]
                                                               # ViLT floor (b): bb.block (SDPA) vs HF's eager layer
 """
 import argparse
@@ -134,6 +134,8 @@ def parse_args(argv=None):
                    help="backbones and inputs (default: real on CUDA, tiny on CPU for --gpu-check, real otherwise)")
     p.add_argument("--images", action="store_true", help="only the image-loading benchmark")
     p.add_argument("--sdpa", action="store_true", help="only the ViLT training floor: SDPA block vs HF eager ViltLayer")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="--sdpa: also profile one training step of each (torch.profiler), the top ROWS operators")
     p.add_argument("--num-images", type=int, default=300, help="generated JPEGs for --images")
     p.add_argument("--out", default=None, help="also write the results as JSON (atomically)")
     args = p.parse_args(argv)
@@ -812,7 +814,7 @@ def sdpa_vs_eager(args, device):
     (B, H, L, L) scores materialised), interleaved in one process; inference too unless --quick."""
     precision = contextlib.nullcontext if args.dtype == "fp32" else \
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-    bb = build_backbone("vilt", args.text_len).to(device)
+    bb = build_backbone("vilt", args.text_len, args.size).to(device)
     batch = synthetic_batch(bb, args.batch_size, args.text_len, device)
     margs = importlib.import_module("map").parser().parse_args(["--dataset", "food101"])
     floor = Floor(bb, NUM_CLASSES).to(device)
@@ -828,6 +830,14 @@ def sdpa_vs_eager(args, device):
     infer = inferer(floor, batch, precision)
     steps = (("train", train),) if args.quick else (("train", train), ("infer", infer))
     t = measure({f"{k}_{kind}": using(kind, fn) for k, fn in steps for kind in blocks}, device, args.warmup, args.repeats)
+    if args.profile:                                                # one training step of each, top operators
+        from torch.profiler import ProfilerActivity, profile
+        for kind in blocks:
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                                               else [])) as prof:
+                seconds(using(kind, train), device)
+            print(f"{kind}: one training step\n" + prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                             row_limit=args.profile), flush=True)
     bb.block = blocks["sdpa"]
     row = {"sequence": args.text_len + (bb.shorter // bb.patch) ** 2 + 1, **{f"{k}_s": v for k, v in t.items()},
            **{f"{k}_speedup": t[f"{k}_eager"] / t[f"{k}_sdpa"] for k, _ in steps}}

@@ -233,6 +233,24 @@ def test_gpu_check_bf16_path_runs_on_cpu():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+def test_sdpa_compares_the_same_floor_through_both_layers(capsys):
+    """--sdpa on tiny-vilt: bb.block and HF's eager ViltLayer give the same floor logits (the race is fair), the
+    speedups are eager / SDPA, and --profile prints one step of each."""
+    bb = bm.build_backbone("vilt", 40, "tiny")
+    batch = bm.synthetic_batch(bb, 3, 40, torch.device("cpu"))
+    floor = bm.Floor(bb, 5)
+    with torch.no_grad():
+        sdpa = floor(batch)["logits"]
+        bb.block = lambda i, x, bias, kv_prefix=None: bb.vilt.encoder.layer[i](x, bias)[0]
+        eager = floor(batch)["logits"]
+    assert torch.allclose(sdpa, eager, atol=1e-5)
+    res = bm.main(["--sdpa", "--size", "tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--profile", "5"])
+    row, out = res["sdpa"], capsys.readouterr().out
+    assert row["train_speedup"] == pytest.approx(row["train_eager_s"] / row["train_sdpa_s"])
+    assert row["infer_speedup"] == pytest.approx(row["infer_eager_s"] / row["infer_sdpa_s"])
+    assert "sdpa: one training step" in out and "eager: one training step" in out and "Self CPU" in out
+
+
 MUTATIONS = [
     {"file": "tests/benchmark.py", "old": "if not torch.equal(v, reference[k])]", "new": "if not torch.equal(v, v)]",
      "why": "frozen check compares the backbone with itself"},
