@@ -122,8 +122,8 @@ class FrozenCLIP(nn.Module):
         return pooled @ self.model.visual.proj
 
     # text tower
-    def text_embed(self, ids):                                      # (B, 77) -> (B, 77, D_t)
-        return self.model.token_embedding(ids) + self.model.positional_embedding
+    def text_embed(self, ids):                                      # (B, L <= 77) -> (B, L, D_t)
+        return self.model.token_embedding(ids) + self.model.positional_embedding[:ids.shape[1]]
 
     def causal_mask(self, length, device, dtype):
         key = (length, device, dtype)

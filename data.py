@@ -926,10 +926,19 @@ class Collate:
     """list of dataset items -> batch dict. Applies the dummy input of a missing modality (module docstring).
     CLIP batch: image (B,3,S,S), text (B,77). ViLT batch: image (B,3,H,W) zero-padded, pixel_mask (B,H,W),
     input_ids / text_mask (B, L_t) padded to the longest in the batch, truncated at max_text_len.
-    Both: label, missing (B,) codes, ids (list)."""
+    Both: label, missing (B,) codes, ids (list).
+    trim_clip_text: CLIP text cut after the batch's last EOT (`trim`). Under the causal mask no later position
+    reaches a pooled EOT feature, so this is exact for a method whose prompt rows do not attend to the padding and
+    whose text queries / means skip it (tests/test_truncation.py); off by default (the full 77)."""
 
-    def __init__(self, bb, max_text_len):
-        self.bb, self.max_text_len = bb, max_text_len
+    def __init__(self, bb, max_text_len, trim_clip_text=False):
+        self.bb, self.max_text_len, self.trim_clip_text = bb, max_text_len, trim_clip_text
+
+    @staticmethod
+    def trim(ids):
+        """(B, 77) CLIP ids -> (B, E + 1), E the batch's last EOT: the EOT is the largest id (open_clip pools at the
+        argmax, as FrozenCLIP.text_pool), and only padding follows it."""
+        return ids[:, :int(ids.argmax(-1).max()) + 1].contiguous()
 
     def image(self, item):
         if torch.is_tensor(item["image"]):                          # already preprocessed (an image cache)
@@ -947,7 +956,8 @@ class Collate:
                  "missing": torch.tensor([it["missing"] for it in items], dtype=torch.long),
                  "label": torch.as_tensor(np.stack([np.asarray(it["label"]) for it in items]))}
         if self.bb.kind == "clip":
-            batch["text"] = self.bb.tokenizer(texts)
+            ids = self.bb.tokenizer(texts)                              # (B, 77)
+            batch["text"] = self.trim(ids) if self.trim_clip_text else ids
             batch["image"] = torch.stack(images)
             return batch
         tok = self.bb.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,

@@ -19,6 +19,10 @@ timed here). PROMISE runs its encoder path (no --cache-features): batches carry 
 
 --preset NAME: the configuration at which an official implementation was measured (PRESETS: its text length, image
 size, prompt sizes, task, batch 4, 2 threads, 2 warm-ups, median of 5), our ratios printed next to the official ones.
+--preset real-lengths: per dataset, MAP (MemPrompt pads alike) and AOEPT on ViLT, our training step on batches padded
+to their longest text (data.Collate), whose lengths are drawn from ASSUMED_LENGTHS (stated, printed) or the train
+split's tokenised texts (--lengths-from), against the training floor (b) on the same rows padded to the official
+length (padding="max_length": MAP/MemPrompt 512 / 1024 / 128, AOEPT 40 / 77 / 40): text tokens per step and the ratio.
 --gpu-check: every method x backbone x dataset size, a few bf16 training and inference steps; checks finite losses
 and logits and an unchanged frozen backbone; prints step times, samples/s, peak memory, ratios to the floors,
 host-device syncs per step (CUDA: torch.cuda.set_sync_debug_mode) and a 20-epoch Food-101 wall-time estimate.
@@ -30,9 +34,10 @@ Usage:
     python tests/benchmark.py --quick --methods map,aoept --backbones clip --out runs/benchmark.json
     python tests/benchmark.py --preset all                    # CPU: the official measurements' configurations
     python tests/benchmark.py --preset map-hatememes --quick  # 1 warm-up, median of 3
+    python tests/benchmark.py --preset real-lengths           # + --lengths-from food101=ROOT mmimdb=ROOT ...
     python tests/benchmark.py --device cuda --gpu-check       # real sizes, bf16, batch 32; --datasets to restrict
     python tests/benchmark.py --images                        # images/s: JPEG decode + preprocess vs the cache
-    python tests/benchmark.py --sdpa --quick --text-len 512 --batch-size 4 --threads 2 --warmup 0
+    python tests/benchmark.py --sdpa --text-len 512 --batch-size 4 --threads 2 --warmup 1 --repeats 5 [--profile 15]
                                                               # ViLT floor (b): bb.block (SDPA) vs HF's eager layer
 """
 import argparse
@@ -114,8 +119,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="default 2; 1 with --quick or --gpu-check")
     p.add_argument("--repeats", type=int, default=None, help="default 5; 3 with --quick or --gpu-check")
     p.add_argument("--quick", action="store_true", help="CPU-sized: batch 2, 1 warm-up, median of 3, no variants")
-    p.add_argument("--preset", default=None, choices=list(PRESETS) + ["all"],
-                   help="an official measurement's configuration (batch 4, 2 threads, 2 warm-ups, median of 5)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS) + ["all", "real-lengths"],
+                   help="an official measurement's configuration (batch 4, 2 threads, 2 warm-ups, median of 5); "
+                        "real-lengths: ViLT at drawn text lengths against the floor padded to the official length")
+    p.add_argument("--lengths-from", nargs="+", default=[], metavar="[DATASET=]ROOT",
+                   help="real-lengths: tokenise the train split under ROOT (DATASET=ROOT per dataset; a bare ROOT "
+                        "with one --datasets) instead of the assumed distribution")
+    p.add_argument("--tokenizer", default=common.VILT_DEFAULT, help="--lengths-from: the ViLT (BERT) tokenizer")
+    p.add_argument("--lengths-sample", type=int, default=5000, help="--lengths-from: texts tokenised per dataset")
     p.add_argument("--gpu-check", action="store_true", help="every method x backbone x dataset: checks and timings")
     p.add_argument("--datasets", nargs="+", default=list(CHECK_DATASETS), choices=list(CHECK_DATASETS),
                    help="--gpu-check: the datasets whose sizes are run")
@@ -123,6 +134,8 @@ def parse_args(argv=None):
                    help="backbones and inputs (default: real on CUDA, tiny on CPU for --gpu-check, real otherwise)")
     p.add_argument("--images", action="store_true", help="only the image-loading benchmark")
     p.add_argument("--sdpa", action="store_true", help="only the ViLT training floor: SDPA block vs HF eager ViltLayer")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="--sdpa: also profile one training step of each (torch.profiler), the top ROWS operators")
     p.add_argument("--num-images", type=int, default=300, help="generated JPEGs for --images")
     p.add_argument("--out", default=None, help="also write the results as JSON (atomically)")
     args = p.parse_args(argv)
@@ -138,7 +151,23 @@ def parse_args(argv=None):
     args.threads = args.threads or (2 if args.preset else None)
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.size = args.size or ("tiny" if args.gpu_check and not cuda else "real")
+    args.lengths_from = lengths_roots(p, args.lengths_from, args.datasets)
     return args
+
+
+def lengths_roots(p, given, datasets):
+    """--lengths-from -> {dataset: root}; a bare ROOT names the one dataset of --datasets."""
+    roots = {}
+    for item in given:
+        name, sep, root = item.rpartition("=")
+        if not sep:
+            if len(datasets) != 1:
+                p.error(f"--lengths-from {item}: name the dataset (food101=ROOT ...) or pass one --datasets")
+            name = datasets[0]
+        if name not in CHECK_DATASETS:
+            p.error(f"--lengths-from {item}: unknown dataset {name!r}; use one of {', '.join(CHECK_DATASETS)}")
+        roots[name] = root
+    return roots
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,13 +191,16 @@ def build_backbone(name, text_len, size="real", clip_model="ViT-B-16"):
     return bb
 
 
-def synthetic_batch(bb, B, text_len, device, image=None, outputs=NUM_CLASSES, task=TASK, missing="both"):
+def synthetic_batch(bb, B, text_len, device, image=None, outputs=NUM_CLASSES, task=TASK, missing="both",
+                    words=None):
     """Missing codes in turn (both: 0, 1, 2) with the dummy inputs ('' and an all-ones image), texts of varied
-    length, padding. image: ViLT (H, W), default S x S; CLIP always its own size. Labels of the task."""
+    length (words: the tokens between the ends of each row, else 8 + 13 k mod 30), padding to text_len.
+    image: ViLT (H, W), default S x S; CLIP always its own size. Labels of the task."""
     g = torch.Generator().manual_seed(0)
     codes = MISSING_CODES[missing]
     missing = torch.tensor([codes[k % len(codes)] for k in range(B)])
-    lengths = [0 if missing[k] == TEXT_MISSING else 8 + 13 * k % 30 for k in range(B)]   # words between the ends
+    words = words or [8 + 13 * k % 30 for k in range(B)]
+    lengths = [0 if missing[k] == TEXT_MISSING else words[k] for k in range(B)]   # words between the ends
     if task == "multilabel":
         label = (torch.rand(B, outputs, generator=g) < 0.2).float()
     else:
@@ -200,7 +232,9 @@ def method_args(name, argv=("--dataset", "food101")):
 
 
 def build_method(name, bb, device, batch, argv=("--dataset", "food101"), outputs=NUM_CLASSES, task=TASK):
-    """-> (model on device, loss_fn(out, batch), the method's args), through the method file's own classes."""
+    """-> (model on device, loss_fn(out, batch), the method's args), through the method file's own classes; the
+    method's defaults for bb's kind (AOEPT's recipe differs between CLIP and ViLT) unless argv names --backbone."""
+    argv = list(argv) + ([] if "--backbone" in argv else ["--backbone", bb.kind])
     mod, a = method_args(name, argv)
     kind = mod.__name__
 
@@ -220,7 +254,7 @@ def build_method(name, bb, device, batch, argv=("--dataset", "food101"), outputs
     if kind == "memprompt":
         a = mod.resolve_defaults(a)
         return mod.MemPrompt(bb, outputs, a.prompt_length, a.memory_size, a.top_n, a.prompt_depth, a.placement,
-                             a.softmax_over).to(device), task_loss, a
+                             a.softmax_over, a.query_pad, a.gen_layers, a.shared_layers).to(device), task_loss, a
     if kind == "syp":
         return mod.SyP(bb, outputs, a.prompt_length, a.prompt_depth, a.reduction, dynamic=not a.no_dynamic,
                        static=not a.no_static, adapter=not a.no_adapter).to(device), task_loss, a
@@ -467,6 +501,124 @@ def preset_markdown(rows):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Real text lengths: our ViLT step at the lengths users have against the floor at the official padded length
+# ---------------------------------------------------------------------------------------------------------
+# ASSUMPTION (no data here): ViLT (BERT WordPiece) tokens per text, [CLS] and [SEP] included, log-normal with this
+# median and 90th percentile, clipped to [3, the method's max length]. Food-101: data.py reads the UPMC
+# texts/*_titles.csv, web-page titles (a dish name and often the site's name: ~10-20 words); MM-IMDb: IMDb plot
+# summaries, one paragraph of ~100-300 words; Hateful Memes: the text written on the meme, one or two short
+# sentences. The official loaders pad every one of these to their fixed length (--lengths-from measures the real ones).
+ASSUMED_LENGTHS = {"food101": (22, 40), "mmimdb": (180, 380), "hatememes": (18, 32)}
+# The official text lengths (padding="max_length"): MAP and MemPrompt 512 / 1024 / 128 (MAP config.py, MemPrompt
+# Sec. 4.2; data.VILT_MAX_TEXT_LEN), AOEPT 40 / 77 / 40 (aoept.OFFICIAL, its per-setting configs' seq_len).
+REAL_LENGTH_METHODS = ("map", "aoept")
+
+
+def official_text_len(method, dataset):
+    return data.VILT_MAX_TEXT_LEN[dataset] if method == "map" else \
+        importlib.import_module("aoept").OFFICIAL["vilt", dataset]["text"]
+
+
+def lognormal_lengths(median, p90, n, rng, high):
+    """n lengths from the log-normal with this median and 90th percentile (z_0.9 = 1.2816), clipped to [3, high]."""
+    sigma = math.log(p90 / median) / 1.2815516
+    return np.clip(np.rint(rng.lognormal(math.log(median), sigma, n)), 3, high).astype(int)
+
+
+def real_text_lengths(dataset, root, tokenizer, n, seed=0):
+    """Tokenised lengths ([CLS] and [SEP] included, untruncated) of up to n texts of the train split under root."""
+    ds = data.load_split(dataset, root, "train", missing_type="none", rate=0.0, seed=0)
+    texts = [ds.texts[i] for i in np.random.default_rng(seed).permutation(len(ds.texts))[:n]]
+    return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
+
+
+def length_source(args, dataset):
+    """-> (draw(n, rng, high) of text lengths, the distribution in words)."""
+    if dataset in args.lengths_from:
+        from transformers import BertTokenizerFast
+        try:
+            tokenizer = BertTokenizerFast.from_pretrained(args.tokenizer)
+        except OSError as e:
+            raise data.DataError(f"--tokenizer {args.tokenizer}: not found offline ({e}); pass a local folder with "
+                                 f"the ViLT/BERT vocab.txt (e.g. a save_pretrained copy of {common.VILT_DEFAULT})")
+        lengths = real_text_lengths(dataset, args.lengths_from[dataset], tokenizer, args.lengths_sample)
+        described = (f"real: {len(lengths)} train texts of {args.lengths_from[dataset]}, median "
+                     f"{np.median(lengths):.0f}, p90 {np.percentile(lengths, 90):.0f} tokens")
+        return (lambda n, rng, high: np.minimum(rng.choice(lengths, n), high)), described
+    median, p90 = ASSUMED_LENGTHS[dataset]
+    return (lambda n, rng, high: lognormal_lengths(median, p90, n, rng, high)), \
+        f"ASSUMED: log-normal tokens, median {median}, p90 {p90}, clipped to [3, max length]"
+
+
+def cycle(steps):
+    """Call the next of steps (one per round, the same round's batch for every contender)."""
+    state = {"k": -1}
+
+    def step():
+        state["k"] = (state["k"] + 1) % len(steps)
+        return steps[state["k"]]()
+    return step
+
+
+def real_lengths(args, device):
+    """Per dataset and method (MAP stands for MAP and MemPrompt, which pad alike; AOEPT): rounds of batches whose
+    rows take drawn lengths (missing codes 0, 1, 2 in turn; a missing text is the dummy [CLS] [SEP]). Ours: the
+    method's training step on the batch padded to its longest text (data.Collate). Ours padded: the same step on the
+    same rows padded to the official length (what padding alone costs). Official floor: the training floor (b) on
+    the rows padded to the official length (the official step costs at least that)."""
+    precision, rng, rows = precision_of(args, device), np.random.default_rng(0), []
+    longest = max(official_text_len(m, d) for m in REAL_LENGTH_METHODS for d in args.datasets)
+    bb = build_backbone("vilt", longest, args.size).to(device)
+    image = (384, 384) if args.size == "real" else None
+    for dataset in args.datasets:
+        draw, described = length_source(args, dataset)
+        print(f"{dataset} text lengths: {described}", flush=True)
+        _, outputs, task = CHECK_DATASETS[dataset]
+        for method in REAL_LENGTH_METHODS:
+            L_off = official_text_len(method, dataset)
+            codes = MISSING_CODES["both"]                             # synthetic_batch's rows: 0, 1, 2 in turn
+            words = [[0 if codes[k % len(codes)] == TEXT_MISSING else int(n) - 2 for k, n in enumerate(row)]
+                     for row in (draw(args.batch_size, rng, L_off) for _ in range(args.warmup + args.repeats))]
+            ours = [synthetic_batch(bb, args.batch_size, max(w) + 2, device, image, outputs, task, "both", w)
+                    for w in words]
+            padded = [synthetic_batch(bb, args.batch_size, L_off, device, image, outputs, task, "both", w)
+                      for w in words]
+            argv = ["--dataset", dataset, "--backbone", "vilt"]
+            model, loss_fn, margs = build_method(method, bb, device, ours[0], argv, outputs, task)
+            floor = Floor(bb, outputs).to(device)
+
+            def floor_loss(out, batch):
+                return common.task_loss(out["logits"], batch["label"], task)
+            calls = {"ours": cycle([trainer(model, loss_fn, margs, b, precision) for b in ours]),
+                     "ours_padded": cycle([trainer(model, loss_fn, margs, b, precision) for b in padded]),
+                     "official_floor": cycle([trainer(floor, floor_loss, margs, b, precision) for b in padded])}
+            t = measure(calls, device, args.warmup, args.repeats)
+            timed, timed_official = ours[args.warmup:], padded[args.warmup:]
+            rows.append({"dataset": dataset, "method": method, "lengths": described, "official_text_len": L_off,
+                         "drawn": [[n + 2 for n in w] for w in words[args.warmup:]],   # tokens; 2: a missing text
+                         "our_text_tokens": statistics.mean(b["input_ids"].numel() for b in timed),
+                         "official_text_tokens": statistics.mean(b["input_ids"].numel() for b in timed_official),
+                         "our_longest": statistics.mean(b["input_ids"].shape[1] for b in timed),
+                         "ours_s": t["ours"], "ours_padded_s": t["ours_padded"],
+                         "official_floor_s": t["official_floor"], "ratio": t["ours"] / t["official_floor"],
+                         "padding_ratio": t["ours"] / t["ours_padded"]})
+            print(real_lengths_markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def real_lengths_markdown(rows):
+    lines = ["| dataset | method | official text | our longest (mean) | text tokens/step ours / official | "
+             "ours s | ours padded s | official floor s | ours / official floor | ours / ours padded |",
+             "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['official_text_len']} | {r['our_longest']:.0f} | "
+                     f"{r['our_text_tokens']:.0f} / {r['official_text_tokens']:.0f} | {r['ours_s']:.3f} | "
+                     f"{r['ours_padded_s']:.3f} | {r['official_floor_s']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['padding_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # GPU check: every method x backbone x dataset size, a few steps; finite, frozen, timings, syncs, an estimate
 # ---------------------------------------------------------------------------------------------------------
 def frozen_state(bb):
@@ -519,7 +671,7 @@ def check_method(name, bb, batch, args, device, dataset, outputs, task, referenc
              "infer": inferer(model, batch, precision), "infer_bare": inferer(bb.encode, batch, precision)}
     losses = [calls["train"]() for _ in range(args.warmup + 1)]      # the checked steps
     logits = [calls["infer"]()["logits"] for _ in range(2)]
-    t = measure(calls, device, 0, args.repeats)
+    t = measure(calls, device, 1, args.repeats)                     # one round warms the floors (first CUDA calls)
     memory = {k: peak_memory(calls[k], device) for k in ("train", "train_floor")}
     changed = frozen_changes(bb, reference)
     B = len(batch["missing"])
@@ -662,7 +814,7 @@ def sdpa_vs_eager(args, device):
     (B, H, L, L) scores materialised), interleaved in one process; inference too unless --quick."""
     precision = contextlib.nullcontext if args.dtype == "fp32" else \
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-    bb = build_backbone("vilt", args.text_len).to(device)
+    bb = build_backbone("vilt", args.text_len, args.size).to(device)
     batch = synthetic_batch(bb, args.batch_size, args.text_len, device)
     margs = importlib.import_module("map").parser().parse_args(["--dataset", "food101"])
     floor = Floor(bb, NUM_CLASSES).to(device)
@@ -678,6 +830,14 @@ def sdpa_vs_eager(args, device):
     infer = inferer(floor, batch, precision)
     steps = (("train", train),) if args.quick else (("train", train), ("infer", infer))
     t = measure({f"{k}_{kind}": using(kind, fn) for k, fn in steps for kind in blocks}, device, args.warmup, args.repeats)
+    if args.profile:                                                # one training step of each, top operators
+        from torch.profiler import ProfilerActivity, profile
+        for kind in blocks:
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                                               else [])) as prof:
+                seconds(using(kind, train), device)
+            print(f"{kind}: one training step\n" + prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                             row_limit=args.profile), flush=True)
     bb.block = blocks["sdpa"]
     row = {"sequence": args.text_len + (bb.shorter // bb.patch) ** 2 + 1, **{f"{k}_s": v for k, v in t.items()},
            **{f"{k}_speedup": t[f"{k}_eager"] / t[f"{k}_sdpa"] for k, _ in steps}}
@@ -700,6 +860,9 @@ def main(argv=None):
         result["images"] = image_loading(args)
     elif args.sdpa:
         result["sdpa"] = sdpa_vs_eager(args, device)
+    elif args.preset == "real-lengths":
+        result["real_lengths"] = rows = real_lengths(args, device)
+        print(real_lengths_markdown(rows))
     elif args.preset:
         result["presets"] = rows = run_presets(args, device)
         print(preset_markdown(rows))

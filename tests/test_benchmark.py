@@ -3,10 +3,12 @@ changed frozen weight fails it), its Food-101 estimate against a brute-force sum
 official configurations they reproduce. Timings are never asserted, only the arithmetic made of them."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import common
+from data import load_split
 from tests import benchmark as bm
 
 # Each official configuration read from the official code (the oracle; the preset must reproduce it):
@@ -166,6 +168,89 @@ def test_gpu_check_on_cpu_passes_every_method_and_backbone(check):
     assert table.count("| food101 |") == 16 and table.count("| yes |") == 16 and "- aoept/vilt: " in table
 
 
+REAL = ["--preset", "real-lengths", "--size", "tiny", "--device", "cpu", "--warmup", "1", "--repeats", "2",
+        "--threads", "1"]
+
+
+def test_real_lengths_preset_prints_tokens_and_ratios_per_dataset(capsys):
+    """Every dataset x (MAP, AOEPT): the distribution printed, our batches padded to their longest drawn text (a
+    missing text is [CLS] [SEP]), the floor's to the official length (512 / 1024 / 128; AOEPT 40 / 77 / 40)."""
+    res = bm.main(REAL)
+    rows, out = res["real_lengths"], capsys.readouterr().out
+    official = {("food101", "map"): 512, ("mmimdb", "map"): 1024, ("hatememes", "map"): 128,
+                ("food101", "aoept"): 40, ("mmimdb", "aoept"): 77, ("hatememes", "aoept"): 40}
+    assert {(r["dataset"], r["method"]) for r in rows} == set(official)
+    for r in rows:
+        L = official[r["dataset"], r["method"]]
+        assert r["official_text_len"] == L and r["official_text_tokens"] == 4 * L
+        assert len(r["drawn"]) == 2 and all(len(row) == 4 for row in r["drawn"])
+        assert all(row[1] == 2 and 3 <= min(row[0], row[2], row[3]) and max(row) <= L for row in r["drawn"])
+        assert r["our_longest"] == sum(max(row) for row in r["drawn"]) / 2
+        assert r["our_text_tokens"] == 4 * r["our_longest"]
+        assert r["ratio"] == pytest.approx(r["ours_s"] / r["official_floor_s"])
+        assert r["padding_ratio"] == pytest.approx(r["ours_s"] / r["ours_padded_s"])
+        assert f"| {r['dataset']} | {r['method']} | {L} | {r['our_longest']:.0f} | " in out
+    for dataset, (median, p90) in bm.ASSUMED_LENGTHS.items():
+        assert f"{dataset} text lengths: ASSUMED: log-normal tokens, median {median}, p90 {p90}" in out
+    assert "ours / official floor" in out
+
+
+def test_lognormal_lengths_have_the_stated_median_and_p90():
+    x = bm.lognormal_lengths(180, 380, 200_000, np.random.default_rng(0), 10_000)
+    assert np.median(x) == pytest.approx(180, abs=1) and np.percentile(x, 90) == pytest.approx(380, abs=3)
+    assert bm.lognormal_lengths(180, 380, 1000, np.random.default_rng(0), 77).max() == 77
+
+
+def test_lengths_from_tokenises_the_train_split(food101_root, tmp_path, capsys):
+    """--lengths-from: the lengths are the train texts' token counts, by the tokenizer named, one text at a time."""
+    tokenizer = common.tiny_vilt_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    ds = load_split("food101", food101_root, "train", missing_type="none", rate=0.0, seed=0)
+    want = sorted(len(tokenizer(t)["input_ids"]) for t in ds.texts)
+    from transformers import BertTokenizerFast
+    got = bm.real_text_lengths("food101", food101_root, BertTokenizerFast.from_pretrained(tmp_path / "tok"), 10 ** 6)
+    assert sorted(got.tolist()) == want
+    res = bm.main(REAL + ["--datasets", "food101", "--lengths-from", food101_root, "--tokenizer", str(tmp_path / "tok"),
+                          "--repeats", "1", "--warmup", "0"])
+    assert all(max(row) <= max(want) for r in res["real_lengths"] for row in r["drawn"])
+    assert f"food101 text lengths: real: {len(want)} train texts of {food101_root}" in capsys.readouterr().out
+
+
+def test_methods_take_the_defaults_of_their_backbone():
+    """AOEPT's official recipe differs by backbone (aoept.OFFICIAL): Food-101 M 16 on ViLT, 6 on CLIP."""
+    for bb, M in ((bm.build_backbone("vilt", 40, "tiny"), 16), (bm.build_backbone("clip", 40, "tiny"), 6)):
+        batch = bm.synthetic_batch(bb, 3, 40, torch.device("cpu"))
+        _, _, a = bm.build_method("aoept", bb, torch.device("cpu"), batch)
+        assert (a.backbone, a.prompt_length) == (bb.kind, M)
+
+
+def test_gpu_check_bf16_path_runs_on_cpu():
+    """The GPU check's bf16 autocast path (CPU autocast, tiny sizes): masks and -inf fills in bf16 (SyP, MemPrompt)
+    stay finite and the frozen backbone unchanged; the GPU's only untested parts are device placement and syncs."""
+    res = bm.main(CHECK + ["--dtype", "bf16", "--methods", "syp,memprompt"])
+    assert res["dtype"] == "bf16" and res["ok"] and len(res["checks"]) == 4
+    with bm.precision_of(bm.parse_args(CHECK + ["--dtype", "bf16"]), torch.device("cpu"))():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_sdpa_compares_the_same_floor_through_both_layers(capsys):
+    """--sdpa on tiny-vilt: bb.block and HF's eager ViltLayer give the same floor logits (the race is fair), the
+    speedups are eager / SDPA, and --profile prints one step of each."""
+    bb = bm.build_backbone("vilt", 40, "tiny")
+    batch = bm.synthetic_batch(bb, 3, 40, torch.device("cpu"))
+    floor = bm.Floor(bb, 5)
+    with torch.no_grad():
+        sdpa = floor(batch)["logits"]
+        bb.block = lambda i, x, bias, kv_prefix=None: bb.vilt.encoder.layer[i](x, bias)[0]
+        eager = floor(batch)["logits"]
+    assert torch.allclose(sdpa, eager, atol=1e-5)
+    res = bm.main(["--sdpa", "--size", "tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--profile", "5"])
+    row, out = res["sdpa"], capsys.readouterr().out
+    assert row["train_speedup"] == pytest.approx(row["train_eager_s"] / row["train_sdpa_s"])
+    assert row["infer_speedup"] == pytest.approx(row["infer_eager_s"] / row["infer_sdpa_s"])
+    assert "sdpa: one training step" in out and "eager: one training step" in out and "Self CPU" in out
+
+
 MUTATIONS = [
     {"file": "tests/benchmark.py", "old": "if not torch.equal(v, reference[k])]", "new": "if not torch.equal(v, v)]",
      "why": "frozen check compares the backbone with itself"},
@@ -197,4 +282,21 @@ MUTATIONS = [
      "new": "\"--missing\", \"text\", \"--prompt-length\", \"16\"", "why": "AOEPT-CLIP preset at the paper's M"},
     {"file": "tests/benchmark.py", "old": "\"vilt_image\": (384, 640)", "new": "\"vilt_image\": (384, 384)",
      "why": "GPU check below ViLT's largest image"},
+    {"file": "tests/benchmark.py", "old": "padded = [synthetic_batch(bb, args.batch_size, L_off,",
+     "new": "padded = [synthetic_batch(bb, args.batch_size, max(w) + 2,",
+     "why": "real-lengths: the official floor padded to our longest, not the official length"},
+    {"file": "tests/benchmark.py", "old": "[[0 if codes[k % len(codes)] == TEXT_MISSING else int(n) - 2",
+     "new": "[[int(n) - 2 if codes[k % len(codes)] == TEXT_MISSING else int(n) - 2",
+     "why": "real-lengths: a missing text counted at a drawn length, not the dummy [CLS] [SEP]"},
+    {"file": "tests/benchmark.py", "old": "sigma = math.log(p90 / median) / 1.2815516",
+     "new": "sigma = math.log(p90 / median) / 1.6448536", "why": "real-lengths: the p95 quantile used for the stated p90"},
+    {"file": "tests/benchmark.py", "old": "ours = [synthetic_batch(bb, args.batch_size, max(w) + 2,",
+     "new": "ours = [synthetic_batch(bb, args.batch_size, L_off,", "why": "real-lengths: ours padded to the official length"},
+    {"file": "tests/benchmark.py", "old": "return (lambda n, rng, high: np.minimum(rng.choice(lengths, n), high)), described",
+     "new": "return (lambda n, rng, high: lognormal_lengths(22, 40, n, rng, high)), described",
+     "why": "--lengths-from read but the assumed distribution drawn"},
+    {"file": "tests/benchmark.py", "old": "argv = list(argv) + ([] if \"--backbone\" in argv else [\"--backbone\", bb.kind])",
+     "new": "argv = list(argv)", "why": "methods built with the CLIP defaults on ViLT (AOEPT's recipe)"},
+    {"file": "tests/benchmark.py", "old": "    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)\n\n\ndef benchmark(",
+     "new": "    return contextlib.nullcontext\n\n\ndef benchmark(", "why": "--dtype bf16 runs in fp32 (no autocast)"},
 ]
