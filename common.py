@@ -927,7 +927,8 @@ def setup(args):
     run.task, run.num_classes = run.train_set.task, run.train_set.num_classes
     run.num_outputs = num_outputs(run.task, run.num_classes)
     run.metric = METRIC[run.task]
-    run.collate = Collate(run.bb, args.max_text_len)
+    run.collate = Collate(run.bb, args.max_text_len, trim_clip_text=True)   # exact: see data.Collate (a method that
+                                                                            # needs the padding sets it off)
     run.log(f"{args.method}: {args.dataset} ({run.task}, {len(run.train_set)}/{len(run.val_set)}/{len(run.test_set)}) "
             f"on {args.backbone}, train/val missing {args.missing} {args.rate}, test {args.test_missing} "
             f"{args.test_rate}, out {args.out}")

@@ -4,7 +4,6 @@ ids and with the ids cut to the batch's longest EOT + 1. The oracle is the metho
 (open_clip's 77-token input). ViLT batches are never cut (ViLT already pads to the longest text).
 
 Not exact, so not to be trimmed until the method changes (each case is xfail(strict) and flips when it does):
-- SyP: its opened prompt rows attend to the padding (syp.open_prompt_rows), so the prompts see every position.
 - MemPrompt --query-pad include: the text query max-pools all 77 positions, padding states included."""
 import pytest
 import torch
@@ -20,8 +19,7 @@ CASES = [
     pytest.param("memprompt", ["--query-pad", "include"], marks=pytest.mark.xfail(
         strict=True, reason="MemPrompt --query-pad include max-pools all 77 text positions, padding included: "
                             "memprompt.py must pad the ids back to 77 for include (or opt out of trimming)")),
-    pytest.param("syp", [], marks=pytest.mark.xfail(
-        strict=True, reason="SyP prompt rows see padding until the syp.py fix lands")),
+    ("syp", []), ("syp", ["--propagate", "output"]), ("syp", ["--head", "cls"]),
     ("aoept", []), ("aoept", ["--recipe", "paper"]), ("promise", []),
 ]
 
