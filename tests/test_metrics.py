@@ -53,6 +53,8 @@ def test_multilabel_f1_torchmetrics_09(seed):
     probs = rng.random((60, 23))
     probs[:, [5, 9]] = 0.1                             # ... and no predictions: left out of the macro mean
     probs[7, :4] = 0.5                                 # exactly at the threshold: predicted
+    labels[:, 11], probs[:, 11] = 0, 0.2               # a genre with no positives but one prediction: in the mean (0)
+    probs[0, 11] = 0.9
     labels[3], probs[3] = 0, 0.0
     ours = f1_scores(labels, probs, "torchmetrics-0.9")
     assert ours["f1_macro"] == pytest.approx(present_classes_macro_by_a_loop(labels, probs), abs=1e-12)
@@ -124,7 +126,8 @@ MUTATIONS = [
      "why": "torchmetrics-1 F1-Macro leaves out classes never seen (they count 0)"},
     {"file": "common.py", "old": "return compute_metrics(run.task, dataset.labels(), scores, run.args.f1)",
      "new": "return compute_metrics(run.task, dataset.labels(), scores)",
-     "why": "evaluation ignores --f1 (the method's official F1 definition)", "tests": ["tests/test_runs.py"]},
+     "why": "evaluation ignores --f1 (the method's official F1 definition)",
+     "tests": ["tests/test_protocol.py::test_the_reported_f1_is_the_chosen_definition"]},
     {"file": "common.py", "old": "    if not np.isfinite(scores).all():", "new": "    if False:",
      "why": "metrics computed from non-finite scores (NaN guard)"},
     {"file": "common.py", "old": "\"f1_samples\": float(samples.mean())}", "new": "\"f1_samples\": float(samples[row_den > 0].mean())}",

@@ -177,10 +177,16 @@ def test_a_live_run_holds_its_folder(tmp_path):
     assert not os.path.exists(os.path.join(out, ".lock"))
 
 
-def test_an_unwritable_out_fails_at_setup(tmp_path):
+def test_an_unwritable_out_fails_at_setup(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="--out .* is not writable"):
         run_map(BASE + ["--epochs", "1", "--out", str(tmp_path / "file" / "run")])
+
+    def read_only(*args, **kwargs):                           # a folder that exists but refuses writes (root, as
+        raise PermissionError(13, "Permission denied")        # here and in CI, ignores the permission bits)
+    monkeypatch.setattr(common.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(common.DataError, match="is not writable \\(Permission denied\\)"):
+        common.claim_folder(str(tmp_path / "ro"))
 
 
 # ---- every process's random stream -------------------------------------------------------------------------------
@@ -240,9 +246,8 @@ MUTATIONS = [
      "why": "results.json holds bare NaN / Infinity"},
     {"file": "common.py", "old": "\"selected_check\": None if args.eval_only else getattr(run, \"best_val\", None),",
      "new": "\"selected_check\": None,", "why": "results.json does not name the selected check"},
-    {"file": "common.py", "old": "    run.best_val = {\"stage\": stage, \"epoch\": best[\"epoch\"], \"step\": best[\"step\"], "
-                                 "run.metric: best[\"metric\"]}",
-     "new": "    run.best_val = {\"stage\": stage, \"epoch\": epoch, \"step\": best[\"step\"], run.metric: best[\"metric\"]}",
+    {"file": "common.py", "old": "strict=False)\n    run.best_val = {\"stage\": stage, \"epoch\": best[\"epoch\"],",
+     "new": "strict=False)\n    run.best_val = {\"stage\": stage, \"epoch\": epoch,",
      "why": "the selected check names the last epoch, not the best one"},
     {"file": "common.py", "old": "global_batches(len(run.train_set), args.batch_size, args.seed, epoch, min_last=run.world)",
      "new": "global_batches(len(run.train_set), args.batch_size, args.seed, epoch, min_last=args.batch_size)",
@@ -258,7 +263,7 @@ MUTATIONS = [
     {"file": "common.py", "old": "                                        f\"-seed{args.seed}{options_suffix(args)}\")",
      "new": "                                        f\"-seed{args.seed}\")",
      "why": "the default run folder ignores the method's non-default options (two configurations collide)"},
-    {"file": "common.py", "old": "    if not args.eval_only and not args.resume:\n        refuse_run_folder(args.out, args.overwrite)\n",
+    {"file": "common.py", "old": "        if not args.eval_only and not args.resume:\n            refuse_run_folder(args.out, args.overwrite)\n",
      "new": "", "why": "training silently replaces a run in the same folder"},
     {"file": "common.py", "old": "        if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):",
      "new": "        if False:", "why": "a second live run into the same folder is not refused"},
