@@ -159,11 +159,11 @@ def lengths_roots(p, given, datasets):
     """--lengths-from -> {dataset: root}; a bare ROOT names the one dataset of --datasets."""
     roots = {}
     for item in given:
-        name, sep, root = item.rpartition("=")
+        name, sep, root = item.partition("=")
         if not sep:
             if len(datasets) != 1:
                 p.error(f"--lengths-from {item}: name the dataset (food101=ROOT ...) or pass one --datasets")
-            name = datasets[0]
+            name, root = datasets[0], item
         if name not in CHECK_DATASETS:
             p.error(f"--lengths-from {item}: unknown dataset {name!r}; use one of {', '.join(CHECK_DATASETS)}")
         roots[name] = root

@@ -251,6 +251,16 @@ def test_sdpa_compares_the_same_floor_through_both_layers(capsys):
     assert "sdpa: one training step" in out and "eager: one training step" in out and "Self CPU" in out
 
 
+def test_lengths_from_names_its_dataset():
+    args = bm.parse_args(["--preset", "real-lengths", "--lengths-from", "food101=/a", "mmimdb=/b=c"])
+    assert args.lengths_from == {"food101": "/a", "mmimdb": "/b=c"}
+    assert bm.parse_args(["--preset", "real-lengths", "--datasets", "hatememes", "--lengths-from", "/h"]).lengths_from \
+        == {"hatememes": "/h"}
+    for bad in (["--lengths-from", "/h"], ["--lengths-from", "imagenet=/h"]):      # three datasets; unknown name
+        with pytest.raises(SystemExit):
+            bm.parse_args(["--preset", "real-lengths"] + bad)
+
+
 MUTATIONS = [
     {"file": "tests/benchmark.py", "old": "if not torch.equal(v, reference[k])]", "new": "if not torch.equal(v, v)]",
      "why": "frozen check compares the backbone with itself"},
