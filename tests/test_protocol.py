@@ -86,6 +86,11 @@ def test_the_reported_f1_is_the_chosen_definition(f1, tmp_path):
     assert res["metrics"]["test"]["f1_macro"] == pytest.approx(ours["f1_macro"], abs=1e-9)
     assert res["metrics"]["test"]["f1_macro"] == res["metrics"]["test"][f"f1_macro_{f1}"]
     assert res["protocol"]["f1"].startswith(f1)
+    run = type("Run", (), {"task": "multilabel", "args": type("Args", (), {"f1": f1})()})()
+    data = type("Data", (), {"labels": lambda self: np.array([[1, 0, 0], [0, 1, 0]])})()
+    scores = np.array([[0.9, 0.1, 0.1], [0.2, 0.8, 0.1]])          # genre 2 never seen: 1.0 (0.9) vs 2/3 (1)
+    assert common.evaluate(run, None, data, scores)["f1_macro"] == pytest.approx(
+        {"torchmetrics-0.9": 1.0, "torchmetrics-1": 2 / 3}[f1])
 
 
 # ---- --eval-only: the user's flags -----------------------------------------------------------------------------------
