@@ -38,7 +38,8 @@ details (M 16, N 6, K 256).
   --cr-weight 0 (w/o Consistency); "w/ Reconstruction" is not reproducible (no architecture given): no row.
 
 Deviations and assumptions (one line each):
-- Shared prompts: attention MCP only (official CLIP also has init / mlp variants of them; ViLT has none either).
+- Shared prompts: attention MCP only, off by default with --mcp mlp / init / random (official CLIP has init / mlp
+  variants of them, official ViLT none).
 - CLIP: prompts are prepended after the positional embedding; text keeps positions 0..76 of the frozen table
   (official: positions 2M..2M+76 of the table stretched to 77 + 2M), so the backbone stays unmodified.
 - CLIP: text pooled at the true EOT (argmax id; official: the first eos id 2 ... same on CLIP's tokenizer).
@@ -62,8 +63,9 @@ Deviations and assumptions (one line each):
   (get_classifier applies no init on ViLT). No early stopping (official patience 5 / 20): the best validation
   check is kept.
 - Recipe (README): ViLT LN eps 1e-6 (official: HF's 1e-12); as official: all params decayed, 1 plot/movie, no dropout.
-- Bank cache: frozen tokens keyed by data files, ids, texts, weights, table, text length, depth, precision (not the
-  seed: --seeds reuses them); prototypes by that key plus K and the seed. --eval-only takes the bank from the
+- Bank cache: every training sample's frozen tokens (real inputs) keyed by data files, ids, texts, weights, text
+  length, depth, precision (not the seed, not the table: --seeds reuses them); prototypes by that key plus the
+  missing table, K and the seed. --eval-only takes the bank from the
   checkpoint (no frozen pass).
 
 Use from your own code (README, "Use a method in your own code"): `AOEPT(bb, bank, num_outputs, args, depth)` on a
@@ -92,7 +94,7 @@ from tqdm import tqdm
 
 from common import (CLIP_B16, autocast, build_parser, cached_tensors, cli, clip_text_mask, finish, fit, gather_rows,
                     kmeans, masked_mean, modality_tokens, paper_table, read_checkpoint, setup, task_loss)
-from data import (IMAGE_MISSING, TEXT_MISSING, Collate, DataError, image_cache_key, make_loader, rank_batches,
+from data import (COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, DataError, image_cache_key, make_loader, rank_batches,
                   to_device)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def apply_recipe(args):
     k = ("text", "image", "both").index(args.missing if args.missing != "none" else "both")
     r = OFFICIAL[kind, dataset]
     values = dict(prompt_length=r["M"][k], prompt_depth=r["N"], clusters=r["K"], lr=r["lr"][k], weight_decay=r["wd"],
-                  shared_prompts="on", clip_projections="trained")
+                  shared_prompts="on" if args.mcp == "attention" else "off", clip_projections="trained")
     if args.dataset != "toy":
         values["max_text_len"] = r["text"]
     if args.recipe == "paper":
@@ -215,11 +217,25 @@ def bank_tokens(bb, batch, depth):
     return out
 
 
+class RealInputs(torch.utils.data.Dataset):
+    """A split whose items all carry their real text and image (the missing table selects afterwards)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {**self.dataset[i], "missing": COMPLETE}
+
+
 def collect_tokens(run, depth):
-    """One frozen pass over train -> per modality the (n_m, N, D_m) pooled vectors of the samples that have m."""
-    ds = run.train_set
+    """One frozen pass over train on the real inputs -> per modality the (n, N, D_m) pooled vectors of every sample
+    (dataset order); the missing table picks the samples that have m (`mcp_bank`)."""
+    ds = RealInputs(run.train_set)
     batches = rank_batches(run, len(ds))                              # under torchrun each rank encodes its share
-    rows = {"text": [], "image": [], "missing": []}
+    rows = {"text": [], "image": []}
     for batch in tqdm(make_loader(run, ds, batches), total=len(batches), desc="MCP bank: tokens",
                       disable=not run.main or not sys.stderr.isatty()):
         batch = to_device(batch, run.device)
@@ -227,9 +243,7 @@ def collect_tokens(run, depth):
             pooled = bank_tokens(run.bb, batch, depth)
         for m in ("text", "image"):
             rows[m].append(pooled[m].float().cpu())
-        rows["missing"].append(batch["missing"].cpu())
-    rows = gather_rows(run, batches, {k: torch.cat(v) for k, v in rows.items()})
-    return {m: rows[m][has] for m, has in presence(rows["missing"]).items()}
+    return gather_rows(run, batches, {k: torch.cat(v) for k, v in rows.items()})
 
 
 def digest(obj):
@@ -237,22 +251,22 @@ def digest(obj):
 
 
 def tokens_key(run, depth):
-    """Everything the frozen tokens depend on (not the seed): backbone and a digest of its weights, the image files
-    (path, size, mtime), ids and texts, missing table, text length, depth, precision."""
+    """Everything the frozen tokens depend on (not the seed, not the missing table): backbone and a digest of its
+    weights, the image files (path, size, mtime), ids and texts, text length, depth, precision."""
     args, ds = run.args, run.train_set
     weights = torch.stack([p.detach().float().sum() for p in run.bb.parameters()]).cpu().numpy()
     precision = "bf16" if run.device.type == "cuda" and args.precision == "bf16" else "fp32"
     return {"backbone": run.bb.info, "weights": hashlib.sha256(weights.tobytes()).hexdigest()[:16],
             "dataset": args.dataset, "root": os.path.abspath(args.data_root), "split": "train",
             "images": image_cache_key(ds, run.bb), "data": digest([list(ds.ids), list(ds.texts)]),
-            "table_hash": ds.table_hash, "max_text_len": args.max_text_len, "depth": depth, "precision": precision,
+            "max_text_len": args.max_text_len, "depth": depth, "precision": precision,
             "pass": "vilt: single-modality, the other masked"}
 
 
 def mcp_bank(run, depth, K):
-    """Prototypes (N, K, D_m) per modality. Two cached artefacts: the frozen tokens (`tokens_key`, no seed) and the
-    K-means prototypes (that key + K + seed). The global RNG is restored afterwards, so a cache hit and a miss
-    initialise the model identically."""
+    """Prototypes (N, K, D_m) per modality. Two cached artefacts: every training sample's frozen tokens
+    (`tokens_key`: no seed, no table) and the K-means prototypes (that key + missing table + K + seed).
+    The global RNG is restored afterwards, so a cache hit and a miss initialise the model identically."""
     key = tokens_key(run, depth)
     dtype = torch.bfloat16 if key["precision"] == "bf16" else torch.float32     # the pass's own: nothing is lost
 
@@ -261,8 +275,9 @@ def mcp_bank(run, depth, K):
             return {m: X.to(dtype) for m, X in collect_tokens(run, depth).items()}
 
     def build():
-        bank = {}
-        for m, X in cached_tensors(run, "aoept-tokens", key, tokens)[0].items():
+        bank, tokens_of = {}, cached_tensors(run, "aoept-tokens", key, tokens)[0]
+        for m, has in presence(torch.as_tensor(run.train_set.missing)).items():
+            X = tokens_of[m][has]                                   # the training samples that have m
             if len(X) == 0:
                 raise DataError(f"MCP bank: no training sample has its {m}; lower --rate or change --missing")
             k = min(K, len(X))
@@ -271,7 +286,8 @@ def mcp_bank(run, depth, K):
             X = X.float().to(run.device)
             bank[m] = torch.stack([kmeans(X[:, l], k, run.args.seed)[0] for l in range(depth)])  # (MCP) (N, K, D)
         return bank
-    bank, _, _ = cached_tensors(run, "aoept-mcp", {**key, "clusters": K, "seed": run.args.seed}, build)
+    bank, _, _ = cached_tensors(run, "aoept-mcp", {**key, "table_hash": run.train_set.table_hash, "clusters": K,
+                                                   "seed": run.args.seed}, build)
     return {m: v.to(run.device) for m, v in bank.items()}
 
 
@@ -597,10 +613,11 @@ def main(args):
 # The numbers to compare with (percent), each with its provenance (`common.paper_table`; read by the summary)
 # ---------------------------------------------------------------------------------------------------------
 _RECIPE = "which recipe (the paper's text or the official per-setting configs) produced it is not said"
-_ABLATIONS = (("no-mcp", (48.93, 68.63, 78.78), "random prompts instead of MCP"),
-              ("no-instantiation", (49.17, 69.42, 79.13), "global MCP, no instance gate"),
-              ("no-consistency", (50.56, 69.85, 79.59), "without L_CR"),
-              ("reconstruction", (48.55, 70.13, 76.81), "a reconstruction network instead of MCP"))
+# The ablation rows a run reproduces (`paper_variant`); "w/ Reconstruction" (48.55, 70.13, 76.81; "a reconstruction
+# network of similar size") is left out: the paper gives no architecture, so no run can be that row.
+_ABLATIONS = (("no-mcp", (48.93, 68.63, 78.78), "--mcp random: random prompts instead of MCP"),
+              ("no-instantiation", (49.17, 69.42, 79.13), "--instantiation none: global MCP, no instance gate"),
+              ("no-consistency", (50.56, 69.85, 79.59), "--cr-weight 0: without L_CR"))
 PAPER_NUMBERS = paper_table("aoept", [
     (CLIP_B16, None, "AOEPT (ICML 2026) main results table (read in a public review of the paper)", "review",
      "stated", _RECIPE, [
