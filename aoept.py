@@ -71,8 +71,8 @@ Deviations and assumptions (one line each):
 Use from your own code (README, "Use a method in your own code"): `AOEPT(bb, bank, num_outputs, args, depth)` on a
 frozen `common.load_clip()` / `load_vilt()` backbone; loss `make_loss(alpha, task)` (L_task + alpha L_CR, from the
 training-mode outputs); pre-pass: the bank {"text", "image"}: (N, K, D_m) prototypes, `mcp_bank(run, depth, K)` in a
-run, or `common.kmeans` per layer of `common.modality_tokens(bb, batch, depth)` over the training samples that have
-the modality (`presence`). Copy this file with common.py and data.py.
+run, or `common.kmeans` per layer of `bank_tokens(bb, batch, depth)` over the training samples that have the
+modality (`presence`). Copy this file with common.py and data.py.
 
 Sections, in reading order: command line and recipes; MCP bank (one frozen pass, K-means); prompt module;
 forward; loss (CR, L) and run; the numbers to compare with.
@@ -606,7 +606,9 @@ def main(args):
         bank = mcp_bank(run, depth, args.clusters)
     model = AOEPT(run.bb, bank, run.num_outputs, args, depth).to(run.device)
     fit(run, model, make_loss(args.cr_weight, run.task))                   # nothing under --eval-only
-    return finish(run, model, {"paper_variant": paper_variant(args)})      # --nm2i: common.nm2i
+    dummy = ("official: CLIP black, ViLT (1, 1, 1) on Hateful Memes, else 1 after normalisation"
+             if args.dummy_image == "official" else "all-ones normalised tensor")
+    return finish(run, model, {"paper_variant": paper_variant(args), "dummy_image": dummy})   # --nm2i: common.nm2i
 
 
 # ---------------------------------------------------------------------------------------------------------

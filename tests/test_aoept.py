@@ -244,7 +244,7 @@ MUTATIONS = [
      "tests": ["tests/test_official_aoept.py"]},
     {"file": "aoept.py", "why": "CLIP pools with the frozen projections although the copies are trained (#28)",
      "old": "        if self.trained_proj:                                               # official",
-     "new": "        if False:",
+     "new": "        if False:                                                           # official",
      "tests": ["tests/test_official_aoept.py"]},
     {"file": "aoept.py", "why": "CLIP trained pooling reads the first prompt token instead of [CLS] (#28)",
      "old": "self.ln_post(x[:, L_p])",

@@ -61,7 +61,8 @@ def official_shared_clip(model):
     shared_text_proj / shared_vision_proj, attending over the same tower's memory, + q, LayerNorm."""
     sh, ST, SV = model.shared, [], []
     for i in range(model.depth):
-        q_text, q_vision = sh.lift_t[i](sh.Q[i]), sh.lift_v[i](sh.Q[i])
+        lift = lambda f, q: F.linear(F.gelu(F.linear(q, f[0].weight, f[0].bias)), f[2].weight, f[2].bias)  # noqa
+        q_text, q_vision = lift(sh.lift_t[i], sh.Q[i]), lift(sh.lift_v[i], sh.Q[i])     # Linear, GELU, Linear
         ST.append(official_mcp(q_text[None], model.tcp.C[i][None], 8, sh.norm_t)[0])
         SV.append(official_mcp(q_vision[None], model.icp.C[i][None], 8, sh.norm_v)[0])
     return ST, SV
