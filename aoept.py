@@ -422,7 +422,8 @@ class AOEPT(nn.Module):
         if args.shared_prompts == "on":                                     # [shared; modality] prompts per tower
             self.shared = SharedPrompts(bb.kind, D_t, D_v, depth, self.M, r, heads)
             if bb.kind == "clip":                                           # gated by the same sources
-                self.gate_st, self.gate_sv = InstanceGate(depth, D_v, D_t, r, gate), InstanceGate(depth, D_t, D_v, r, gate)
+                self.gate_st = InstanceGate(depth, D_v, D_t, r, gate)       # shared text prompts, by the image
+                self.gate_sv = InstanceGate(depth, D_t, D_v, r, gate)       # shared image prompts, by the text
             else:                                                           # by the mean of both modality means
                 self.gate_s = InstanceGate(n_gates, D_t, D_t, r, gate)
         self.L_p = self.M * (2 if self.shared is not None else 1)           # prompt tokens per tower
