@@ -25,7 +25,8 @@ details (M 16, N 6, K 256).
   official also: shared prompts (--shared-prompts on: use_shared_prompt, L_shared = M more tokens per tower, gated
   like the others, [shared; modality] order) and, on CLIP, trained projections and final norms (--clip-projections
   trained): ~1.75 M trainable parameters on CLIP ViT-B/16 (M 14, N 4). paper: neither (the paper describes neither).
-  Both: r = 16, alpha 0.05, AdamW betas (0.9, 0.999), batch 128, 20 epochs, cosine after 10 % warm-up, grad norm 5,
+  Both: r = 16, alpha 0.05, AdamW betas (0.9, 0.999), batch 128, 20 epochs, cosine after 10 % warm-up (lr (s + 1) / W
+  at step s, WarmUpStepLR), grad norm 5, F1-Macro as torchmetrics >= 1 computes it (--f1 torchmetrics-1),
   seed 2026 (every config's), the official dummy image (CLIP black, ViLT (1, 1, 1) / 255 on Hateful Memes, 1 after
   normalisation on Food-101 / MM-IMDb; Unified_data.py). Attention heads: CLIP 8, ViLT 4 (official), both recipes.
   ASSUMPTION: the paper recipe takes lr, weight decay and text length from official (the paper states none);
@@ -137,6 +138,8 @@ def parser():
     p.add_argument("--cache-dir", default=os.path.join("runs", "cache"), help="where the MCP bank is cached")
     p.set_defaults(lr=None, weight_decay=None, betas=(0.9, 0.999), batch_size=128, micro_batch=None, epochs=20,
                    schedule="cosine", clip_grad=5.0, seed=2026,               # seed: every official config's
+                   warmup_start="one-step",                                   # WarmUpStepLR: (s + 1) / W
+                   f1="torchmetrics-1",                                       # its torchmetrics >= 1 F1-Macro
                    decay_exempt="none", mmimdb_plots="first")   # the official get_optimizer, one plot per movie
     parse = p.parse_args
     p.parse_args = lambda argv=None, namespace=None: apply_recipe(parse(argv, namespace))

@@ -1436,7 +1436,7 @@ def given_options(parser, argv):
     bare._defaults = {}
     for action in bare._actions:
         action.default = argparse.SUPPRESS
-    return vars(bare.parse_args(argv))
+    return vars(type(bare).parse_args(bare, argv))             # the class's own parse (a method may wrap its parser's)
 
 
 def apply_checkpoint_config(args, given):

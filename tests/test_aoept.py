@@ -18,6 +18,10 @@ FAST = ["--epochs", "1", "--batch-size", "128"]
 # Breaks of the mechanisms tested here (python tests/mutations.py --file aoept.py; the common.py one with
 # --file common.py): each must make a test fail.
 MUTATIONS = [
+    {"file": "aoept.py", "old": "                   warmup_start=\"one-step\",", "new": "                   warmup_start=\"zero\",",
+     "why": "AOEPT warms up as s / W (HF's) instead of its WarmUpStepLR's (s + 1) / W"},
+    {"file": "aoept.py", "old": "                   f1=\"torchmetrics-1\",", "new": "                   f1=\"torchmetrics-0.9\",",
+     "why": "AOEPT reports MAP's torchmetrics 0.9 F1-Macro instead of its own code's"},
     {"file": "aoept.py", "why": "ViLT mix rows swapped: ICP for text-missing samples",
      "old": "mix = [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]",
      "new": "mix = [[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]]",
@@ -950,7 +954,7 @@ def test_bank_with_K_n_is_the_pooled_inputs_of_each_layer(backbone, food101_root
     run.args.micro_batch = 64
     bank = aoept.mcp_bank(run, 3, 1000)
     ds, bb = run.train_set, run.bb
-    batch = run.collate([ds[i] for i in range(len(ds))])
+    batch = Collate(bb, run.args.max_text_len)([ds[i] for i in range(len(ds))])    # open_clip's own 77-token ids
     inputs = {}
     if bb.kind == "clip":
         towers = {"image": bb.model.visual.transformer.resblocks, "text": bb.model.transformer.resblocks}
@@ -1027,6 +1031,8 @@ def test_recipe_defaults_and_explicit_flags():
     d = parse()
     assert (d.cr_weight, d.gate_reduction, d.schedule, d.warmup, d.epochs, d.clip_grad) == (0.05, 16, "cosine", 0.1,
                                                                                             20, 5.0)
+    # its WarmUpStepLR warms up as (s + 1) / W; its torchmetrics >= 1 F1-Macro counts an unseen genre as 0
+    assert (d.warmup_start, d.f1) == ("one-step", "torchmetrics-1")
     # header: --missing none takes the row of both (Hateful Memes CLIP: M 6, lr 5e-3); toy data Food-101's row
     a = parse("--backbone", "clip", "--dataset", "hatememes", "--missing", "none")
     assert (a.prompt_length, a.prompt_depth, a.clusters, a.lr) == (6, 4, 256, 5e-3)
