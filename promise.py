@@ -15,8 +15,9 @@ Map from the paper to this file:
 Deviations and assumptions (modelling first):
     - FNCL pairs as the paper writes them: (x_m1, x^_m2), (x_m1, x^_m2_a), (x_m1_a, x^_m2), (x_m1_a, x^_m2_a), the
       available modality on the real side ("cross-modal embeddings from the same instance should be semantically
-      consistent", Sec. Hierarchical Contrastive Learning) on every row that has m1. --fncl-partner reconstruction (a reading, not the paper's pairs): the real x_m2 / x_m2_a where
-      m2 is present (a same-modality reconstruction loss on complete rows; one softmax then mixes both targets).
+      consistent", Sec. Hierarchical Contrastive Learning) on every row that has m1. --fncl-partner reconstruction
+      (a reading, not the paper's pairs): the real x_m2 / x_m2_a where m2 is present (a same-modality reconstruction
+      loss on complete rows; one softmax then mixes both targets).
     - ASSUMPTION (Prompt Attention): one generator per generated modality m2 (its own pool, one MHA, two linear
       layers). The x_m1 token attends over [pool of m2 (N*P tokens); x_m1]; its output plus x_m1 (a residual) goes
       through the two linears. This file's earlier reading (the mean over the outputs) was dropped: initially the mean
@@ -137,8 +138,8 @@ def check_args(args):
     if args.aug_views is not None and args.aug_views < 0:
         raise DataError("--aug-views must be >= 0 (0: no augmentation)")
     if args.nm2i:
-        raise DataError("--nm2i measures prompts inside the frozen encoder's layers; PROMISE's prompt pools feed Prompt "
-                        "Attention after the encoder, so there is nothing to measure: drop --nm2i")
+        raise DataError("--nm2i measures prompts inside the frozen encoder's layers; PROMISE's prompt pools feed "
+                        "Prompt Attention after the encoder, so there is nothing to measure: drop --nm2i")
     if args.cache_features and args.backbone_dropout > 0 and args.backbone in ("vilt", "tiny-vilt"):
         raise DataError("--cache-features encodes every split once with the frozen ViLT, without dropout; with "
                         "--backbone-dropout an uncached run draws dropout in every training step, so the two would "
