@@ -297,12 +297,23 @@ def test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell():
                 for variant, v in zip(("attention", "input"), values):
                     expected.setdefault((dataset, missing[train], missing[test], variant), []).append(v)
     expected["mmimdb", "both", "both", "input"].append(42.66)
-    got = {}
+    got, provenance = {}, {}
     for key, papers in map_method.PAPER_NUMBERS.items():
         method, backbone, dataset, train, rate, test, test_rate, variant = key
         assert (method, backbone, rate, test_rate) == ("map", "vilt", 0.7, 0.7), key
         got[dataset, train, test, variant] = sorted(p.value for p in papers)
+        for p in papers:
+            provenance[dataset, train, test, variant, p.value] = (p.source, p.kind, p.setting)
     assert got == {k: sorted(v) for k, v in expected.items()}
+    # provenance: MemPrompt's columns are a re-report with the setting stated in the table; the 42.66 cell is MAP's
+    # own, quoted in an issue, its setting read from the official config's defaults (inferred)
+    for (dataset, train, test, variant, value), (source, kind, setting) in provenance.items():
+        if value == 42.66 and (dataset, train, test, variant) == ("mmimdb", "both", "both", "input"):
+            assert (kind, setting) == ("issue", "inferred") and "issue #13" in source and "MAP (CVPR 2023)" in source
+        else:
+            column = {"attention": "MAP (Attention)", "input": "MAP (Input)"}[variant]
+            assert (source, kind, setting) == (f"MemPrompt (IJCAI 2025) Table 1, column {column}", "re-report",
+                                               "stated"), (dataset, train, test, variant, value)
 
 
 MUTATIONS = [
@@ -507,5 +518,11 @@ MUTATIONS = [
     {"file": "map.py", "old": "(\"mmimdb\", \"both\", 0.7, \"both\", 0.7, 42.66)",
      "new": "(\"mmimdb\", \"both\", 0.7, \"both\", 0.7, 40.65)",
      "why": "PAPER_NUMBERS: the issue's reproduction (40.65) in place of the paper's 42.66",
+     "tests": ["tests/test_map.py::test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell"]},
+    {"file": "map.py", "old": "\"issue\",\n     \"inferred\",", "new": "\"issue\",\n     \"stated\",",
+     "why": "PAPER_NUMBERS: MAP's 42.66 marked as a stated setting (the issue gives the number, the config the setting)",
+     "tests": ["tests/test_map.py::test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell"]},
+    {"file": "map.py", "old": "column MAP (Attention)\", \"re-report\"", "new": "column MAP (Input)\", \"re-report\"",
+     "why": "PAPER_NUMBERS: the attention-level column credited to MAP (Input)",
      "tests": ["tests/test_map.py::test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell"]},
 ]

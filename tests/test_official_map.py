@@ -230,6 +230,7 @@ def test_defaults_are_the_official_config(tiny):
                   args.optimizer, args.clip_grad, args.backbone_dropout, args.decay_exempt)
         assert recipe == (1e-2, 2e-2, 256, 20, 0.1, "linear", "adamw", 0.0, 0.1, "bias-norm")
         assert (args.prompt_type, args.prompt_length, args.prompt_depth, args.max_text_len) == ("input", 16, 6, text_len)
+        assert args.seed == 0                                                   # vilt/config.py: seed = 0
         assert args.val_interval == (0.11 if dataset == "hatememes" else 0.2)            # val_check_interval
     model = map_method.MAP(tiny[0], 4, "input", 16, 6)
     opt = make_optimizer(model, args)

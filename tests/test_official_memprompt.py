@@ -215,7 +215,7 @@ def test_initialisation_is_official():
 def test_defaults_are_the_official_config():
     """task_finetune_*: lr 5e-3 (Hateful Memes 1e-3), wd 2e-2, batch 256, 20 epochs, warm-up 0.1, linear decay;
     mem_size 16, top_k 5, layers 0-5 for both prompt kinds, prompt length 16 (Sec. 4.2: 4 on Hateful Memes),
-    text lengths 512 / 1024 / 128; the query rule is this file's documented default."""
+    text lengths 512 / 1024 / 128, seed 42 (MAP's config: 0); the query rule is this file's documented default."""
     from common import finalize_args
     for dataset, lr, L, text_len in (("food101", 5e-3, 16, 512), ("mmimdb", 5e-3, 16, 1024),
                                      ("hatememes", 1e-3, 4, 128)):
@@ -227,6 +227,7 @@ def test_defaults_are_the_official_config():
         assert (args.softmax_over, args.placement, args.query_pad) == ("selected", "distributed", "exclude")
         assert (args.backbone_dropout, args.decay_exempt) == (0.1, "bias-norm")
         assert args.val_interval == (0.11 if dataset == "hatememes" else 0.2)            # val_check_interval
+        assert args.seed == 42                                                  # src/config.py: seed = 42
 
 
 def test_optimiser_groups_are_official(tiny):
