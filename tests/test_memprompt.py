@@ -16,6 +16,7 @@ import memprompt as M
 from common import cli, finalize_args, finish, fit, load_clip, load_vilt, setup, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 from tests.fixtures import bce_by_a_loop, built_by_main
+from tests.test_official_map import mixed_sizes, padded_patches
 
 FAST = ["--batch-size", "32", "--micro-batch", "32", "--prompt-length", "2"]
 
@@ -31,8 +32,9 @@ def one_thread():
 
 def toy_batch(bb, n=4, max_text_len=40):
     ds = load_split("toy", None, "train", missing_type="both", rate=0.5, seed=0)
-    batch = Collate(bb, max_text_len)([ds[i] for i in range(n)])
+    batch = Collate(bb, max_text_len)(mixed_sizes([ds[i] for i in range(n)]))   # ViLT: padded patches
     batch["missing"] = torch.tensor([COMPLETE, TEXT_MISSING, IMAGE_MISSING, COMPLETE][:n])
+    assert bb.kind == "clip" or padded_patches(bb, batch)
     return batch
 
 
@@ -181,6 +183,31 @@ def test_vilt_forward_builds_eq2_sequence(placement, monkeypatch):
     cls = depth * 2 * P if placement == "distributed" else depth * 4 * P
     with torch.no_grad():
         assert torch.allclose(logits, model.head(model.pooler(finals[0][:, cls:cls + 1])), atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone,query_pad", [("tiny-vilt", "exclude"), ("tiny-vilt", "include"),
+                                                ("tiny-clip", "exclude")])
+def test_training_mode_is_the_evaluation_forward_without_dropout(backbone, query_pad):
+    """With the backbone dropout at 0, the training-mode forward gives the evaluation-mode logits within 1e-5 on the
+    mixed batch (padded patches on ViLT): the same shared prompt per missing case, the same retrieval, nothing
+    added only while training. With MemPrompt's --backbone-dropout 0.1 on ViLT the two differ."""
+    bb = load_vilt("tiny-vilt") if backbone == "tiny-vilt" else load_clip("tiny-clip", "")
+    torch.manual_seed(0)
+    model = M.MemPrompt(bb, 4, length=2, memory_size=4, top_n=2, depth=2, query_pad=query_pad)
+    batch = toy_batch(bb)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".G_" in name or ".shared_" in name:
+                p.add_(0.3 * torch.randn_like(p))                              # the cases' prompts clearly apart
+        torch.manual_seed(0)
+        trained = model.train()(batch)["logits"]
+        torch.manual_seed(0)
+        evaluated = model.eval()(batch)["logits"]
+        assert (trained - evaluated).abs().max() <= 1e-5
+        if backbone == "tiny-vilt":
+            bb.set_dropout(0.1)
+            torch.manual_seed(0)
+            assert (model.train()(batch)["logits"] - evaluated).abs().max() > 1e-3
 
 
 def test_clip_prompts_per_tower_and_placement_collapses():
@@ -490,6 +517,31 @@ def test_paper_numbers_are_the_tables_with_provenance():
 
 
 MUTATIONS = [
+    # ---- training mode (issue 30 item 11), each backbone on its own
+    {"file": "memprompt.py", "old": "return self.G_t(p_s)[missing], self.G_v(p_s)[missing]",
+     "new": "return self.G_t(p_s)[missing * (not self.training)], self.G_v(p_s)[missing * (not self.training)]",
+     "why": "ViLT: every sample gets the complete-case shared prompt, only while training",
+     "tests": ["tests/test_memprompt.py::test_training_mode_is_the_evaluation_forward_without_dropout[tiny-vilt-exclude]"]},
+    {"file": "memprompt.py", "old": "return self.G_t(p_s)[missing], self.G_v(p_s)[missing]",
+     "new": "return self.G_t(p_s)[missing * (not self.training)], self.G_v(p_s)[missing * (not self.training)]",
+     "why": "CLIP: every sample gets the complete-case shared prompt, only while training",
+     "tests": ["tests/test_memprompt.py::test_training_mode_is_the_evaluation_forward_without_dropout[tiny-clip-exclude]"]},
+    {"file": "memprompt.py", "old": "return torch.cat(text, dim=1), torch.cat(image, dim=1)",
+     "new": "return F.dropout(torch.cat(text, dim=1), 0.1, self.training), F.dropout(torch.cat(image, dim=1), 0.1, self.training)",
+     "why": "ViLT: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_memprompt.py::test_training_mode_is_the_evaluation_forward_without_dropout[tiny-vilt-exclude]"]},
+    {"file": "memprompt.py", "old": "return torch.cat(text, dim=1), torch.cat(image, dim=1)",
+     "new": "return F.dropout(torch.cat(text, dim=1), 0.1, self.training), F.dropout(torch.cat(image, dim=1), 0.1, self.training)",
+     "why": "CLIP: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_memprompt.py::test_training_mode_is_the_evaluation_forward_without_dropout[tiny-clip-exclude]"]},
+    {"file": "memprompt.py", "old": "return torch.cat(text, dim=1), torch.cat(image, dim=1)",
+     "new": "return F.dropout(torch.cat(text, dim=1), 0.1, self.training), F.dropout(torch.cat(image, dim=1), 0.1, self.training)",
+     "why": "official port with backbone dropout: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_official_memprompt.py::test_equals_official_forward_in_training_with_backbone_dropout"]},
+    {"file": "memprompt.py", "old": "return x.masked_fill(mask[:, :, None] == 0, float(\"-inf\")).amax(dim=1)",
+     "new": "return x.amax(dim=1)",
+     "why": "--query-pad exclude pools the padded image patches and text PAD too",
+     "tests": ["tests/test_official_memprompt.py::test_exclude_image_query_ignores_the_padded_patches"]},
     # ---- the numbers to compare with, the variant a run reproduces, the guards, the seed
     {"file": "memprompt.py", "old": "(38.47, 35.06, 37.60)", "new": "(35.06, 38.47, 37.60)",
      "why": "PAPER_NUMBERS: MM-IMDb Table 1 (Ours), trained text-missing: text/image test cells swapped",

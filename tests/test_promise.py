@@ -16,6 +16,7 @@ import promise
 from common import cli, finalize_args, load_backbone, seed_everything
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 from tests.fixtures import make_food101
+from tests.test_official_map import mixed_sizes
 
 MUTATIONS = [
     {"file": "promise.py", "old": 'L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau, rows))', "new": 'L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau))',
@@ -46,6 +47,14 @@ MUTATIONS = [
      "new": '("food101", "both", 0.7, "both", 0.7, 67.17), ("hatememes", "both", 0.7, "both", 0.7, 88.10)',
      "why": "PAPER_NUMBERS: the two headline numbers swapped between datasets",
      "tests": ["tests/test_promise.py::test_paper_numbers_are_the_sources_with_provenance"]},
+    {"file": "promise.py", "old": 'z = {m: torch.where(has[m], x[m], gen[m][0]) for m in MODALITIES}',
+     "new": 'z = {m: torch.where(has[m] | self.training, x[m], gen[m][0]) for m in MODALITIES}',
+     "why": "generated features never replace a missing modality while training (zeros enter the fusion)",
+     "tests": ["tests/test_promise.py::test_training_mode_is_the_evaluation_forward_without_dropout"]},
+    {"file": "promise.py", "old": 'return self.out(h), self.out_a(h)',
+     "new": 'return self.out(F.dropout(h, 0.1, self.training)), self.out_a(h)',
+     "why": "the generated feature passes through dropout, only while training",
+     "tests": ["tests/test_promise.py::test_training_mode_is_the_evaluation_forward_without_dropout"]},
     {"file": "promise.py", "old": 'cccl(z[m], z_a[m], label', "new": 'cccl(x[m], x_a[m], label',
      "why": 'CCCL on x instead of z (generated features never enter)'},
     {"file": "promise.py", "old": 'L_contrast = args.alpha * L_fncl + (1 - args.alpha) * L_cccl', "new": 'L_contrast = args.alpha * L_fncl',
@@ -620,7 +629,7 @@ def build(backbone, n=16):
     ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
     collate = promise.PromiseCollate(Collate(bb, args.max_text_len), args)
     views = promise.Views(ds, 2)
-    return args, model, collate([views[i] for i in range(n)])
+    return args, model, collate(mixed_sizes([views[i] for i in range(n)]))      # ViLT: padded patches
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -639,6 +648,25 @@ def test_generated_features_replace_only_missing_ones(backbone):
             after = model(batch)["fused"]
         changed = (after - before).abs().amax(-1) > 1e-6
         assert torch.equal(changed, batch["missing"] == code), m
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+def test_training_mode_is_the_evaluation_forward_without_dropout(backbone):
+    """With the backbone dropout at 0, the training-mode forward (which also encodes the augmented view) gives the
+    evaluation-mode logits within 1e-5 on the mixed batch: generated features where a modality is missing, nothing
+    added only while training. With --backbone-dropout 0.1 on ViLT (uncached) the two differ."""
+    _, model, batch = build(backbone)
+    assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(batch["missing"].tolist())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        trained = model.train()(batch)["logits"]
+        torch.manual_seed(0)
+        evaluated = model.eval()(batch)["logits"]
+        assert (trained - evaluated).abs().max() <= 1e-5
+        if backbone == "tiny-vilt":
+            model.bb.set_dropout(0.1)
+            torch.manual_seed(0)
+            assert (model.train()(batch)["logits"] - evaluated).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
