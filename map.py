@@ -14,8 +14,10 @@ Map from the paper to this file:
 Deviations and assumptions:
     - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends;
       set_schedule's weight-decay names. Warm-up: lr (s + 1) / W at step s (official HF polynomial schedule: s / W).
-    - The best validation check's state is tested (official run.py: trainer.test(model) after fit, i.e. the final
-      weights under PyTorch Lightning 1.1).
+    - The best validation check's state is tested. The official run.py either fits or tests (test_only), never
+      both; its ModelCheckpoint keeps the best on val/the_metric (save_top_k 1) and the last, and the paper does not
+      say which one its test run loaded: the best-on-validation one is the checkpoint the code selects. Seed 0 (its
+      vilt/config.py).
     - Mixed precision: bf16 autocast on CUDA (official: fp16 AMP, precision=16); --precision fp32 turns it off.
     - Attention-level: the official reshape hard-codes 12 heads (ViLT-B); here the layer's own head count (the same
       on ViLT-B/32). An odd --prompt-length is an error (the official code fails on the value reshape).

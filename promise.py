@@ -6,16 +6,26 @@ Official code: none: implemented from the paper (Sec. Prompt Attention, Sec. Hie
 Map from the paper to this file:
     frozen features of the present modalities (CLIP ViT-L/14)                   -> `unimodal_features`
     prompt pools (4 prompts x length 16 per modality), Prompt Attention, two
-    linear layers giving x^_m2 and x^_m2_a                                       -> `PromptAttention.forward`
+    linear layers giving x^_m2 and x^_m2_a (one generator per generated m2)      -> `PromptAttention.forward`
     x^_m2 used only where m2 is missing, crossmodal transformer, head          -> `PROMISE.forward`
     FNCL: symmetric NT-Xent of (x_m1, x^_m2), (x_m1, x^_m2_a), (x_m1_a, x^_m2), (x_m1_a, x^_m2_a)  -> `fncl`
     CCCL, Eq. (9): supervised contrastive loss within each modality           -> `cccl`, `supcon`
     L = L_cls + lambda [alpha FNCL + (1 - alpha) CCCL]                          -> `promise_loss`
 
-Deviations and assumptions:
-    - ASSUMPTION (FNCL partner): x^_m2 (generated from x_m1) is pulled toward the m2 of the same instance: the real
-      x_m2 / x_m2_a where m2 is present (complete rows: a reconstruction target), else x_m1 / x_m1_a (the paper's
-      pair, the only real evidence); the paper's consistency "between available and reconstructed modalities".
+Deviations and assumptions (modelling first):
+    - FNCL pairs as the paper writes them: (x_m1, x^_m2), (x_m1, x^_m2_a), (x_m1_a, x^_m2), (x_m1_a, x^_m2_a), the
+      available modality on the real side ("cross-modal embeddings from the same instance should be semantically
+      consistent", Sec. Hierarchical Contrastive Learning) on every row that has m1. --fncl-partner reconstruction
+      (a reading, not the paper's pairs): the real x_m2 / x_m2_a where m2 is present (a same-modality reconstruction
+      loss on complete rows; one softmax then mixes both targets).
+    - ASSUMPTION (Prompt Attention): one generator per generated modality m2 (its own pool, one MHA, two linear
+      layers). The x_m1 token attends over [pool of m2 (N*P tokens); x_m1]; its output plus x_m1 (a residual) goes
+      through the two linears. This file's earlier reading (the mean over the outputs) was dropped: initially the mean
+      over N*P + 1 = 65 tokens drowns the one x_m1 token (x^ std across samples 0.001 vs 0.29 for x) and stays so
+      after training (tests/test_promise.py::test_generated_feature_carries_its_sample).
+    - The generators run on every row (both directions): x^_m2 replaces x_m2 only where m2 is missing; FNCL trains
+      it on the rows that have m1. Initialisation (not in the paper): pools and position embeddings N(0, 0.02), CLS
+      zeros, linear layers and MHA PyTorch's defaults.
     - ASSUMPTION: NT-Xent is SimCLR's over the 2n vectors of a pair (symmetric by construction); FNCL averages it over
       the four pairs, then over the directions m1 -> m2 that have rows (rows where m1 is present).
     - ASSUMPTION: CCCL per modality over [z_m; z_m_a] (real where present, generated where missing); positives = the
@@ -31,9 +41,10 @@ Deviations and assumptions:
     - --cache-images is refused with augmented views (its images are preprocessed tensors; the views crop the decoded
       image); with --cache-features every image is decoded once anyway.
     - ASSUMPTION: each modality's feature is projected by its own linear layer (width d = E); Prompt Attention =
-      one multi-head self-attention (8 heads; 2 below width 256) over [pool of m2 (N*P tokens); projected x_m1], mean
-      over its outputs. The pool is one flat set of N*P tokens, so only N*P matters (4 x 16 == 16 x 4); N*P = 0 is the
-      no-prompt ablation (attention over x_m1 alone).
+      multi-head attention with 8 heads (2 below width 256). The pool is one flat set of N*P tokens, so only N*P
+      matters (4 x 16 == 16 x 4); N*P = 0 is the no-prompt ablation (attention over x_m1 alone).
+    - Readings of the ablation's words: "prompt dimension" 16 / 32 / 48 -> --prompt-length; "3 / 6 layers" ->
+      --fusion-layers (the crossmodal transformer); the paper does not define either.
     - ASSUMPTION: fusion = 6-layer pre-LN transformer (8 heads; 2 below width 256; FFN 4d with GELU; dropout 0)
       over [CLS, image token, text token] + learned position embeddings; linear head on the final-normed CLS.
     - ASSUMPTION: alpha = 0.5 and lambda (--contrast-weight) = 1: the paper gives no value; equal weights, L = L_cls +
@@ -46,6 +57,8 @@ Deviations and assumptions:
       layer embeds the whole batch, dummy parts included (per-token, so they do not change the present part); its
       blocks never see a dummy.
     - Recipe (README): Adam without weight decay, val once per epoch, MM-IMDb per plot; ViLT: LN eps 1e-6, no dropout.
+    - Refused up front: --nm2i (no prompts inside the encoder to measure); --cache-features with --backbone-dropout on
+      ViLT (the cache is encoded once without dropout, so a cached run would differ from an uncached one).
 
 Use from your own code (README, "Use a method in your own code"): `PROMISE(bb, num_outputs, args)` on a frozen
 `common.load_clip()` / `load_vilt()` backbone; loss `promise_loss(out, batch, task, args)`; training batches carry
@@ -99,6 +112,9 @@ def parser():
     p.add_argument("--alpha", type=float, default=0.5,                     # ASSUMPTION: not given in the paper
                    help="alpha, FNCL weight in L_contrast (CCCL: 1 - alpha)")
     p.add_argument("--contrast-weight", type=float, default=1.0, help="lambda, weight of L_contrast in the total loss")
+    p.add_argument("--fncl-partner", default="available", choices=["available", "reconstruction"],
+                   help="the real side of FNCL's pairs with x^_m2: the available x_m1 / x_m1_a on every row (the "
+                        "paper's four pairs), or the real x_m2 / x_m2_a where m2 is present (a reconstruction target)")
     p.add_argument("--aug-views", type=int, default=None,
                    help="augmented views x_a per sample kept by --cache-features (epoch e uses view e mod V; default: "
                         "--epochs, no repeat); without the cache every epoch draws a fresh view; 0 = no augmentation")
@@ -121,6 +137,13 @@ def check_args(args):
         raise DataError("--tau must be > 0 and --alpha in [0, 1]")
     if args.aug_views is not None and args.aug_views < 0:
         raise DataError("--aug-views must be >= 0 (0: no augmentation)")
+    if args.nm2i:
+        raise DataError("--nm2i measures prompts inside the frozen encoder's layers; PROMISE's prompt pools feed "
+                        "Prompt Attention after the encoder, so there is nothing to measure: drop --nm2i")
+    if args.cache_features and args.backbone_dropout > 0 and args.backbone in ("vilt", "tiny-vilt"):
+        raise DataError("--cache-features encodes every split once with the frozen ViLT, without dropout; with "
+                        "--backbone-dropout an uncached run draws dropout in every training step, so the two would "
+                        "differ: drop --backbone-dropout or --cache-features")
     if args.cache_images and views_of(args) and not args.eval_only:
         raise DataError("--cache-images holds preprocessed tensors and PROMISE's augmented views crop the decoded image: "
                         "drop --cache-images (with --cache-features every image is decoded once anyway) or pass "
@@ -146,7 +169,8 @@ class PromptAttention(nn.Module):
 
     def forward(self, x_m1):                                                 # (B, d) -> (B, d), (B, d)
         seq = torch.cat([self.pool.expand(len(x_m1), -1, -1), x_m1[:, None]], 1)     # (B, N * P + 1, d)
-        h = self.attn(seq, seq, seq, need_weights=False)[0].mean(1)          # (B, d); ASSUMPTION: mean over tokens
+        # ASSUMPTION: the x_m1 token reads the pool (its row of the self-attention over seq) with a residual
+        h = x_m1 + self.attn(seq[:, -1:], seq, seq, need_weights=False)[0][:, 0]     # (B, d)
         return self.out(h), self.out_a(h)
 
 
@@ -263,6 +287,15 @@ def fncl(x, x_a, g, g_a, tau, rows=None):
     return torch.stack([nt_xent(a, b, tau, rows) for a in (x, x_a) for b in (g, g_a)]).mean()
 
 
+def fncl_partner(x, x_a, missing, m1, partner):
+    """The real side of FNCL's pairs with x^_m2 (generated from m1). available (the paper's pairs): x_m1, x_m1_a on
+    every row. reconstruction: the real x_m2, x_m2_a where m2 is present, x_m1, x_m1_a where it is missing."""
+    if partner == "available":
+        return x[m1], x_a[m1]
+    has_m2 = (missing != ABSENT[OTHER[m1]])[:, None]
+    return torch.where(has_m2, x[OTHER[m1]], x[m1]), torch.where(has_m2, x_a[OTHER[m1]], x_a[m1])
+
+
 def supcon(z, positive, tau):
     """Supervised contrastive loss (Khosla et al., L_out) over z (n, d) with a boolean (n, n) positive mask; the
     denominator runs over all k != a; anchors without a positive are excluded."""
@@ -307,8 +340,7 @@ def promise_loss(out, batch, task, args):
     L_fncl, directions = [], []
     for m1 in MODALITIES:                                                   # m2 = OTHER[m1], generated from m1
         m2, rows = OTHER[m1], missing != ABSENT[m1]
-        has_m2 = (missing != ABSENT[m2])[:, None]
-        t, t_a = torch.where(has_m2, x[m2], x[m1]), torch.where(has_m2, x_a[m2], x_a[m1])   # ASSUMPTION: partner
+        t, t_a = fncl_partner(x, x_a, missing, m1, args.fncl_partner)
         L_fncl.append(fncl(t, t_a, gen[m2][0], gen[m2][1], args.tau, rows))                 # FNCL
         directions.append(rows.any())
     directions = torch.stack(directions).float()                          # mean over the directions that have rows

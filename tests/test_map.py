@@ -11,6 +11,7 @@ import map as map_method
 from common import cli, finalize_args, load_backbone, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
 from tests.fixtures import bce_by_a_loop, built_by_main
+from tests.test_official_map import mixed_sizes, padded_patches
 
 FAST = ["--epochs", "1", "--batch-size", "256", "--micro-batch", "128"]
 
@@ -35,7 +36,8 @@ def build(backbone, prompt_type="input", **kw):
     bb = load_backbone(args)
     model = map_method.MAP(bb, 4, prompt_type, args.prompt_length, args.prompt_depth)
     ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
-    batch = Collate(bb, args.max_text_len)([ds[i] for i in range(12)])
+    batch = Collate(bb, args.max_text_len)(mixed_sizes([ds[i] for i in range(12)]))   # ViLT: padded patches
+    assert bb.kind == "clip" or padded_patches(bb, batch)
     return model, batch
 
 
@@ -88,6 +90,31 @@ def test_each_sample_uses_the_prompt_of_its_case(backbone, prompt_type):
         after = model(batch)["logits"]
     changed = (after - before).abs().amax(-1) > 1e-6
     assert torch.equal(changed, cases == TEXT_MISSING)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
+@pytest.mark.parametrize("prompt_type", ["input", "attention"])
+def test_training_mode_is_the_evaluation_forward_without_dropout(backbone, prompt_type):
+    """With the backbone dropout at 0, the forward in training mode (the one every step trains) gives the
+    evaluation-mode logits within 1e-5 on the mixed batch: the same prompt per missing case, nothing added only
+    while training. With MAP's --backbone-dropout 0.1 on ViLT the two differ (the dropout is on while training)."""
+    model, batch = build(backbone, prompt_type)
+    cases = set(batch["missing"].tolist())
+    assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= cases
+    if backbone == "tiny-vilt":
+        model.bb.set_dropout(0.0)
+    with torch.no_grad():
+        for prompts in [m for m in model.modules() if isinstance(m, map_method.MissingAwarePrompts)]:
+            prompts.prompts.add_(0.5 * torch.randn_like(prompts.prompts))    # away from the one-hot init
+        torch.manual_seed(0)
+        trained = model.train()(batch)["logits"]
+        torch.manual_seed(0)
+        evaluated = model.eval()(batch)["logits"]
+        assert (trained - evaluated).abs().max() <= 1e-5
+        if backbone == "tiny-vilt":
+            model.bb.set_dropout(0.1)
+            torch.manual_seed(0)
+            assert (model.train()(batch)["logits"] - evaluated).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("backbone", ["tiny-clip", "tiny-vilt"])
@@ -297,12 +324,23 @@ def test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell():
                 for variant, v in zip(("attention", "input"), values):
                     expected.setdefault((dataset, missing[train], missing[test], variant), []).append(v)
     expected["mmimdb", "both", "both", "input"].append(42.66)
-    got = {}
+    got, provenance = {}, {}
     for key, papers in map_method.PAPER_NUMBERS.items():
         method, backbone, dataset, train, rate, test, test_rate, variant = key
         assert (method, backbone, rate, test_rate) == ("map", "vilt", 0.7, 0.7), key
         got[dataset, train, test, variant] = sorted(p.value for p in papers)
+        for p in papers:
+            provenance[dataset, train, test, variant, p.value] = (p.source, p.kind, p.setting)
     assert got == {k: sorted(v) for k, v in expected.items()}
+    # provenance: MemPrompt's columns are a re-report with the setting stated in the table; the 42.66 cell is MAP's
+    # own, quoted in an issue, its setting read from the official config's defaults (inferred)
+    for (dataset, train, test, variant, value), (source, kind, setting) in provenance.items():
+        if value == 42.66 and (dataset, train, test, variant) == ("mmimdb", "both", "both", "input"):
+            assert (kind, setting) == ("issue", "inferred") and "issue #13" in source and "MAP (CVPR 2023)" in source
+        else:
+            column = {"attention": "MAP (Attention)", "input": "MAP (Input)"}[variant]
+            assert (source, kind, setting) == (f"MemPrompt (IJCAI 2025) Table 1, column {column}", "re-report",
+                                               "stated"), (dataset, train, test, variant, value)
 
 
 MUTATIONS = [
@@ -497,6 +535,43 @@ MUTATIONS = [
      "new": "\"--prompt-type\", default=\"attention\"",
      "why": "default prompt type attention instead of the official config's input",
      "tests": ["tests/test_official_map.py"]},
+    # ---- training mode (issue 30 item 11)
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return self.prompts[missing * (not self.training), layer]                     # each sample",
+     "why": "ViLT input-level: every sample gets the complete-case prompt, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[input-tiny-vilt]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return F.dropout(self.prompts[missing, layer], 0.1, self.training)                     # each sample",
+     "why": "ViLT input-level: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[input-tiny-vilt]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return self.prompts[missing * (not self.training), layer]                     # each sample",
+     "why": "ViLT attention-level: every sample gets the complete-case prompt, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[attention-tiny-vilt]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return F.dropout(self.prompts[missing, layer], 0.1, self.training)                     # each sample",
+     "why": "ViLT attention-level: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[attention-tiny-vilt]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return self.prompts[missing * (not self.training), layer]                     # each sample",
+     "why": "CLIP input-level: every sample gets the complete-case prompt, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[input-tiny-clip]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return F.dropout(self.prompts[missing, layer], 0.1, self.training)                     # each sample",
+     "why": "CLIP input-level: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[input-tiny-clip]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return self.prompts[missing * (not self.training), layer]                     # each sample",
+     "why": "CLIP attention-level: every sample gets the complete-case prompt, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[attention-tiny-clip]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return F.dropout(self.prompts[missing, layer], 0.1, self.training)                     # each sample",
+     "why": "CLIP attention-level: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_map.py::test_training_mode_is_the_evaluation_forward_without_dropout[attention-tiny-clip]"]},
+    {"file": "map.py", "old": "return self.prompts[missing, layer]                     # each sample",
+     "new": "return F.dropout(self.prompts[missing, layer], 0.1, self.training)                     # each sample",
+     "why": "official port with backbone dropout: the prompts pass through dropout, only while training",
+     "tests": ["tests/test_official_map.py::test_map_equals_official_forward_in_training_with_backbone_dropout"]},
     # ---- added: the numbers to compare with
     {"file": "map.py", "old": "(61.66, 59.44, 58.50)", "new": "(61.66, 58.50, 59.44)",
      "why": "PAPER_NUMBERS: Hateful Memes attention-level, trained text-missing: image/both test cells swapped",
@@ -507,5 +582,11 @@ MUTATIONS = [
     {"file": "map.py", "old": "(\"mmimdb\", \"both\", 0.7, \"both\", 0.7, 42.66)",
      "new": "(\"mmimdb\", \"both\", 0.7, \"both\", 0.7, 40.65)",
      "why": "PAPER_NUMBERS: the issue's reproduction (40.65) in place of the paper's 42.66",
+     "tests": ["tests/test_map.py::test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell"]},
+    {"file": "map.py", "old": "\"issue\",\n     \"inferred\",", "new": "\"issue\",\n     \"stated\",",
+     "why": "PAPER_NUMBERS: MAP's 42.66 marked as a stated setting (the issue gives the number, the config the setting)",
+     "tests": ["tests/test_map.py::test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell"]},
+    {"file": "map.py", "old": "column MAP (Attention)\", \"re-report\"", "new": "column MAP (Input)\", \"re-report\"",
+     "why": "PAPER_NUMBERS: the attention-level column credited to MAP (Input)",
      "tests": ["tests/test_map.py::test_paper_numbers_are_memprompts_table_1_and_the_quoted_cell"]},
 ]

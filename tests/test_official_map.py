@@ -68,17 +68,24 @@ def official_attention(layer, x, mask, prompts=None, prompt_type="input"):
     return layer.attention.output.dense(out)                                 # proj
 
 
-def official_block(layer, x, mask, prompts=None, prompt_type="input"):
-    """Block.forward: input-level prepends the prompts; then x + attn(norm1(x)), x + mlp(norm2(x))."""
+def dropped(x, p):
+    """timm's nn.Dropout(drop_rate) in training mode (p = 0: the identity, no random draw)."""
+    return F.dropout(x, p, training=True) if p else x
+
+
+def official_block(layer, x, mask, prompts=None, prompt_type="input", drop=0.0):
+    """Block.forward: input-level prepends the prompts; then x + attn(norm1(x)) (Attention's proj_drop after proj),
+    x + mlp(norm2(x)) (Mlp: fc1, GELU, drop, fc2, drop); drop = drop_rate in training (--backbone-dropout)."""
     if prompts is not None and prompt_type == "input":
         x = torch.cat([prompts, x], dim=1)
-    x = x + official_attention(layer, layer_norm(layer.layernorm_before, x), mask, prompts, prompt_type)
-    h = F.gelu(layer.intermediate.dense(layer_norm(layer.layernorm_after, x)))   # Mlp: fc1, GELU, fc2
-    return x + layer.output.dense(h)
+    x = x + dropped(official_attention(layer, layer_norm(layer.layernorm_before, x), mask, prompts, prompt_type), drop)
+    h = dropped(F.gelu(layer.intermediate.dense(layer_norm(layer.layernorm_after, x))), drop)
+    return x + dropped(layer.output.dense(h), drop)
 
 
-def official_infer(model, batch, prompt_layers):
-    """ViLTransformerSS.infer with multi_layer_prompt and learnt_p (the official config) -> cls_feats (B, D)."""
+def official_infer(model, batch, prompt_layers, drop=0.0):
+    """ViLTransformerSS.infer with multi_layer_prompt and learnt_p (the official config) -> cls_feats (B, D); drop:
+    the frozen ViLT's drop_rate in training (the embeddings' dropout is bb.embed's, shared)."""
     bb = model.bb
     complete, missing_text, missing_img = (model.prompts.prompts[c] for c in (COMPLETE, TEXT_MISSING, IMAGE_MISSING))
     prompts = []
@@ -91,9 +98,9 @@ def official_infer(model, batch, prompt_layers):
     co_masks = torch.cat([co_masks.new_ones(B, n_prompt), co_masks], dim=1)
     for i, layer in enumerate(bb.vilt.encoder.layer):
         if i in prompt_layers:
-            x = official_block(layer, x, co_masks, prompts[:, prompt_layers.index(i)], model.prompt_type)
+            x = official_block(layer, x, co_masks, prompts[:, prompt_layers.index(i)], model.prompt_type, drop)
         else:
-            x = official_block(layer, x, co_masks)
+            x = official_block(layer, x, co_masks, drop=drop)
     x = layer_norm(bb.vilt.layernorm, x)
     if model.prompt_type == "input":
         total = len(prompt_layers) * P
@@ -114,8 +121,20 @@ def official_init(n_layers, P, D, prompt_type):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fixtures: tiny-vilt with non-trivial LayerNorms, a mixed batch with text padding
+# Fixtures: tiny-vilt with non-trivial LayerNorms, a mixed batch with text padding and images of different sizes
 # ---------------------------------------------------------------------------------------------------------
+def mixed_sizes(items):
+    """Every third image twice as wide: on ViLT the other images of the batch get padded patches (pixel_mask 0),
+    which ViLT fills with padding patches drawn at random and masks as keys."""
+    return [{**it, "image": it["image"].resize((2 * it["image"].width, it["image"].height))} if k % 3 == 1 else it
+            for k, it in enumerate(items)]
+
+
+def padded_patches(bb, batch):
+    """Whether some image of the batch has padded patches among its embedded tokens."""
+    return bool((bb.embed(batch)[1][:, batch["input_ids"].shape[1]:] == 0).any())
+
+
 @pytest.fixture(scope="module")
 def tiny():
     bb = load_vilt("tiny-vilt")
@@ -126,9 +145,9 @@ def tiny():
                 m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
     ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
-    batch = Collate(bb, 40)([ds[i] for i in range(10)])
+    batch = Collate(bb, 40)(mixed_sizes([ds[i] for i in range(10)]))
     assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(batch["missing"].tolist())
-    assert (batch["text_mask"] == 0).any()                                  # PAD keys must be masked
+    assert (batch["text_mask"] == 0).any() and padded_patches(bb, batch)    # PAD keys and padded patches masked
     return bb, batch
 
 
@@ -164,6 +183,35 @@ def test_map_equals_official_forward(tiny, prompt_type, depth):
     for a, b in zip(g1, g2):
         assert close(a, b)
     assert g1[0].abs().sum() > 0                                             # the prompts do get a gradient
+
+
+@pytest.mark.parametrize("prompt_type", ["input", "attention"])
+def test_map_equals_official_forward_in_training_with_backbone_dropout(tiny, prompt_type):
+    """Training mode with --backbone-dropout 0.1 (the official drop_rate), on the batch with padded patches: with the
+    same torch seed right before each side, both draw the same masks in the same order (bb.embed's, then per layer
+    proj_drop, the Mlp's two drops), so logits, loss and every gradient equal the official forward's with timm's
+    dropout; the dropout is really on (the training logits differ from the evaluation ones)."""
+    bb, batch = tiny
+    torch.manual_seed(0)
+    model = trained_like(map_method.MAP(bb, 4, prompt_type, length=6, depth=2))
+    bb.set_dropout(0.1)
+    try:
+        model.train()
+        torch.manual_seed(11)
+        ours = model(batch)["logits"]
+        torch.manual_seed(11)
+        theirs = model.head(official_infer(model, batch, [0, 1], drop=0.1))
+        with torch.no_grad():
+            evaluated = model.eval()(batch)["logits"]
+    finally:
+        bb.set_dropout(0.0)
+    assert (ours - evaluated).abs().max() > 1e-3
+    assert close(ours, theirs)
+    labels = batch["label"]
+    (l1, g1), (l2, g2) = loss_and_grads(model, ours, labels), loss_and_grads(model, theirs, labels)
+    assert close(l1.detach(), l2.detach())
+    for a, b in zip(g1, g2):
+        assert close(a, b)
 
 
 @pytest.mark.parametrize("prompt_type", ["input", "attention"])
@@ -230,6 +278,7 @@ def test_defaults_are_the_official_config(tiny):
                   args.optimizer, args.clip_grad, args.backbone_dropout, args.decay_exempt)
         assert recipe == (1e-2, 2e-2, 256, 20, 0.1, "linear", "adamw", 0.0, 0.1, "bias-norm")
         assert (args.prompt_type, args.prompt_length, args.prompt_depth, args.max_text_len) == ("input", 16, 6, text_len)
+        assert args.seed == 0                                                   # vilt/config.py: seed = 0
         assert args.val_interval == (0.11 if dataset == "hatememes" else 0.2)            # val_check_interval
     model = map_method.MAP(tiny[0], 4, "input", 16, 6)
     opt = make_optimizer(model, args)

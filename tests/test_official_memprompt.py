@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import memprompt as M
 from common import load_vilt, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
-from tests.test_official_map import TOL, close, layer_norm, official_block
+from tests.test_official_map import TOL, close, layer_norm, mixed_sizes, official_block, padded_patches
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -60,8 +60,9 @@ def official_shared(layer, missing):
     return torch.stack(text), torch.stack(image)
 
 
-def official_infer(model, batch, gen_layers, shared_layers, pad_in_query=True):
-    """MemPromptTransformer.infer -> cls_feats (B, D). pad_in_query=False: the queries pool the real tokens only."""
+def official_infer(model, batch, gen_layers, shared_layers, pad_in_query=True, drop=0.0):
+    """MemPromptTransformer.infer -> cls_feats (B, D). pad_in_query=False: the queries pool the real tokens only.
+    drop: the frozen ViLT's drop_rate in training (the embeddings' dropout is bb.embed's, shared)."""
     bb = model.bb
     x, masks = bb.embed(batch)
     B = x.shape[0]
@@ -102,7 +103,7 @@ def official_infer(model, batch, gen_layers, shared_layers, pad_in_query=True):
         d_v += 0 if v_p is None else v_p.shape[1]
         s_t += 0 if sh_t is None else sh_t.shape[1]
         s_v += 0 if sh_v is None else sh_v.shape[1]
-        x = official_block(block, x, masks)
+        x = official_block(block, x, masks, drop=drop)
     x = layer_norm(bb.vilt.layernorm, x)
     return model.pooler(x[:, d_t + s_t:d_t + s_t + 1])
 
@@ -120,10 +121,10 @@ def tiny():
                 m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
     ds = load_split("toy", None, "train", missing_type="both", rate=0.6, seed=0)
-    items = [ds[i] for i in range(10)]
+    items = mixed_sizes([ds[i] for i in range(10)])
     batch = Collate(bb, 40)(items)
     assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(batch["missing"].tolist())
-    assert (batch["text_mask"] == 0).any() and batch["input_ids"].shape[1] < 40
+    assert (batch["text_mask"] == 0).any() and batch["input_ids"].shape[1] < 40 and padded_patches(bb, batch)
     return bb, batch
 
 
@@ -158,8 +159,10 @@ def test_include_equals_official_forward(tiny, gen, shared):
     for the full model, Table 2's ablations (generative only / shared only) and Fig. 3c's unequal layer counts."""
     bb, batch = tiny
     model = build(bb, gen, shared)
+    torch.manual_seed(1)                                                     # the same padding patches both sides
     ours = model(batch)["logits"]
     padded = M.pad_text(batch, 40)                                           # the official loader: max_length
+    torch.manual_seed(1)
     theirs = model.head(official_infer(model, padded, list(range(gen)), list(range(shared))))
     compare(model, ours, theirs, batch["label"])
 
@@ -171,6 +174,59 @@ def test_exclude_equals_official_forward_with_real_token_queries(tiny, placement
     ours = model(batch)["logits"]
     theirs = model.head(official_infer(model, batch, range(4), range(4), pad_in_query=False))
     compare(model, ours, theirs, batch["label"])
+
+
+@pytest.mark.parametrize("query_pad", ["include", "exclude"])
+def test_equals_official_forward_in_training_with_backbone_dropout(tiny, query_pad):
+    """Training mode with --backbone-dropout 0.1 (the official drop_rate), on the batch with padded patches: the same
+    torch seed right before each side gives the same padding patches and dropout masks in the same order (bb.embed's,
+    then per layer proj_drop and the Mlp's two drops), so logits, loss and gradients equal the official forward's
+    with timm's dropout; the dropout is really on (the training logits differ from the evaluation ones). Equal
+    layer counts: with unequal ones the official code inserts a layer's generative prompts behind the older shared
+    ones (the same function, a different token order), so the position-wise masks would fall on other tokens."""
+    bb, batch = tiny
+    model = build(bb, 3, 3, query_pad=query_pad)
+    bb.set_dropout(0.1)
+    try:
+        model.train()
+        torch.manual_seed(11)
+        ours = model(batch)["logits"]
+        torch.manual_seed(11)
+        official_batch = M.pad_text(batch, 40) if query_pad == "include" else batch
+        theirs = model.head(official_infer(model, official_batch, range(3), range(3),
+                                           pad_in_query=query_pad == "include", drop=0.1))
+        with torch.no_grad():
+            torch.manual_seed(11)
+            evaluated = model.eval()(batch)["logits"]
+    finally:
+        bb.set_dropout(0.0)
+    assert (ours - evaluated).abs().max() > 1e-3
+    compare(model, ours, theirs, batch["label"])
+
+
+def test_exclude_image_query_ignores_the_padded_patches(tiny, monkeypatch):
+    """--query-pad exclude, image side, on the batch whose narrower images have padded patches: each image query is
+    the max over that image's real patches only (pixel mask 1), so the logits do not depend on which padding patches
+    ViLT drew (two draws, the same logits); include pools the padding too, which changes the queries there."""
+    bb, batch = tiny
+    model = build(bb, 2, 2, query_pad="exclude")
+    seen, real_query = [], M.query
+
+    def spy(x, mask, query_pad):
+        seen.append((x, mask, real_query(x, mask, query_pad)))
+        return seen[-1][2]
+    monkeypatch.setattr(M, "query", spy)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(batch)["logits"]
+        torch.manual_seed(2)
+        b = model(batch)["logits"]
+        x, mask, f = seen[1]                                                 # layer 0's image query
+        padded = [k for k in range(len(x)) if not mask[k].all()]
+        assert padded and (a - b).abs().max() <= TOL
+        for k in range(len(x)):
+            assert torch.equal(f[k], x[k][mask[k].bool()].max(0)[0])
+        assert any(not torch.equal(x[k].max(0)[0], f[k]) for k in padded)  # the padding would change the query
 
 
 def test_query_pad_changes_the_queries(tiny):
@@ -215,7 +271,7 @@ def test_initialisation_is_official():
 def test_defaults_are_the_official_config():
     """task_finetune_*: lr 5e-3 (Hateful Memes 1e-3), wd 2e-2, batch 256, 20 epochs, warm-up 0.1, linear decay;
     mem_size 16, top_k 5, layers 0-5 for both prompt kinds, prompt length 16 (Sec. 4.2: 4 on Hateful Memes),
-    text lengths 512 / 1024 / 128; the query rule is this file's documented default."""
+    text lengths 512 / 1024 / 128, seed 42 (MAP's config: 0); the query rule is this file's documented default."""
     from common import finalize_args
     for dataset, lr, L, text_len in (("food101", 5e-3, 16, 512), ("mmimdb", 5e-3, 16, 1024),
                                      ("hatememes", 1e-3, 4, 128)):
@@ -227,6 +283,7 @@ def test_defaults_are_the_official_config():
         assert (args.softmax_over, args.placement, args.query_pad) == ("selected", "distributed", "exclude")
         assert (args.backbone_dropout, args.decay_exempt) == (0.1, "bias-norm")
         assert args.val_interval == (0.11 if dataset == "hatememes" else 0.2)            # val_check_interval
+        assert args.seed == 42                                                  # src/config.py: seed = 42
 
 
 def test_optimiser_groups_are_official(tiny):
