@@ -13,7 +13,8 @@ Map from the paper to this file:
 
 Deviations and assumptions:
     - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends;
-      set_schedule's weight-decay names. Warm-up: lr (s + 1) / W at step s (official HF polynomial schedule: s / W).
+      set_schedule's weight-decay names; warm-up lr s / W at step s (the HF polynomial schedule). Validation
+      checks count optimiser steps (Lightning: micro-batches). F1-Macro as torchmetrics 0.9.3 (the code's pin).
     - The best validation check's state is tested. The official run.py either fits or tests (test_only), never
       both; its ModelCheckpoint keeps the best on val/the_metric (save_top_k 1) and the last, and the paper does not
       say which one its test run loaded: the best-on-validation one is the checkpoint the code selects. Seed 0 (its

@@ -43,7 +43,8 @@ Deviations and assumptions:
       (the code's gen_prompt_length / shared_prompt_length, both 16).
     - ViLT head: a trainable copy of ViLT's pooler on the text [CLS], then MAP's MLP head (as the code).
     - Recipe as the official code (README): LN eps 1e-6, dropout 0.1, val every 0.2 epoch (HM 0.11), also at epoch ends;
-      set_schedule's weight-decay names. Warm-up: lr (s + 1) / W at step s (the code's HF schedule: s / W).
+      set_schedule's weight-decay names; warm-up lr s / W at step s (the HF polynomial schedule). Validation
+      checks count optimiser steps (Lightning: micro-batches). F1-Macro as torchmetrics 0.9.3 (the code's pin).
     - The best validation check's state is tested. The code's run.py either fits or tests (test_only), never both;
       its ModelCheckpoint keeps the best on val/the_metric (save_top_k 1) and the last, and the paper does not say
       which one its test run loaded: the best-on-validation one is the checkpoint the code selects.
@@ -344,6 +345,7 @@ def paper_variant(args):
 def main(args):
     resolve_defaults(args)
     run = setup(args)
+    run.collate.trim_clip_text = args.query_pad == "exclude"   # include max-pools every text position, padding too
     model = build_model(run, args)
     if model.depth < max(args.gen_layers, args.shared_layers):
         run.log(f"prompt layers clamped to the backbone's {model.depth} layers")

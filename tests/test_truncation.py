@@ -18,7 +18,7 @@ CASES = [
     ("map", []), ("map-attn", []), ("muap", []), ("muap", ["--fusion", "cross"]), ("memprompt", []),
     pytest.param("memprompt", ["--query-pad", "include"], marks=pytest.mark.xfail(
         strict=True, reason="MemPrompt --query-pad include max-pools all 77 text positions, padding included: "
-                            "memprompt.py must pad the ids back to 77 for include (or opt out of trimming)")),
+                            "memprompt.py's main opts out of trimming for include (test_runs_trim_where_exact)")),
     ("syp", []), ("syp", ["--propagate", "output"]), ("syp", ["--head", "cls"]),
     ("aoept", []), ("aoept", ["--recipe", "paper"]), ("promise", []),
 ]
@@ -92,7 +92,23 @@ def test_trimmed_text_gives_the_full_length_logits_and_gradients(clip, items, na
             assert (g - w).abs().max() <= 1e-5 * max(1.0, float(w.abs().max())), (g - w).abs().max()
 
 
+@pytest.mark.parametrize("method,extra,trims", [("map", [], True), ("syp", [], True),
+                                                ("memprompt", ["--query-pad", "exclude"], True),
+                                                ("memprompt", ["--query-pad", "include"], False)])
+def test_runs_trim_where_exact(method, extra, trims, monkeypatch, tmp_path):
+    """A run on CLIP trims its text (common.setup), except where it is not exact (MemPrompt --query-pad include)."""
+    import importlib
+    from tests.fixtures import built_by_main
+    module = importlib.import_module(method)
+    run, _, _ = built_by_main(module, ["--backbone", "tiny-clip", "--out", str(tmp_path), *extra], monkeypatch)
+    assert run.collate.trim_clip_text is trims
+
+
 MUTATIONS = [
+    {"file": "common.py", "old": "Collate(run.bb, args.max_text_len, trim_clip_text=True)",
+     "new": "Collate(run.bb, args.max_text_len, trim_clip_text=False)", "why": "runs never trim CLIP text (speed only)"},
+    {"file": "memprompt.py", "old": "    run.collate.trim_clip_text = args.query_pad == \"exclude\"", "new": "    pass",
+     "why": "MemPrompt --query-pad include trimmed: its max-pool no longer sees the padding"},
     {"file": "data.py", "old": "return ids[:, :int(ids.argmax(-1).max()) + 1].contiguous()",
      "new": "return ids[:, :int(ids.argmax(-1).max())].contiguous()",
      "why": "CLIP text trimmed to the last EOT, not EOT + 1 (the longest row loses its EOT)"},
