@@ -489,6 +489,7 @@ def cr_rank(rank, world, store, state, path):
     aoept.make_loss(0.5, "multiclass")(net(x, z, present), {"label": labels}).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+    dist.barrier()                                      # every rank done with gloo before any tears it down
     dist.destroy_process_group()
 
 
@@ -1159,7 +1160,7 @@ def test_paper_variant_names_the_ablation_row():
                                    variant=name).value == value
 
 
-# The source's tables as it prints them (shared/papers/aoept.md: a public review of the paper, "Key Experimental
+# The source's tables as it prints them (a public review of the paper, "Key Experimental
 # Results"; CLIP ViT-B/16, train = test missing type and rate).
 REVIEW_MAIN = """
 70% MM-IMDb F1-M 53.22 51.88 (SyP) +1.34

@@ -209,7 +209,8 @@ def test_paper_numbers_carry_their_provenance(tmp_path):
     assert one("map", "vilt", "food101", "both", 0.7, "both", 0.7, "input")[1:4] == (
         "MemPrompt (IJCAI 2025) Table 1, column MAP (Input)", "re-report", "stated")
     for method, variant in (("memprompt", None), ("map", "input"), ("map", "attention")):
-        cells = [k for k, p in entries if k[0] == method and k[-1] == variant and p.source.startswith("MemPrompt")]
+        cells = [k for k, p in entries if k[0] == method and k[-1] == variant
+                 and p.source.startswith("MemPrompt (IJCAI 2025) Table 1")]
         assert len(cells) == 27, method
     assert len([k for k, p in entries if k[0] == "syp" and k[-1] == "full" and p.source.startswith("SyP (ICCV 2025) "
                                                                                                    "main")]) == 9

@@ -74,7 +74,7 @@ def test_help_resolves_recipe_defaults_per_dataset(capsys):
         option_blocks(text)["--lr"].split())
     _, text = help_text("aoept", capsys)
     blocks = {k: " ".join(v.split()) for k, v in option_blocks(text).items()}
-    assert "(default: 256 for food101, toy sets; 128 for mmimdb, hatememes)" in blocks["--clusters"]
+    assert "(default: 256)" in blocks["--clusters"]              # every setting: the official run script's K
     assert "(default: 4)" in blocks["--prompt-depth"]
     _, text = help_text("map", capsys)
     blocks = {k: " ".join(v.split()) for k, v in option_blocks(text).items()}
@@ -93,7 +93,7 @@ def test_print_config_prints_the_resolved_configuration(capsys, tmp_path):
     import aoept
     common.cli(aoept.parser(), aoept.main, ["--dataset", "hatememes", "--missing", "image", "--print-config"])
     config = json.loads(capsys.readouterr().out)
-    assert (config["lr"], config["prompt_length"], config["clusters"]) == (2e-2, 6, 128)
+    assert (config["lr"], config["prompt_length"], config["clusters"]) == (2e-2, 6, 256)
 
 
 def test_explicit_cuda_without_cuda_is_an_error(monkeypatch, capsys):
