@@ -1368,6 +1368,7 @@ def protocol(run):
             "last_batch": "kept (its step averages the loss over its own samples)",
             "val_checks": f"every int({args.val_interval} x steps) optimiser steps and at each epoch's end",
             "selection": "the validation check with the best val metric (first of ties)",
+            "recipe": getattr(args, "recipe", None) or "the method file's defaults (its header names each one's source)",
             "dummy_inputs": "missing text -> ''; missing image -> all-ones normalised tensor"}
 
 

@@ -62,7 +62,7 @@ def test_results_name_the_selected_check(two_epochs):
     best = max(checks, key=lambda c: c[2])                                # max keeps the first of ties
     assert saved["selected_check"] == {"stage": "train", "epoch": best[0], "step": best[1], "accuracy": best[2]}
     assert saved["selected_check"]["epoch"] == 0 and saved["metrics"]["val"]["accuracy"] == best[2]
-    assert saved["protocol"]["last_batch"].startswith("kept")
+    assert saved["protocol"]["last_batch"].startswith("kept") and saved["protocol"]["recipe"].startswith("the method")
 
 
 def test_the_last_partial_batch_is_a_step(tmp_path):
