@@ -276,6 +276,9 @@ def test_resume_after_interruption_matches_uninterrupted(trained, tmp_path, monk
     assert not os.path.exists(os.path.join(out, "results.json"))
     res = cli(map_method.parser(), map_method.main, BASE + ["--epochs", "2", "--out", out, "--resume"])
     assert res["metrics"] == trained[1]["metrics"]
+    assert [(h["train_loss"], h["val"]) for h in res["history"]] == [(h["train_loss"], h["val"])
+                                                                      for h in trained[1]["history"]]
+    assert res["selected_check"] == trained[1]["selected_check"]
     assert read_predictions(out) == read_predictions(trained[0])
     with pytest.raises(SystemExit, match="different configuration.*lr"):
         cli(map_method.parser(), map_method.main, BASE + ["--epochs", "2", "--out", out, "--resume", "--lr", "0.5"])
