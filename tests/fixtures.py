@@ -42,6 +42,15 @@ def bce_by_a_loop(logits, labels):
     return float(sum(terms) / len(terms))
 
 
+def train_and_eval_logits(model, batch):
+    """The same batch through the model in training mode and in eval mode, each after torch.manual_seed(0) (so any
+    dropout draws the same masks on both sides) -> (trained, evaluated) logits."""
+    torch.manual_seed(0)
+    trained = model.train()(batch)["logits"]
+    torch.manual_seed(0)
+    return trained, model.eval()(batch)["logits"]
+
+
 def free_port():
     """A TCP port no process listens on now (torchrun's rendezvous; a fixed port fails where one is taken)."""
     with socket.socket() as sock:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import map as map_method
 from common import cli, finalize_args, load_backbone, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
-from tests.fixtures import bce_by_a_loop, built_by_main
+from tests.fixtures import bce_by_a_loop, built_by_main, train_and_eval_logits
 from tests.test_official_map import mixed_sizes, padded_patches
 
 FAST = ["--epochs", "1", "--batch-size", "256", "--micro-batch", "128"]
@@ -106,10 +106,7 @@ def test_training_mode_is_the_evaluation_forward_without_dropout(backbone, promp
     with torch.no_grad():
         for prompts in [m for m in model.modules() if isinstance(m, map_method.MissingAwarePrompts)]:
             prompts.prompts.add_(0.5 * torch.randn_like(prompts.prompts))    # away from the one-hot init
-        torch.manual_seed(0)
-        trained = model.train()(batch)["logits"]
-        torch.manual_seed(0)
-        evaluated = model.eval()(batch)["logits"]
+        trained, evaluated = train_and_eval_logits(model, batch)
         assert (trained - evaluated).abs().max() <= 1e-5
         if backbone == "tiny-vilt":
             model.bb.set_dropout(0.1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import memprompt as M
 from common import cli, finalize_args, finish, fit, load_clip, load_vilt, setup, task_loss
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
-from tests.fixtures import bce_by_a_loop, built_by_main
+from tests.fixtures import bce_by_a_loop, built_by_main, train_and_eval_logits
 from tests.test_official_map import mixed_sizes, padded_patches
 
 FAST = ["--batch-size", "32", "--micro-batch", "32", "--prompt-length", "2"]
@@ -199,10 +199,7 @@ def test_training_mode_is_the_evaluation_forward_without_dropout(backbone, query
         for name, p in model.named_parameters():
             if ".G_" in name or ".shared_" in name:
                 p.add_(0.3 * torch.randn_like(p))                              # the cases' prompts clearly apart
-        torch.manual_seed(0)
-        trained = model.train()(batch)["logits"]
-        torch.manual_seed(0)
-        evaluated = model.eval()(batch)["logits"]
+        trained, evaluated = train_and_eval_logits(model, batch)
         assert (trained - evaluated).abs().max() <= 1e-5
         if backbone == "tiny-vilt":
             bb.set_dropout(0.1)

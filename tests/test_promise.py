@@ -15,7 +15,7 @@ import common
 import promise
 from common import cli, finalize_args, load_backbone, seed_everything
 from data import COMPLETE, IMAGE_MISSING, TEXT_MISSING, Collate, load_split
-from tests.fixtures import make_food101
+from tests.fixtures import make_food101, train_and_eval_logits
 from tests.test_official_map import mixed_sizes
 
 MUTATIONS = [
@@ -658,10 +658,7 @@ def test_training_mode_is_the_evaluation_forward_without_dropout(backbone):
     _, model, batch = build(backbone)
     assert {COMPLETE, TEXT_MISSING, IMAGE_MISSING} <= set(batch["missing"].tolist())
     with torch.no_grad():
-        torch.manual_seed(0)
-        trained = model.train()(batch)["logits"]
-        torch.manual_seed(0)
-        evaluated = model.eval()(batch)["logits"]
+        trained, evaluated = train_and_eval_logits(model, batch)
         assert (trained - evaluated).abs().max() <= 1e-5
         if backbone == "tiny-vilt":
             model.bb.set_dropout(0.1)
